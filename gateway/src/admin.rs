@@ -1,0 +1,295 @@
+//! The admin listener: `/metrics`, `/health/live`, `/health/ready` (open), and the rooms API
+//! (guarded by `admin.token` as a bearer token). Never served on the public port.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /health/live` | 200 while the process runs |
+//! | `GET /health/ready` | 200 when Redis answers, pub/sub is up and the node is not draining; else 503 |
+//! | `GET /api/rooms` | room records |
+//! | `POST /api/rooms` `{"id","name"?}` | create a room (201, 409 if it exists) |
+//! | `GET /api/rooms/<id>` | record + presence (users, anonymous count per node, leases) |
+//! | `DELETE /api/rooms/<id>` | delete the room; its channels get `phx_close` on every node |
+//! | `POST /api/rooms/<id>/broadcast` `{"event","payload"}` | broadcast an event into the room |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::catalog::{Catalog, CatalogError};
+use crate::rooms::{RoomId, is_reserved};
+use crate::server::{Body, text};
+
+/// Largest admin request body.
+const MAX_BODY: usize = 64 * 1024;
+
+pub async fn serve_admin(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(Box::pin(handle(app, req)).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": msg }))
+}
+
+/// Readiness: Redis answers a PING within the deadline, pub/sub is up, not draining.
+pub async fn ready(app: &App) -> Result<(), &'static str> {
+    if app.is_draining() {
+        return Err("draining");
+    }
+    if !app.hub.pubsub_up() {
+        return Err("pub/sub connection down");
+    }
+    let mut conn = app.hub.store().connection();
+    match tokio::time::timeout(
+        app.cfg.redis.command_timeout(),
+        redis::cmd("PING").query_async::<String>(&mut conn),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err("redis not reachable"),
+    }
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/health/live") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/health/ready") => match ready(&app).await {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: {why}\n"),
+            ),
+        },
+        (&Method::GET, "/metrics") => {
+            let (ty, body) = app.metrics.render();
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&ty) {
+                r.headers_mut().insert(CONTENT_TYPE, v);
+            }
+            r
+        }
+        (_, p) if p == "/api" || p.starts_with("/api/") => api(app, req).await,
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let expected = match app.cfg.admin_token() {
+        Ok(Some(t)) => t,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "admin API disabled: set admin.token"),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
+    }
+    let catalog = Catalog::new(app.pool.clone(), app.keys.clone());
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let parts: Vec<&str> = path.split('/').skip(2).collect(); // after "/api"
+    let body = match read_json(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let room_id =
+        |s: &str| RoomId::parse(s).map_err(|_| error(StatusCode::BAD_REQUEST, "invalid room id"));
+    let result = match (&method, parts.as_slice()) {
+        (&Method::GET, ["rooms"]) => catalog
+            .list()
+            .await
+            .map(|l| json_response(StatusCode::OK, &json!(l))),
+        (&Method::POST, ["rooms"]) => {
+            let Some(id) = body.get("id").and_then(Value::as_str) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body must be {\"id\": \"<room id>\"}",
+                );
+            };
+            let id = match room_id(id) {
+                Ok(id) => id,
+                Err(r) => return r,
+            };
+            let name = body.get("name").and_then(Value::as_str);
+            catalog
+                .create(&id, name)
+                .await
+                .map(|r| json_response(StatusCode::CREATED, &json!(r)))
+        }
+        (m, ["rooms", id, rest @ ..]) => {
+            let id = match room_id(id) {
+                Ok(id) => id,
+                Err(r) => return r,
+            };
+            match (m, rest) {
+                (&Method::GET, []) => match catalog.get(&id).await {
+                    Ok(Some(rec)) => catalog.presence(&id).await.map(|p| {
+                        json_response(StatusCode::OK, &json!({"room": rec, "presence": p}))
+                    }),
+                    Ok(None) => Err(CatalogError::Missing(id)),
+                    Err(e) => Err(e),
+                },
+                (&Method::DELETE, []) => catalog
+                    .delete(&id)
+                    .await
+                    .map(|()| json_response(StatusCode::OK, &json!({"deleted": id.as_str()}))),
+                (&Method::POST, ["broadcast"]) => {
+                    return broadcast(&app, &catalog, &id, &body).await;
+                }
+                _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
+            }
+        }
+        _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
+    };
+    match result {
+        Ok(r) => r,
+        Err(CatalogError::Exists(id)) => {
+            error(StatusCode::CONFLICT, &format!("room {id} already exists"))
+        }
+        Err(CatalogError::Missing(id)) => {
+            error(StatusCode::NOT_FOUND, &format!("room {id} does not exist"))
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+async fn broadcast(app: &App, catalog: &Catalog, id: &RoomId, body: &Value) -> Response<Body> {
+    let Some(event) = body.get("event").and_then(Value::as_str) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "body must be {\"event\": \"...\", \"payload\": {...}}",
+        );
+    };
+    if is_reserved(event) || event.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "reserved event name");
+    }
+    let payload = body.get("payload").cloned().unwrap_or_else(|| json!({}));
+    if !payload.is_object() {
+        return error(StatusCode::BAD_REQUEST, "payload must be a JSON object");
+    }
+    match catalog.get(id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, &format!("room {id} does not exist")),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+    let frame = crate::protocol::broadcast(&id.topic(), event, &payload);
+    let mut conn = app.hub.store().connection();
+    let cmd = redis::cmd("PUBLISH")
+        .arg(app.keys.events(id))
+        .arg(&frame[..])
+        .clone();
+    match tokio::time::timeout(
+        app.cfg.redis.command_timeout(),
+        cmd.query_async::<i64>(&mut conn),
+    )
+    .await
+    {
+        Ok(Ok(nodes)) => json_response(
+            StatusCode::OK,
+            &json!({"room": id.as_str(), "event": event, "nodes": nodes}),
+        ),
+        _ => error(StatusCode::SERVICE_UNAVAILABLE, "redis not reachable"),
+    }
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Body>> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large or unreadable",
+            ));
+        }
+    };
+    if bytes.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "body is not valid JSON"))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Anything on the public port that is not the socket endpoint.
+pub fn public_page(_app: &App, req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/" => {
+            let mut r = Response::new(Full::new(Bytes::from_static(
+                crate::demo::INDEX_HTML.as_bytes(),
+            )));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        "/phoenix.js" => match crate::demo::phoenix_js() {
+            Some(js) => {
+                let mut r = Response::new(Full::new(Bytes::from(js)));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/javascript; charset=utf-8"),
+                );
+                r
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "phoenix.js not found: run `npm ci` in tests/\n",
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

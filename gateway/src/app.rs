@@ -1,0 +1,212 @@
+//! The assembled node: configuration, identity of this process, the verifier, the hub, metrics,
+//! and the registry of open sockets that the drain walks. Built once by `main` (or a test) and
+//! shared by `Arc`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::fanout::Hub;
+use crate::metrics::Metrics;
+use crate::presence::{Lease, Store};
+use crate::redis::keys::Keys;
+use crate::redis::scripts::Scripts;
+use crate::rooms::PushPolicy;
+use crate::session::Ctl;
+
+pub struct App {
+    pub cfg: Arc<Config>,
+    /// Unique per process start, so a restarted process never inherits its previous life's entries.
+    pub node: Arc<str>,
+    pub keys: Keys,
+    pub verifier: Verifier,
+    pub policy: PushPolicy,
+    pub hub: Arc<Hub>,
+    pub metrics: Metrics,
+    pub sessions: Sessions,
+    pub redis_client: redis::Client,
+    pub pool: deadpool_redis::Pool,
+    /// Set when the drain starts: readiness turns false and new upgrades get 503.
+    pub draining: AtomicBool,
+    next_socket: AtomicU64,
+}
+
+/// Open sockets, for the drain and the connection limit.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<u64, Arc<Ctl>>>,
+}
+
+impl Sessions {
+    pub fn insert(&self, id: u64, ctl: Arc<Ctl>) {
+        self.lock().insert(id, ctl);
+    }
+    pub fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Up to `n` sockets that have not been asked to close yet... all sockets, in id order.
+    pub fn all(&self) -> Vec<Arc<Ctl>> {
+        let m = self.lock();
+        let mut v: Vec<_> = m.iter().map(|(k, c)| (*k, c.clone())).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v.into_iter().map(|(_, c)| c).collect()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Ctl>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A node id: the host name (sanitised, shortened) and a random suffix.
+pub fn new_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_else(|| "gw".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(24)
+        .collect();
+    let host = if host.is_empty() {
+        "gw".to_string()
+    } else {
+        host
+    };
+    let suffix: u32 = rand::random();
+    format!("{host}-{suffix:08x}")
+}
+
+impl App {
+    /// Connects to Redis (retrying until `deadline` passes) and assembles the node.
+    pub async fn build(cfg: Config, node: String) -> anyhow::Result<Arc<App>> {
+        let cfg = Arc::new(cfg);
+        let verifier = Verifier::from_config(&cfg)?;
+        let keys = Keys::new(&cfg.redis.prefix);
+        let metrics = Metrics::new();
+        let redis_client = redis::Client::open(cfg.redis.url.as_str())?;
+        let mut delay = std::time::Duration::from_millis(100);
+        let conn = loop {
+            match crate::redis::hot_connection(&cfg.redis).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(url = %redact(&cfg.redis.url), error = %e, "redis not reachable yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        };
+        let scripts = Arc::new(Scripts::new());
+        let mut c = conn.clone();
+        scripts.load_all(&mut c).await?;
+        let presence = &cfg.presence;
+        let lease = Lease {
+            node: node.clone(),
+            lease_ms: presence.ttl_ms,
+            // keys outlive the last lease by one more TTL, then vanish by themselves
+            key_ttl_ms: presence.ttl_ms * 2,
+        };
+        let store = Store::new(
+            conn,
+            scripts,
+            lease,
+            cfg.redis.command_timeout(),
+            metrics.clone(),
+        );
+        let node: Arc<str> = Arc::from(node);
+        let hub = Hub::new(
+            cfg.clone(),
+            keys.clone(),
+            node.clone(),
+            store,
+            metrics.clone(),
+        );
+        let pool = crate::redis::pool(&cfg.redis)?;
+        Ok(Arc::new(App {
+            policy: PushPolicy::new(&cfg.rooms.client_events),
+            cfg,
+            node,
+            keys,
+            verifier,
+            hub,
+            metrics,
+            sessions: Sessions::default(),
+            redis_client,
+            pool,
+            draining: AtomicBool::new(false),
+            next_socket: AtomicU64::new(1),
+        }))
+    }
+
+    /// Starts the background tasks: the pub/sub subscriber and the presence heartbeat.
+    pub fn start(self: &Arc<Self>) {
+        tokio::spawn(self.hub.clone().run_subscriber(self.redis_client.clone()));
+        tokio::spawn(self.hub.clone().run_heartbeat());
+        tokio::spawn(node_record(self.clone()));
+    }
+
+    pub fn next_socket(&self) -> u64 {
+        self.next_socket.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps `<p>:node:<id>` alive for operators (`gateway nodes`): the node's listen address, start
+/// time and local room count, refreshed every heartbeat with a TTL of one lease.
+async fn node_record(app: Arc<App>) {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut tick = tokio::time::interval(app.cfg.presence.heartbeat_interval());
+    loop {
+        tick.tick().await;
+        if app.is_draining() {
+            return;
+        }
+        let rec = serde_json::json!({
+            "node": &*app.node,
+            "listen": app.cfg.server.listen,
+            "started_at": started,
+            "rooms": app.hub.room_count(),
+            "sockets": app.sessions.len(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+        .to_string();
+        let mut conn = app.hub.store().connection();
+        let cmd = redis::cmd("SET")
+            .arg(app.keys.node(&app.node))
+            .arg(rec)
+            .arg("PX")
+            .arg(app.cfg.presence.ttl_ms)
+            .clone();
+        let _ = tokio::time::timeout(
+            app.cfg.redis.command_timeout(),
+            cmd.query_async::<()>(&mut conn),
+        )
+        .await;
+    }
+}
+
+/// `redis://user:pass@host` → `redis://user:***@host` for logs.
+pub fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((cred, host))) => {
+            let cred = cred.split_once("://").map(|(_, c)| c).unwrap_or(cred);
+            let user = cred.split_once(':').map(|(u, _)| u).unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,214 @@
+//! The room catalogue in Redis: create, list, inspect and delete room records (`<p>:room:{R}`).
+//! Cold paths only (CLI, admin API): they use the deadpool pool, never the hot connection.
+
+use std::collections::HashMap;
+
+use deadpool_redis::Pool;
+use redis::AsyncCommands;
+use serde::Serialize;
+
+use crate::redis::keys::Keys;
+use crate::rooms::RoomId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("room {0} already exists")]
+    Exists(RoomId),
+    #[error("room {0} does not exist")]
+    Missing(RoomId),
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoomRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+/// Presence of a room as Redis holds it (all nodes).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RoomPresence {
+    pub room: String,
+    /// (user id, username, connections)
+    pub users: Vec<PresenceUser>,
+    pub anonymous: u64,
+    /// node id → anonymous viewers on it
+    pub anonymous_by_node: HashMap<String, u64>,
+    /// node id → lease expiry (ms since epoch, Redis clock)
+    pub leases: HashMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PresenceUser {
+    pub id: String,
+    pub username: String,
+    pub connections: usize,
+}
+
+pub struct Catalog {
+    pool: Pool,
+    keys: Keys,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Catalog {
+    pub fn new(pool: Pool, keys: Keys) -> Self {
+        Self { pool, keys }
+    }
+
+    pub async fn create(
+        &self,
+        id: &RoomId,
+        name: Option<&str>,
+    ) -> Result<RoomRecord, CatalogError> {
+        let mut c = self.pool.get().await?;
+        let key = self.keys.room_record(id);
+        let created: bool = c.hset_nx(&key, "created_at", now_ms()).await?;
+        if !created {
+            return Err(CatalogError::Exists(id.clone()));
+        }
+        let _: () = c.hset(&key, "name", name.unwrap_or(id.as_str())).await?;
+        self.get(id)
+            .await?
+            .ok_or_else(|| CatalogError::Missing(id.clone()))
+    }
+
+    pub async fn get(&self, id: &RoomId) -> Result<Option<RoomRecord>, CatalogError> {
+        let mut c = self.pool.get().await?;
+        let h: HashMap<String, String> = c.hgetall(self.keys.room_record(id)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(RoomRecord {
+            id: id.to_string(),
+            name: h.get("name").cloned().unwrap_or_else(|| id.to_string()),
+            created_at: h
+                .get("created_at")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        }))
+    }
+
+    /// Every room record, found with `SCAN` (never `KEYS`), sorted by id.
+    pub async fn list(&self) -> Result<Vec<RoomRecord>, CatalogError> {
+        let mut c = self.pool.get().await?;
+        let mut ids = Vec::new();
+        {
+            let mut it: redis::AsyncIter<String> =
+                c.scan_match(self.keys.room_record_pattern()).await?;
+            while let Some(k) = it.next_item().await {
+                if let Some(id) = self.keys.room_of_record(&k?) {
+                    ids.push(id);
+                }
+            }
+        }
+        drop(c);
+        ids.sort();
+        ids.dedup();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = self.get(&id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the record and the room's presence keys; tells every node to close the room's
+    /// channels (a `{"deleted":true}` control message on the room's channel).
+    pub async fn delete(&self, id: &RoomId) -> Result<(), CatalogError> {
+        let mut c = self.pool.get().await?;
+        let k = self.keys.room(id);
+        let n: i64 = redis::cmd("DEL")
+            .arg(&k.room)
+            .arg(&k.presence)
+            .arg(&k.anon)
+            .arg(&k.nodes)
+            .query_async(&mut c)
+            .await?;
+        let _: i64 = c.publish(&k.events, r#"{"deleted":true}"#).await?;
+        if n == 0 {
+            return Err(CatalogError::Missing(id.clone()));
+        }
+        Ok(())
+    }
+
+    /// Presence as stored in Redis (read-only: lapsed leases are reported, not swept).
+    pub async fn presence(&self, id: &RoomId) -> Result<RoomPresence, CatalogError> {
+        let mut c = self.pool.get().await?;
+        let k = self.keys.room(id);
+        let metas: HashMap<String, String> = c.hgetall(&k.presence).await?;
+        let anon: HashMap<String, u64> = c.hgetall(&k.anon).await?;
+        let leases: Vec<(String, f64)> = c.zrange_withscores(&k.nodes, 0, -1).await?;
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut c).await?;
+        let now = secs * 1000 + micros / 1000;
+        let live: HashMap<String, i64> = leases.into_iter().map(|(n, s)| (n, s as i64)).collect();
+        let is_live = |node: &str| live.get(node).is_some_and(|exp| *exp > now);
+        let mut users: HashMap<String, PresenceUser> = HashMap::new();
+        for (conn, meta) in &metas {
+            let node = conn.rsplit_once('.').map(|(n, _)| n).unwrap_or("");
+            if !is_live(node) {
+                continue;
+            }
+            if let Ok(m) = serde_json::from_str::<crate::presence::Meta>(meta) {
+                users
+                    .entry(m.user_id.clone())
+                    .or_insert_with(|| PresenceUser {
+                        id: m.user_id.clone(),
+                        username: m.username.clone(),
+                        connections: 0,
+                    })
+                    .connections += 1;
+            }
+        }
+        let mut users: Vec<PresenceUser> = users.into_values().collect();
+        users.sort_by(|a, b| a.id.cmp(&b.id));
+        let anonymous = anon
+            .iter()
+            .filter(|(n, _)| is_live(n))
+            .map(|(_, v)| *v)
+            .sum();
+        Ok(RoomPresence {
+            room: id.to_string(),
+            users,
+            anonymous,
+            anonymous_by_node: anon,
+            leases: live,
+        })
+    }
+
+    /// Live gateway processes: the `<p>:node:<id>` records (each expires one TTL after its node
+    /// stops refreshing it).
+    pub async fn nodes(&self) -> Result<Vec<serde_json::Value>, CatalogError> {
+        let mut c = self.pool.get().await?;
+        let mut keys = Vec::new();
+        {
+            let mut it: redis::AsyncIter<String> = c.scan_match(self.keys.node_pattern()).await?;
+            while let Some(k) = it.next_item().await {
+                let k = k?;
+                if !k.ends_with(":probe") {
+                    keys.push(k);
+                }
+            }
+        }
+        keys.sort();
+        let mut out = Vec::new();
+        for k in keys {
+            let v: Option<String> = c.get(&k).await?;
+            if let Some(v) = v.and_then(|v| serde_json::from_str(&v).ok()) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+}

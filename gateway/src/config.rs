@@ -1,0 +1,618 @@
+//! Settings: `config/gateway.toml` (or `--config PATH`) merged with environment overrides, turned
+//! into typed sections with documented defaults and checked by [`Config::validate`] before anything
+//! binds a port or dials Redis.
+//!
+//! Every key can be overridden by `GATEWAY_<SECTION>_<KEY>` (for example `GATEWAY_PRESENCE_TTL_MS`).
+//! Unknown keys, in the file or in a `GATEWAY_<SECTION>_...` variable of a known section, are errors:
+//! a typo must not silently fall back to a default.
+//!
+//! Secrets (`auth.hs256_secret`, `admin.token`) may be given inline, by env, or as a file path
+//! (`*_file` keys), so they never have to be committed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The sections, in the order `check-config` prints them. Env variables are matched against these.
+const SECTIONS: [&str; 6] = ["server", "admin", "redis", "auth", "presence", "rooms"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub redis: RedisConfig,
+    pub auth: AuthConfig,
+    pub presence: PresenceConfig,
+    pub rooms: RoomsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Public WebSocket listener (`/socket/websocket`).
+    pub listen: String,
+    /// Largest accepted WebSocket message (after reassembly of fragments). Larger → close 1009.
+    pub max_frame_bytes: usize,
+    /// Frames queued per socket before it counts as a slow consumer and is closed (4008).
+    pub outbound_queue: usize,
+    /// Phoenix closes a socket that sent nothing for 60 s; clients heartbeat every 30 s.
+    pub idle_timeout_ms: u64,
+    /// Phoenix's own limit of channels per connection.
+    pub max_channels_per_socket: usize,
+    /// Open sockets at most; the upgrade answers 503 past it (protects memory and fds).
+    pub max_connections: usize,
+    /// How long a SIGTERM drain may take before the process exits anyway.
+    pub shutdown_timeout_ms: u64,
+    /// Sockets closed per drain batch, so clients do not all reconnect in the same millisecond.
+    pub drain_batch: usize,
+    /// Allowed `Origin` values; empty allows any (non-browser clients send none).
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Admin listener: `/metrics`, `/health/live`, `/health/ready`, the rooms API. Keep it private.
+    pub listen: String,
+    /// Bearer token for the admin API (health and metrics stay open). Unset = API disabled.
+    pub token: Option<String>,
+    /// File holding the admin token (alternative to `token`).
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    pub prefix: String,
+    /// Deadline of every Redis command; a join past it gets "presence unavailable", never a hang.
+    pub command_timeout_ms: u64,
+    /// Deadline of one connection attempt.
+    pub connect_timeout_ms: u64,
+    /// Connections of the pool used by the admin API and the CLI (the hot path does not use it).
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The one accepted JWT algorithm: `HS256`, `RS256` or `ES256` (pinned: no `alg` confusion).
+    pub algorithm: String,
+    /// HS256 shared secret.
+    pub hs256_secret: Option<String>,
+    /// File holding the HS256 secret (alternative to `hs256_secret`; trailing newline trimmed).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256 / ES256.
+    pub public_key_file: Option<PathBuf>,
+    /// Clock skew tolerated on `exp` / `nbf`, in seconds.
+    pub leeway_s: u64,
+    /// Required `aud` claim, if set.
+    pub audience: Option<String>,
+    /// Required `iss` claim, if set.
+    pub issuer: Option<String>,
+    /// `false` (the seed's behaviour): a bad token leaves the socket anonymous. `true`: HTTP 401.
+    pub reject_invalid_tokens: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Lease of a node in a room: a killed node's viewers disappear within ttl + heartbeat.
+    pub ttl_ms: u64,
+    /// Lease renewal per (node, room); a third of the TTL survives two lost heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// At most one `presence_diff` per room per interval on each node (coalescing).
+    pub diff_interval_ms: u64,
+    /// At most one `presence_count` per room per interval on each node.
+    pub count_interval_ms: u64,
+    /// Anonymous viewers expanded as synthetic metas `a1..aN` up to this many.
+    pub anonymous_list_max: u64,
+    /// Anonymous joins/leaves are summed per room and written with one `HINCRBY` per interval.
+    pub anon_flush_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Events a signed-in client may push (`phx_*` / `presence_*` can never be pushed).
+    pub client_events: Vec<String>,
+    /// A node keeps a room subscribed this long after its last local member leaves (no flapping).
+    pub unsubscribe_delay_ms: u64,
+    /// Longest `body` of a `new_msg`, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:4000".into(),
+            max_frame_bytes: 64 * 1024,
+            outbound_queue: 256,
+            idle_timeout_ms: 60_000,
+            max_channels_per_socket: 100,
+            max_connections: 100_000,
+            shutdown_timeout_ms: 10_000,
+            drain_batch: 500,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4001".into(),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "gw".into(),
+            command_timeout_ms: 2_000,
+            connect_timeout_ms: 1_000,
+            pool_size: 4,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: "HS256".into(),
+            hs256_secret: None,
+            hs256_secret_file: None,
+            public_key_file: None,
+            leeway_s: 5,
+            audience: None,
+            issuer: None,
+            reject_invalid_tokens: false,
+        }
+    }
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            ttl_ms: 15_000,
+            heartbeat_interval_ms: 5_000,
+            diff_interval_ms: 50,
+            count_interval_ms: 1_000,
+            anonymous_list_max: 1_000,
+            anon_flush_ms: 20,
+        }
+    }
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            client_events: vec!["new_msg".into()],
+            unsubscribe_delay_ms: 2_000,
+            max_body_bytes: 4_096,
+        }
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+impl ServerConfig {
+    pub fn idle_timeout(&self) -> Duration {
+        ms(self.idle_timeout_ms)
+    }
+    pub fn shutdown_timeout(&self) -> Duration {
+        ms(self.shutdown_timeout_ms)
+    }
+}
+
+impl RedisConfig {
+    pub fn command_timeout(&self) -> Duration {
+        ms(self.command_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        ms(self.connect_timeout_ms)
+    }
+}
+
+impl PresenceConfig {
+    pub fn ttl(&self) -> Duration {
+        ms(self.ttl_ms)
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        ms(self.heartbeat_interval_ms)
+    }
+    pub fn diff_interval(&self) -> Duration {
+        ms(self.diff_interval_ms)
+    }
+    pub fn count_interval(&self) -> Duration {
+        ms(self.count_interval_ms)
+    }
+    pub fn anon_flush(&self) -> Duration {
+        ms(self.anon_flush_ms)
+    }
+}
+
+impl RoomsConfig {
+    pub fn unsubscribe_delay(&self) -> Duration {
+        ms(self.unsubscribe_delay_ms)
+    }
+}
+
+impl Config {
+    /// Loads `path` (when given or when the default `config/gateway.toml` exists), applies the
+    /// process environment, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let default_path = Path::new("config/gateway.toml");
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None if default_path.exists() => (
+                std::fs::read_to_string(default_path).map_err(|source| ConfigError::Read {
+                    path: default_path.to_path_buf(),
+                    source,
+                })?,
+                default_path.display().to_string(),
+            ),
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        Self::from_toml_and_env(&text, &origin, env)
+    }
+
+    /// Parses TOML text, applies `GATEWAY_<SECTION>_<KEY>` overrides from `env`, validates.
+    pub fn from_toml_and_env(
+        text: &str,
+        origin: &str,
+        env: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let defaults =
+            toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Parse {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("GATEWAY_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
+                continue; // not a settings variable (e.g. GATEWAY_BIN used by the tests)
+            };
+            let key = &rest[section.len() + 1..];
+            let default = defaults
+                .get(*section)
+                .and_then(|s| s.as_table())
+                .and_then(|s| s.get(key));
+            let parsed = env_value(default, value).map_err(|message| ConfigError::Parse {
+                path: format!("environment variable {name}"),
+                message,
+            })?;
+            let sect = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match sect.as_table_mut() {
+                Some(t) => {
+                    t.insert(key.to_string(), parsed);
+                }
+                None => {
+                    return Err(ConfigError::Parse {
+                        path: origin.to_string(),
+                        message: format!("[{section}] must be a table"),
+                    });
+                }
+            }
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: origin.to_string(),
+                message: e.message().to_string(),
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every cross-field rule; nothing starts on an invalid configuration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        if !self
+            .redis
+            .prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+            || self.redis.prefix.is_empty()
+        {
+            return Err(bad("redis.prefix", "use 1+ characters of [A-Za-z0-9_.-]"));
+        }
+        match self.auth.algorithm.as_str() {
+            "HS256" => {
+                if self.auth.public_key_file.is_some() {
+                    return Err(bad(
+                        "auth.public_key_file",
+                        "set only with algorithm RS256 or ES256",
+                    ));
+                }
+            }
+            "RS256" | "ES256" => {
+                if self.auth.public_key_file.is_none() {
+                    return Err(bad(
+                        "auth.public_key_file",
+                        format!("required with algorithm {}", self.auth.algorithm),
+                    ));
+                }
+            }
+            other => {
+                return Err(bad(
+                    "auth.algorithm",
+                    format!("{other:?}: use HS256, RS256 or ES256"),
+                ));
+            }
+        }
+        if self.auth.hs256_secret.is_some() && self.auth.hs256_secret_file.is_some() {
+            return Err(bad(
+                "auth.hs256_secret",
+                "set either hs256_secret or hs256_secret_file",
+            ));
+        }
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            return Err(bad("admin.token", "set either token or token_file"));
+        }
+        if self.server.max_frame_bytes < 1024 {
+            return Err(bad("server.max_frame_bytes", "at least 1024"));
+        }
+        if self.server.outbound_queue < 4 {
+            return Err(bad("server.outbound_queue", "at least 4"));
+        }
+        if self.server.idle_timeout_ms < 100 {
+            return Err(bad("server.idle_timeout_ms", "at least 100"));
+        }
+        if self.server.max_channels_per_socket == 0 || self.server.drain_batch == 0 {
+            return Err(bad(
+                "server.max_channels_per_socket",
+                "max_channels_per_socket and drain_batch must be positive",
+            ));
+        }
+        let p = &self.presence;
+        if p.heartbeat_interval_ms == 0 || p.ttl_ms <= p.heartbeat_interval_ms {
+            return Err(bad(
+                "presence.ttl_ms",
+                format!(
+                    "must exceed presence.heartbeat_interval_ms ({}), or a live node's lease lapses between heartbeats",
+                    p.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if p.diff_interval_ms == 0 || p.count_interval_ms == 0 || p.anon_flush_ms == 0 {
+            return Err(bad(
+                "presence.diff_interval_ms",
+                "diff_interval_ms, count_interval_ms and anon_flush_ms must be positive",
+            ));
+        }
+        for ev in &self.rooms.client_events {
+            if ev.starts_with("phx_") || ev.starts_with("presence_") || ev == "heartbeat" {
+                return Err(bad(
+                    "rooms.client_events",
+                    format!("{ev:?} is reserved and can never be pushed by a client"),
+                ));
+            }
+        }
+        if self.redis.command_timeout_ms == 0 || self.redis.connect_timeout_ms == 0 {
+            return Err(bad("redis.command_timeout_ms", "timeouts must be positive"));
+        }
+        Ok(())
+    }
+
+    /// The effective settings as TOML, secrets masked (for `gateway check-config`).
+    pub fn to_masked_toml(&self) -> String {
+        let mut c = self.clone();
+        if c.auth.hs256_secret.is_some() {
+            c.auth.hs256_secret = Some("***".into());
+        }
+        if c.admin.token.is_some() {
+            c.admin.token = Some("***".into());
+        }
+        if let Ok(url) = redis_url_masked(&c.redis.url) {
+            c.redis.url = url;
+        }
+        toml::to_string(&c).unwrap_or_else(|e| format!("# cannot print settings: {e}\n"))
+    }
+
+    /// The HS256 secret from `hs256_secret` or `hs256_secret_file`.
+    pub fn hs256_secret(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(
+            &self.auth.hs256_secret,
+            &self.auth.hs256_secret_file,
+            "auth.hs256_secret_file",
+        )
+    }
+
+    /// The admin token from `token` or `token_file`.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(
+            &self.admin.token,
+            &self.admin.token_file,
+            "admin.token_file",
+        )
+    }
+}
+
+fn read_secret(
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+    key: &'static str,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(s) = inline {
+        return Ok(Some(s.clone()).filter(|s| !s.is_empty()));
+    }
+    match file {
+        None => Ok(None),
+        Some(p) => std::fs::read_to_string(p)
+            .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
+            .map_err(|e| ConfigError::Invalid {
+                key,
+                message: format!("{}: {e}", p.display()),
+            }),
+    }
+}
+
+/// Converts an env string to a TOML value of the type the setting has: strings stay strings
+/// (a numeric secret is still a secret), others are parsed as TOML literals (`5000`, `true`,
+/// `["new_msg","typing"]`).
+fn env_value(default: Option<&toml::Value>, raw: &str) -> Result<toml::Value, String> {
+    match default {
+        None | Some(toml::Value::String(_)) => Ok(toml::Value::String(raw.to_string())),
+        Some(_) => {
+            let doc: BTreeMap<String, toml::Value> = toml::from_str(&format!("v = {raw}"))
+                .map_err(|_| {
+                    format!("{raw:?} is not a valid value (numbers, true/false, [\"a\",\"b\"])")
+                })?;
+            doc.get("v")
+                .cloned()
+                .ok_or_else(|| format!("{raw:?} is not a valid value"))
+        }
+    }
+}
+
+fn redis_url_masked(url: &str) -> Result<String, ()> {
+    // redis://user:password@host → redis://user:***@host
+    let (scheme, rest) = url.split_once("://").ok_or(())?;
+    match rest.split_once('@') {
+        Some((cred, host)) => {
+            let user = cred.split_once(':').map(|(u, _)| u).unwrap_or("");
+            Ok(format!("{scheme}://{user}:***@{host}"))
+        }
+        None => Ok(url.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_toml_and_env("", "t", &[]).expect("defaults");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.redis.prefix, "gw");
+    }
+
+    #[test]
+    fn env_overrides_file_and_keeps_types() {
+        let c = Config::from_toml_and_env(
+            "[presence]\nttl_ms = 9000\n",
+            "t",
+            &env(&[
+                ("GATEWAY_PRESENCE_TTL_MS", "3000"),
+                ("GATEWAY_PRESENCE_HEARTBEAT_INTERVAL_MS", "1000"),
+                ("GATEWAY_AUTH_HS256_SECRET", "12345"),
+                ("GATEWAY_REDIS_PREFIX", "t1"),
+                ("GATEWAY_ROOMS_CLIENT_EVENTS", "[\"new_msg\",\"typing\"]"),
+                ("GATEWAY_AUTH_REJECT_INVALID_TOKENS", "true"),
+                ("GATEWAY_BIN", "/x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.presence.ttl_ms, 3000);
+        assert_eq!(c.presence.heartbeat_interval_ms, 1000);
+        assert_eq!(c.auth.hs256_secret.as_deref(), Some("12345"));
+        assert_eq!(c.redis.prefix, "t1");
+        assert_eq!(c.rooms.client_events, vec!["new_msg", "typing"]);
+        assert!(c.auth.reject_invalid_tokens);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = Config::from_toml_and_env("[server]\nlisten_port = 1\n", "t", &[]).unwrap_err();
+        assert!(e.to_string().contains("listen_port"), "{e}");
+        let e =
+            Config::from_toml_and_env("", "t", &env(&[("GATEWAY_SERVER_LISTN", "x")])).unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        assert!(Config::from_toml_and_env("[nope]\n", "t", &[]).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let e = Config::from_toml_and_env("", "t", &env(&[("GATEWAY_PRESENCE_TTL_MS", "soon")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("GATEWAY_PRESENCE_TTL_MS"), "{e}");
+        let e = Config::from_toml_and_env(
+            "[presence]\nttl_ms = 1000\nheartbeat_interval_ms = 1000\n",
+            "t",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("presence.ttl_ms"), "{e}");
+        assert!(Config::from_toml_and_env("[auth]\nalgorithm = \"none\"\n", "t", &[]).is_err());
+        assert!(Config::from_toml_and_env("[auth]\nalgorithm = \"RS256\"\n", "t", &[]).is_err());
+        assert!(
+            Config::from_toml_and_env("[rooms]\nclient_events = [\"presence_diff\"]\n", "t", &[])
+                .is_err()
+        );
+        assert!(Config::from_toml_and_env("[redis]\nprefix = \"a b\"\n", "t", &[]).is_err());
+    }
+
+    #[test]
+    fn masked_output_hides_secrets() {
+        let c = Config::from_toml_and_env(
+            "[auth]\nhs256_secret = \"s3cret\"\n[redis]\nurl = \"redis://u:pw@h:1\"\n",
+            "t",
+            &[],
+        )
+        .expect("valid");
+        let out = c.to_masked_toml();
+        assert!(!out.contains("s3cret") && !out.contains("pw@"), "{out}");
+        assert!(out.contains("redis://u:***@h:1"), "{out}");
+    }
+}

@@ -1,0 +1,39 @@
+//! # gateway
+//!
+//! A stateless Phoenix Channels V2 WebSocket gateway backed by Redis: signed-in users talk,
+//! anonymous viewers watch and are counted, and any number of processes share only Redis.
+//!
+//! ## Layout
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | TOML + `GATEWAY_<SECTION>_<KEY>` env → typed, validated settings |
+//! | [`server`] | public listener: HTTP/1, checks before the upgrade, hands sockets to `session` |
+//! | [`session`] | one connection: channels, join_refs, idle deadline, bounded queue, single writer |
+//! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
+//! | [`auth`] | JWT → `Identity` |
+//! | [`rooms`] | room ids, topics, who may push what |
+//! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames |
+//! | [`presence`] | the Redis presence store (Lua scripts) and the node-local `Mirror` |
+//! | [`redis`] | key names, script loading, connections |
+//! | [`catalog`] | room records for the CLI and the admin API |
+//! | [`admin`], [`metrics`] | admin HTTP (health, metrics, rooms API), metric families |
+//! | [`app`] | the assembled node |
+//!
+//! One frame's path: socket → `session` → `protocol::decode_text` → `rooms` rules → `presence`
+//! (one Lua call) or `fanout` publish → Redis → every node's `fanout` subscriber → `Mirror` /
+//! the shared frame → each local session's queue → writer → socket.
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod demo;
+pub mod fanout;
+pub mod metrics;
+pub mod presence;
+pub mod protocol;
+pub mod redis;
+pub mod rooms;
+pub mod server;
+pub mod session;

@@ -1,0 +1,297 @@
+//! `gateway`: CLI → config → tracing → build the node → serve → wait for a signal → drain.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use gateway::app::{App, new_node_id};
+use gateway::catalog::Catalog;
+use gateway::config::Config;
+use gateway::redis::keys::Keys;
+use gateway::rooms::RoomId;
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Phoenix Channels V2 WebSocket gateway backed by Redis"
+)]
+struct Cli {
+    /// Settings file (default: config/gateway.toml if it exists). Env GATEWAY_<SECTION>_<KEY> overrides it.
+    #[arg(long, global = true, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Validate the settings and print the effective values (secrets masked).
+    CheckConfig,
+    /// Manage rooms (a room exists iff its record exists in Redis).
+    Rooms {
+        #[command(subcommand)]
+        command: RoomsCommand,
+    },
+    /// Print a development token signed with auth.hs256_secret.
+    Token {
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        username: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// List live gateway processes and their rooms.
+    Nodes,
+}
+
+#[derive(Subcommand)]
+enum RoomsCommand {
+    /// Create a room.
+    Create {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List rooms.
+    List,
+    /// Show a room: signed-in users and the anonymous count (per node).
+    Show { id: String },
+    /// Delete a room; its channels are closed on every node.
+    Delete { id: String },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => serve(cfg).await,
+        Command::CheckConfig => {
+            gateway::auth::Verifier::from_config(&cfg)?;
+            print!("{}", cfg.to_masked_toml());
+            eprintln!("configuration is valid");
+            Ok(())
+        }
+        Command::Rooms { command } => rooms(cfg, command).await,
+        Command::Token { sub, username, ttl } => {
+            let secret = cfg
+                .hs256_secret()?
+                .context("no auth.hs256_secret configured (set GATEWAY_AUTH_HS256_SECRET)")?;
+            println!("{}", dev_token(&secret, &sub, username.as_deref(), ttl)?);
+            Ok(())
+        }
+        Command::Nodes => {
+            let cat = catalog(&cfg)?;
+            let nodes = cat.nodes().await?;
+            if nodes.is_empty() {
+                println!("no live gateway nodes");
+            }
+            for n in nodes {
+                println!(
+                    "{}  listen={}  rooms={}  sockets={}  version={}",
+                    n["node"].as_str().unwrap_or("?"),
+                    n["listen"].as_str().unwrap_or("?"),
+                    n["rooms"],
+                    n["sockets"],
+                    n["version"].as_str().unwrap_or("?"),
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn catalog(cfg: &Config) -> anyhow::Result<Catalog> {
+    Ok(Catalog::new(
+        gateway::redis::pool(&cfg.redis)?,
+        Keys::new(&cfg.redis.prefix),
+    ))
+}
+
+fn room_id(id: &str) -> anyhow::Result<RoomId> {
+    RoomId::parse(id).map_err(|_| {
+        anyhow::anyhow!("invalid room id {id:?}: use 1-64 characters of [A-Za-z0-9_-]")
+    })
+}
+
+async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
+    let cat = catalog(&cfg)?;
+    match cmd {
+        RoomsCommand::Create { id, name } => {
+            let r = cat.create(&room_id(&id)?, name.as_deref()).await?;
+            println!("created room {} ({})", r.id, r.name);
+        }
+        RoomsCommand::List => {
+            for r in cat.list().await? {
+                println!("{}\t{}\t{}", r.id, r.name, r.created_at);
+            }
+        }
+        RoomsCommand::Show { id } => {
+            let id = room_id(&id)?;
+            let rec = cat
+                .get(&id)
+                .await?
+                .with_context(|| format!("room {id} does not exist"))?;
+            let p = cat.presence(&id).await?;
+            println!("room {} ({})", rec.id, rec.name);
+            println!("signed-in users: {}", p.users.len());
+            for u in &p.users {
+                println!(
+                    "  {}  {}  ({} connection{})",
+                    u.id,
+                    u.username,
+                    u.connections,
+                    if u.connections == 1 { "" } else { "s" }
+                );
+            }
+            println!("Anonymous: {}", p.anonymous);
+            let mut nodes: Vec<_> = p.anonymous_by_node.iter().collect();
+            nodes.sort();
+            for (n, c) in nodes {
+                println!("  {n}: {c}");
+            }
+            let mut leases: Vec<_> = p.leases.iter().collect();
+            leases.sort();
+            for (n, exp) in leases {
+                println!("lease {n} until {exp}");
+            }
+        }
+        RoomsCommand::Delete { id } => {
+            cat.delete(&room_id(&id)?).await?;
+            println!("deleted room {id}");
+        }
+    }
+    Ok(())
+}
+
+fn dev_token(secret: &str, sub: &str, username: Option<&str>, ttl: u64) -> anyhow::Result<String> {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = serde_json::json!({
+        "sub": sub,
+        "username": username.unwrap_or(sub),
+        "iat": now,
+        "exp": now + ttl,
+    });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let node = new_node_id();
+    // bind before connecting to Redis: a port conflict is reported at once
+    let public = TcpListener::bind(&cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
+    let admin = TcpListener::bind(&cfg.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.admin.listen))?;
+    let public_addr = public.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let app = App::build(cfg, node).await?;
+    app.start();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let public_task = tokio::spawn(gateway::server::serve_public(
+        app.clone(),
+        public,
+        stop_rx.clone(),
+    ));
+    tokio::spawn(gateway::admin::serve_admin(app.clone(), admin, stop_rx));
+    tracing::info!(node = %app.node, public = %public_addr, admin = %admin_addr, "gateway listening");
+    // one machine-readable line on stdout for scripts and tests
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "public": public_addr.to_string(), "admin": admin_addr.to_string(), "node": &*app.node})
+    );
+    wait_for_signal().await;
+    drain(&app, stop_tx, public_task).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Readiness off, stop accepting, remove this node's presence from Redis, close sockets in
+/// batches with 1012 (clients reconnect elsewhere), exit within `server.shutdown_timeout_ms`.
+async fn drain(
+    app: &Arc<App>,
+    stop: watch::Sender<bool>,
+    public_task: tokio::task::JoinHandle<()>,
+) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + app.cfg.server.shutdown_timeout();
+    app.draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = stop.send(true);
+    let _ = public_task.await;
+    let sockets = app.sessions.len();
+    let _ = tokio::time::timeout_at(deadline, app.hub.release_all()).await;
+    for batch in app.sessions.all().chunks(app.cfg.server.drain_batch) {
+        for ctl in batch {
+            ctl.close(gateway::protocol::close::RESTART);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while !app.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(
+        sockets,
+        left = app.sessions.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "drained"
+    );
+}

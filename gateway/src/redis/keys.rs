@@ -1,0 +1,147 @@
+//! Every Redis key and channel name the gateway uses, built in one place from a validated
+//! [`RoomId`]. All keys of a room share the hash tag `{<room>}`, so each script touches one slot and
+//! the layout runs unchanged on Redis Cluster.
+//!
+//! | key | type | contents |
+//! |---|---|---|
+//! | `<p>:room:{R}` | HASH | the room record; its existence is "the room exists" |
+//! | `<p>:room:{R}:presence` | HASH | connection id → meta JSON (signed-in only) |
+//! | `<p>:room:{R}:anon` | HASH | node id → that node's anonymous viewers |
+//! | `<p>:room:{R}:nodes` | ZSET | node id → lease expiry (ms, Redis clock) |
+//! | `<p>:room:{R}:seq` | STRING | presence change counter |
+//! | `<p>:room:{R}:events` | channel | room events and presence changes |
+//! | `<p>:node:<node>` | STRING (TTL) | node record for operators |
+//! | `<p>:node:<node>:probe` | channel | the node's own pub/sub liveness probe |
+
+use crate::rooms::RoomId;
+
+/// Key builder for one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// The keys of one room, in the order the Lua scripts take them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomKeys {
+    pub room: String,
+    pub presence: String,
+    pub anon: String,
+    pub nodes: String,
+    pub seq: String,
+    pub events: String,
+}
+
+impl RoomKeys {
+    /// KEYS[1..6] of every presence script.
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.room,
+            &self.presence,
+            &self.anon,
+            &self.nodes,
+            &self.seq,
+            &self.events,
+        ]
+    }
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn room_record(&self, room: &RoomId) -> String {
+        format!("{}:room:{{{}}}", self.prefix, room)
+    }
+
+    pub fn room(&self, room: &RoomId) -> RoomKeys {
+        let base = self.room_record(room);
+        RoomKeys {
+            presence: format!("{base}:presence"),
+            anon: format!("{base}:anon"),
+            nodes: format!("{base}:nodes"),
+            seq: format!("{base}:seq"),
+            events: format!("{base}:events"),
+            room: base,
+        }
+    }
+
+    pub fn events(&self, room: &RoomId) -> String {
+        format!("{}:events", self.room_record(room))
+    }
+
+    /// Room id of an events channel name, if it is one of ours.
+    pub fn room_of_channel(&self, channel: &str) -> Option<RoomId> {
+        let rest = channel
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(":room:{")?;
+        let id = rest.strip_suffix("}:events")?;
+        RoomId::parse(id).ok()
+    }
+
+    /// Pattern matching every room record (for `SCAN`): `<p>:room:{*}`.
+    pub fn room_record_pattern(&self) -> String {
+        format!("{}:room:{{*}}", self.prefix)
+    }
+
+    /// Room id of a room record key.
+    pub fn room_of_record(&self, key: &str) -> Option<RoomId> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":room:{")?;
+        RoomId::parse(rest.strip_suffix('}')?).ok()
+    }
+
+    pub fn node(&self, node: &str) -> String {
+        format!("{}:node:{}", self.prefix, node)
+    }
+
+    pub fn node_pattern(&self) -> String {
+        format!("{}:node:*", self.prefix)
+    }
+
+    pub fn probe(&self, node: &str) -> String {
+        format!("{}:node:{}:probe", self.prefix, node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let k = Keys::new("gw");
+        let r = RoomId::parse("lobby").unwrap();
+        let rk = k.room(&r);
+        assert_eq!(rk.room, "gw:room:{lobby}");
+        assert_eq!(rk.presence, "gw:room:{lobby}:presence");
+        assert_eq!(rk.anon, "gw:room:{lobby}:anon");
+        assert_eq!(rk.nodes, "gw:room:{lobby}:nodes");
+        assert_eq!(rk.seq, "gw:room:{lobby}:seq");
+        assert_eq!(rk.events, "gw:room:{lobby}:events");
+        assert_eq!(k.events(&r), rk.events);
+        assert_eq!(k.node("n1"), "gw:node:n1");
+        assert_eq!(k.probe("n1"), "gw:node:n1:probe");
+    }
+
+    #[test]
+    fn parses_names_back() {
+        let k = Keys::new("gw");
+        assert_eq!(
+            k.room_of_channel("gw:room:{lobby}:events")
+                .unwrap()
+                .as_str(),
+            "lobby"
+        );
+        assert!(k.room_of_channel("gw:room:{lo}bby}:events").is_none());
+        assert!(k.room_of_channel("other:room:{lobby}:events").is_none());
+        assert_eq!(k.room_of_record("gw:room:{a-1}").unwrap().as_str(), "a-1");
+        assert!(k.room_of_record("gw:room:{a}:presence").is_none());
+    }
+}

@@ -1,0 +1,214 @@
+//! The public listener: accepts TCP connections, serves HTTP/1, and upgrades
+//! `GET /socket/websocket?vsn=2.0.0` to a WebSocket after every check that can still be answered
+//! with a plain HTTP status (vsn 403, origin 403, bad token 401 when configured, limits 503).
+//! The upgraded socket goes to `session::run`; Phoenix frames and Redis are not handled here.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::auth::Identity;
+
+pub type Body = Full<Bytes>;
+
+pub fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r
+}
+
+/// Accepts until `stop` turns true. EMFILE and friends do not end the loop.
+pub async fn serve_public(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(handle(app, req, peer)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+/// Query parameters, percent-decoded; later occurrences win (so `vsn` is the client's last one).
+fn query_params(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The token of `Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.<b64>` (standard or URL
+/// alphabet, padding optional), and whether the client offered `phoenix`.
+fn subprotocol_token(req: &Request<Incoming>) -> (Option<String>, bool) {
+    let mut token = None;
+    let mut phoenix = false;
+    for v in req.headers().get_all(SEC_WEBSOCKET_PROTOCOL) {
+        let Ok(s) = v.to_str() else { continue };
+        for p in s.split(',').map(str::trim) {
+            if p == "phoenix" {
+                phoenix = true;
+            } else if let Some(b64) = p.strip_prefix("base64url.bearer.phx.") {
+                let norm: String = b64
+                    .trim_end_matches('=')
+                    .chars()
+                    .map(|c| match c {
+                        '-' => '+',
+                        '_' => '/',
+                        c => c,
+                    })
+                    .collect();
+                if let Ok(bytes) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(norm)
+                    && let Ok(t) = String::from_utf8(bytes)
+                {
+                    token = Some(t);
+                }
+            }
+        }
+    }
+    (token, phoenix)
+}
+
+fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if req.uri().path() != "/socket/websocket" {
+        return crate::admin::public_page(&app, &req);
+    }
+    let params = query_params(req.uri().query().unwrap_or(""));
+    // V2 only: Phoenix treats a missing vsn as 1.0.0 and answers 403 to what it cannot serve
+    match param(&params, "vsn") {
+        Some(v) if v.starts_with("2.0.") => {}
+        _ => return text(StatusCode::FORBIDDEN, ""),
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
+    }
+    let origins = &app.cfg.server.allowed_origins;
+    if !origins.is_empty() {
+        let origin = req.headers().get("origin").and_then(|o| o.to_str().ok());
+        if let Some(o) = origin
+            && !origins.iter().any(|a| a == o)
+        {
+            return text(StatusCode::FORBIDDEN, "");
+        }
+    }
+    if app.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    if app.sessions.len() >= app.cfg.server.max_connections {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    }
+    let (sub_token, offered_phoenix) = subprotocol_token(&req);
+    let token = sub_token.or_else(|| {
+        param(&params, "token")
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+    });
+    let (identity, error) = app.verifier.identify(token.as_deref());
+    if let Some(e) = error {
+        if app.cfg.auth.reject_invalid_tokens {
+            tracing::debug!(%peer, error = %e, "refused token");
+            return text(StatusCode::UNAUTHORIZED, "");
+        }
+        tracing::debug!(%peer, error = %e, "token refused; socket stays anonymous");
+    }
+    let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(x) => x,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+    };
+    let socket = app.next_socket();
+    tokio::spawn(async move {
+        match fut.await {
+            Ok(ws) => Box::pin(run_upgraded(app, ws.into_inner(), identity, socket)).await,
+            Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
+        }
+    });
+    let mut resp = resp.map(|_| Full::new(Bytes::new()));
+    if offered_phoenix {
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("phoenix"));
+    }
+    resp
+}
+
+/// Takes the TCP stream back from hyper (dropping hyper's read buffer) and splits it into owned
+/// halves: no lock between reader and writer.
+async fn run_upgraded(
+    app: Arc<App>,
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    identity: Identity,
+    socket: u64,
+) {
+    let upgraded = io.into_inner();
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let tcp = parts.io.into_inner();
+            let (r, w) = tcp.into_split();
+            let read = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(parts.read_buf), r);
+            crate::session::run(app, read, w, identity, socket).await;
+        }
+        Err(upgraded) => {
+            let (r, w) = tokio::io::split(TokioIo::new(upgraded));
+            crate::session::run(app, r, w, identity, socket).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing_decodes_and_last_wins() {
+        let p = query_params("token=abc%20def&vsn=1.0.0&nested%5Ba%5D=1&vsn=2.0.0");
+        assert_eq!(param(&p, "token"), Some("abc def"));
+        assert_eq!(param(&p, "vsn"), Some("2.0.0"));
+        assert_eq!(param(&p, "nested[a]"), Some("1"));
+        assert_eq!(param(&p, "missing"), None);
+    }
+}

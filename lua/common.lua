@@ -1,0 +1,123 @@
+-- common.lua — helpers shared by every presence script. The gateway prepends this file to each
+-- script when it loads them (gateway/src/redis/scripts.rs), so a script's text in Redis is
+-- common.lua followed by the script; each script still runs as one atomic call.
+--
+-- Every presence script takes the same KEYS, all hash-tagged with the room:
+--   KEYS[1] <p>:room:{R}            HASH  room record (exists = the room exists)
+--   KEYS[2] <p>:room:{R}:presence   HASH  conn id '<node>.<n>' -> meta JSON (signed-in only)
+--   KEYS[3] <p>:room:{R}:anon       HASH  node id -> anonymous viewers on that node
+--   KEYS[4] <p>:room:{R}:nodes      ZSET  node id -> lease expiry (ms, Redis clock)
+--   KEYS[5] <p>:room:{R}:seq        STRING presence change counter
+--   KEYS[6] <p>:room:{R}:events     channel for room events and presence changes
+--
+-- A change is published on KEYS[6] as one JSON envelope with absolute values where possible:
+--   {"seq":S,"anon":<anonymous total>,"joins":{"<conn>":<meta>,...},"leaves":["<conn>",...]}
+-- seq grows by exactly one per published change, so a gap tells a node it missed something.
+
+local K_ROOM, K_PRESENCE, K_ANON, K_NODES, K_SEQ, K_EVENTS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+
+-- Lease times come from Redis's clock, never from a gateway's.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Integers up to 2^53 as plain digits (tostring would print 1.8e+15).
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+-- The current seq. A missing counter (first use, expired, or a Redis restart) starts at the Redis
+-- time in microseconds, so it is always above any seq the room had before: mirrors see a jump and
+-- re-snapshot instead of dropping new changes as old ones.
+local function current_seq()
+  local s = redis.call('GET', K_SEQ)
+  if s then return tonumber(s) end
+  local t = redis.call('TIME')
+  local v = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', K_SEQ, v)
+  return tonumber(v)
+end
+
+local function next_seq()
+  current_seq()
+  return redis.call('INCR', K_SEQ)
+end
+
+-- Sum of the live nodes' anonymous counts (call after sweep: dead nodes' fields are gone).
+local function anon_total()
+  local n = 0
+  for _, v in ipairs(redis.call('HVALS', K_ANON)) do
+    local x = tonumber(v) or 0
+    if x > 0 then n = n + x end
+  end
+  return n
+end
+
+-- Removes every node whose lease lapsed: its presence fields, its anon field, its lease.
+-- Returns the connection ids removed and whether anything changed.
+local function sweep(now)
+  local dead = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', now)
+  if #dead == 0 then return {}, false end
+  local deadset = {}
+  for _, n in ipairs(dead) do
+    deadset[n] = true
+    redis.call('HDEL', K_ANON, n)
+  end
+  local left = {}
+  for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
+    local node = string.match(f, '^(.*)%.[^.]*$')
+    if node and deadset[node] then
+      redis.call('HDEL', K_PRESENCE, f)
+      left[#left + 1] = f
+    end
+  end
+  redis.call('ZREM', K_NODES, unpack(dead))
+  return left, true
+end
+
+-- Renews the caller's lease; returns true if it still had one (false: new, lapsed or swept).
+local function renew(node, now, lease_ms)
+  local had = redis.call('ZSCORE', K_NODES, node)
+  redis.call('ZADD', K_NODES, now + lease_ms, node)
+  return had ~= false and had ~= nil
+end
+
+-- Presence keys of an abandoned room vanish by themselves once no node refreshes them.
+local function touch(key_ttl_ms)
+  redis.call('PEXPIRE', K_PRESENCE, key_ttl_ms)
+  redis.call('PEXPIRE', K_ANON, key_ttl_ms)
+  redis.call('PEXPIRE', K_NODES, key_ttl_ms)
+  redis.call('PEXPIRE', K_SEQ, key_ttl_ms)
+end
+
+-- joins: flat list conn1, meta1, conn2, meta2 ... (metas are JSON written by the gateway)
+local function publish(seq, anon, joins, leaves)
+  local j = {}
+  for i = 1, #joins, 2 do
+    j[#j + 1] = cjson.encode(joins[i]) .. ':' .. joins[i + 1]
+  end
+  local l = {}
+  for i, c in ipairs(leaves) do l[i] = cjson.encode(c) end
+  redis.call('PUBLISH', K_EVENTS, '{"seq":' .. int(seq) .. ',"anon":' .. int(anon) ..
+    ',"joins":{' .. table.concat(j, ',') .. '},"leaves":[' .. table.concat(l, ',') .. ']}')
+end
+
+-- Sets a node's anonymous count; a zero count removes the field. Returns true if it changed.
+local function set_anon(node, count)
+  local cur = tonumber(redis.call('HGET', K_ANON, node) or '0') or 0
+  if cur == count then return false end
+  if count > 0 then
+    redis.call('HSET', K_ANON, node, count)
+  else
+    redis.call('HDEL', K_ANON, node)
+  end
+  return true
+end
+
+-- The snapshot part of a reply: {seq, anon_total, {conn1, meta1, conn2, meta2, ...}}.
+local function snapshot_reply(exists, seq)
+  return { exists, seq, anon_total(), redis.call('HGETALL', K_PRESENCE) }
+end
+

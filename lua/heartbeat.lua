@@ -1,0 +1,26 @@
+-- heartbeat.lua — one node renews its lease in one room. Sent every presence.heartbeat_interval_ms
+-- per (node, room), pipelined: the cost grows with rooms per node, never with sockets.
+-- It also re-asserts the node's true anonymous count (healing any drift from lost batches) and
+-- sweeps lapsed leases of other nodes, publishing their viewers' leaves.
+-- KEYS: the six room keys, see common.lua
+-- ARGV[1] node id
+-- ARGV[2] lease ms
+-- ARGV[3] key ttl ms
+-- ARGV[4] the node's anonymous viewers in the room right now
+-- Reply: {had lease (1/0), seq of the published change or 0, anonymous total}
+--        had lease = 0 means this node's entries may be gone (lapsed, swept, Redis restarted):
+--        the node answers with sync.lua.
+
+local node, lease, key_ttl, anon = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]) or 0
+local now = now_ms()
+local leaves, changed = sweep(now)
+local had = renew(node, now, lease)
+if set_anon(node, anon) then changed = true end
+touch(key_ttl)
+local total = anon_total()
+local seq = 0
+if changed then
+  seq = next_seq()
+  publish(seq, total, {}, leaves)
+end
+return { had and 1 or 0, seq, total }

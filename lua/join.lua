@@ -1,0 +1,33 @@
+-- join.lua — a viewer enters a room (or a node's batched anonymous joins arrive).
+-- KEYS: the six room keys, see common.lua
+-- ARGV[1] node id
+-- ARGV[2] lease ms (presence.ttl_ms)
+-- ARGV[3] key ttl ms (how long presence keys outlive the last heartbeat)
+-- ARGV[4] connection id '<node>.<n>' for a signed-in viewer, '' for anonymous viewers
+-- ARGV[5] meta JSON (signed-in) or the number of anonymous viewers joining (anonymous)
+-- ARGV[6] '1' to include a snapshot in the reply (the node has no mirror of the room yet)
+-- Reply: {0} when the room does not exist (nothing is written);
+--        else {1, seq, anonymous total, {conn, meta, ...} when ARGV[6] = '1' else {}}
+--        where seq is the seq of this change (its envelope is published with it).
+
+if redis.call('EXISTS', K_ROOM) == 0 then return { 0 } end
+local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local now = now_ms()
+local leaves = sweep(now)
+renew(node, now, lease)
+local joins = {}
+if conn ~= '' then
+  redis.call('HSET', K_PRESENCE, conn, arg)
+  joins = { conn, arg }
+else
+  local n = tonumber(arg) or 0
+  if n > 0 then redis.call('HINCRBY', K_ANON, node, n) end
+end
+local seq = next_seq()
+local total = anon_total()
+publish(seq, total, joins, leaves)
+touch(key_ttl)
+if ARGV[6] == '1' then
+  return snapshot_reply(1, seq)
+end
+return { 1, seq, total, {} }

@@ -1,0 +1,31 @@
+-- leave.lua — a viewer leaves a room (or a node's batched anonymous leaves arrive).
+-- Idempotent: a meta is removed only if present, a count decremented only above zero, so a retry
+-- changes nothing; nothing is published when nothing changed.
+-- KEYS: the six room keys, see common.lua
+-- ARGV[1] node id
+-- ARGV[2] lease ms
+-- ARGV[3] key ttl ms
+-- ARGV[4] connection id (signed-in) or '' (anonymous)
+-- ARGV[5] number of anonymous viewers leaving (anonymous)
+-- Reply: {seq of the published change or 0 if nothing changed, anonymous total}
+
+local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local now = now_ms()
+local leaves, changed = sweep(now)
+renew(node, now, lease)
+if conn ~= '' then
+  if redis.call('HDEL', K_PRESENCE, conn) == 1 then
+    leaves[#leaves + 1] = conn
+    changed = true
+  end
+else
+  local n = tonumber(arg) or 0
+  local cur = tonumber(redis.call('HGET', K_ANON, node) or '0') or 0
+  if n > 0 and set_anon(node, math.max(0, cur - n)) then changed = true end
+end
+local total = anon_total()
+if not changed then return { 0, total } end
+local seq = next_seq()
+publish(seq, total, {}, leaves)
+touch(key_ttl)
+return { seq, total }

@@ -1,0 +1,48 @@
+-- sync.lua — replace everything one node holds in a room with the node's local truth, in one step.
+-- Used after a Redis reconnect or restart, when a heartbeat finds the lease gone, and with
+-- release = 1 at shutdown (then the local truth is empty and the lease is dropped too).
+-- KEYS: the six room keys, see common.lua
+-- ARGV[1] node id
+-- ARGV[2] lease ms
+-- ARGV[3] key ttl ms
+-- ARGV[4] the node's anonymous viewers in the room
+-- ARGV[5] '1' to release the lease (clean exit), '0' to renew it
+-- ARGV[6..] conn1, meta1, conn2, meta2, ... : the node's signed-in connections in the room
+-- Reply: {seq of the published change or 0, anonymous total}
+
+local node, lease, key_ttl, anon, release =
+  ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]) or 0, ARGV[5] == '1'
+local now = now_ms()
+local leaves, changed = sweep(now)
+local want = {}
+for i = 6, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+local prefix = node .. '.'
+for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
+  if string.sub(f, 1, #prefix) == prefix and want[f] == nil then
+    redis.call('HDEL', K_PRESENCE, f)
+    leaves[#leaves + 1] = f
+    changed = true
+  end
+end
+local joins = {}
+for i = 6, #ARGV, 2 do
+  local conn, meta = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', K_PRESENCE, conn) ~= meta then
+    redis.call('HSET', K_PRESENCE, conn, meta)
+    joins[#joins + 1] = conn
+    joins[#joins + 1] = meta
+    changed = true
+  end
+end
+if set_anon(node, anon) then changed = true end
+if release then
+  redis.call('ZREM', K_NODES, node)
+else
+  renew(node, now, lease)
+end
+local total = anon_total()
+if not changed then return { 0, total } end
+local seq = next_seq()
+publish(seq, total, joins, leaves)
+touch(key_ttl)
+return { seq, total }

@@ -1,0 +1,253 @@
+// Acceptance 6: authentication. Bad tokens never yield a signed-in socket; reject mode
+// answers 401; per-join guardian_token; subprotocol token; RS256 / ES256 and
+// algorithm confusion.
+import { before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import {
+  test, startRedis, startGateway, createRoom, teardown, connect, join, push,
+  hs256, rs256, es256, algNone, claims, rsaKeyPair, ecKeyPair, publicPem, tempFile,
+  uid, rawConnect, tryUpgrade, httpUpgrade, wsUrl, DEFAULT_SECRET,
+} from './lib/harness.mjs';
+
+const PREFIX = 'au';
+let redis; let hs; let reject; let rs; let es;
+const rsa = rsaKeyPair();
+const rsaOther = rsaKeyPair();
+const ec = ecKeyPair();
+const ecOther = ecKeyPair();
+const rsaPem = publicPem(rsa);
+const ecPem = publicPem(ec);
+
+before(async () => {
+  redis = await startRedis();
+  [hs, reject, rs, es] = await Promise.all([
+    startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'hs256' }),
+    startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'hs256-reject', env: { GATEWAY_AUTH_REJECT_INVALID_TOKENS: 'true' } }),
+    startGateway({
+      redisPort: redis.port, prefix: PREFIX, name: 'rs256',
+      env: { GATEWAY_AUTH_ALGORITHM: 'RS256', GATEWAY_AUTH_PUBLIC_KEY_FILE: tempFile('rsa.pub.pem', rsaPem), GATEWAY_AUTH_HS256_SECRET: undefined },
+    }),
+    startGateway({
+      redisPort: redis.port, prefix: PREFIX, name: 'es256',
+      env: { GATEWAY_AUTH_ALGORITHM: 'ES256', GATEWAY_AUTH_PUBLIC_KEY_FILE: tempFile('ec.pub.pem', ecPem), GATEWAY_AUTH_HS256_SECRET: undefined },
+    }),
+  ]);
+});
+after(() => teardown({ gateways: [hs, reject, rs, es], redis }));
+
+function newRoom() {
+  const id = uid('au');
+  createRoom(redis, PREFIX, id);
+  return `rooms:${id}`;
+}
+
+const now = () => Math.floor(Date.now() / 1000);
+const b64url = (s) => Buffer.from(s).toString('base64').replace(/=+$/, '').replace(/\+/g, '-').replace(/\//g, '_');
+
+/** Connect raw with `token` in the query, join `topic`, push new_msg; return {join, push}. */
+async function tryToken(gw, topic, token, joinPayload = {}) {
+  const c = await rawConnect(wsUrl(gw, token === undefined ? {} : { token }));
+  const j = await c.join(topic, '1', joinPayload);
+  let p = null;
+  if (j[4].status === 'ok') {
+    c.send(['1', '2', topic, 'new_msg', { body: 'auth probe' }]);
+    p = await c.reply('2');
+  }
+  c.close();
+  return { join: j[4], push: p && p[4], conn: c };
+}
+
+function assertAnonymousWithError(res, what) {
+  assert.equal(res.join.status, 'ok', `${what}: join must still succeed (anonymous): ${JSON.stringify(res.join)}`);
+  assert.equal(res.join.response.auth, 'anonymous', `${what}: ${JSON.stringify(res.join)}`);
+  assert.equal(res.join.response.user, undefined, `${what}: anonymous reply must not carry a user`);
+  assert.equal(typeof res.join.response.auth_error, 'string', `${what}: auth_error missing: ${JSON.stringify(res.join)}`);
+  assert.ok(res.join.response.auth_error.length > 0);
+  assert.deepEqual(Object.keys(res.join.response).sort(), ['auth', 'auth_error']);
+  assert.deepEqual(res.push, { status: 'error', response: { reason: 'Not signed in' } }, `${what}: push must be refused`);
+}
+
+function assertSignedIn(res, sub, username, what) {
+  assert.deepEqual(res.join, { status: 'ok', response: { auth: 'user', user: { id: sub, username } } }, what);
+  assert.deepEqual(res.push, { status: 'ok', response: {} }, `${what}: push`);
+}
+
+test('HS256: valid token signs in; no token is plain anonymous (no auth_error)', async () => {
+  const topic = newRoom();
+  assertSignedIn(await tryToken(hs, topic, hs256(claims('u-1', 'one'))), 'u-1', 'one', 'valid HS256');
+  const anon = await tryToken(hs, topic, undefined);
+  assert.deepEqual(anon.join, { status: 'ok', response: { auth: 'anonymous' } });
+  assert.deepEqual(anon.push, { status: 'error', response: { reason: 'Not signed in' } });
+});
+
+test('bad tokens leave the socket anonymous with auth_error: wrong secret, expired, alg none, garbage, tampered', async () => {
+  const topic = newRoom();
+  const good = hs256(claims('u-2', 'two'));
+  const [h, p] = good.split('.');
+  const tampered = `${h}.${b64url(JSON.stringify(claims('u-admin', 'admin')))}.${good.split('.')[2]}`;
+  const cases = {
+    'wrong secret': hs256(claims('u-2', 'two'), 'not-the-secret'),
+    'expired 1 h ago': hs256(claims('u-2', 'two', { exp: now() - 3600 })),
+    'expired 30 s ago (beyond 5 s leeway)': hs256(claims('u-2', 'two', { exp: now() - 30 })),
+    'alg none': algNone(claims('u-2', 'two')),
+    'alg none, signature kept': `${b64url(JSON.stringify({ alg: 'none', typ: 'JWT' }))}.${p}.${good.split('.')[2]}`,
+    garbage: 'garbage-token',
+    'three garbage parts': 'aaa.bbb.ccc',
+    tampered,
+    'RS256 token on an HS256 gateway': rs256(claims('u-2', 'two'), rsa.privateKey),
+  };
+  for (const [what, token] of Object.entries(cases)) {
+    assertAnonymousWithError(await tryToken(hs, topic, token), what);
+  }
+});
+
+test('expiry leeway: a token that expired 2 s ago is still accepted (leeway 5 s)', async () => {
+  const topic = newRoom();
+  assertSignedIn(await tryToken(hs, topic, hs256(claims('u-3', 'three', { exp: now() - 2 }))), 'u-3', 'three', 'exp now-2');
+});
+
+test('phoenix.js with a bad token: join says anonymous + auth_error, push refused', async () => {
+  const topic = newRoom();
+  const s = await connect(hs.publicUrl, { token: hs256(claims('u-4', 'four'), 'wrong-secret') });
+  const ch = s.channel(topic);
+  const j = await join(ch);
+  assert.equal(j.status, 'ok');
+  assert.equal(j.response.auth, 'anonymous');
+  assert.equal(typeof j.response.auth_error, 'string');
+  assert.deepEqual(await push(ch, 'new_msg', { body: 'x' }), { status: 'error', response: { reason: 'Not signed in' } });
+});
+
+test('GATEWAY_AUTH_REJECT_INVALID_TOKENS=true: bad token → HTTP 401; no token and good token still connect', async () => {
+  const base = `${reject.publicUrl}/websocket?vsn=2.0.0`;
+  for (const [what, token] of [
+    ['wrong secret', hs256('u-5', 'nope')],
+    ['expired', hs256(claims('u-5', 'five', { exp: now() - 3600 }))],
+    ['alg none', algNone('u-5')],
+    ['garbage', 'garbage'],
+  ]) {
+    const r = await tryUpgrade(`${base}&token=${encodeURIComponent(token)}`);
+    assert.equal(r.status, 401, `${what}: upgrade status ${r.status}`);
+  }
+  // bad token through the subprotocol is refused as well
+  const sp = await tryUpgrade(base, { protocols: ['phoenix', `base64url.bearer.phx.${Buffer.from('garbage.token.x').toString('base64').replace(/=/g, '')}`] });
+  assert.equal(sp.status, 401, `bad subprotocol token: upgrade status ${sp.status}`);
+
+  assert.equal((await tryUpgrade(base)).status, 101, 'anonymous connect must still be allowed');
+  const topic = newRoom();
+  assertSignedIn(await tryToken(reject, topic, hs256(claims('u-6', 'six'))), 'u-6', 'six', 'valid token on reject gateway');
+});
+
+test('per-join guardian_token signs in that channel only, on an anonymous socket', async () => {
+  const t1 = newRoom(); const t2 = newRoom(); const t3 = newRoom();
+  const c = await rawConnect(wsUrl(hs));
+  const j1 = await c.join(t1, '1', { guardian_token: hs256(claims('u-g', 'guard')) });
+  assert.deepEqual(j1, ['1', '1', t1, 'phx_reply', { status: 'ok', response: { auth: 'user', user: { id: 'u-g', username: 'guard' } } }]);
+  const j2 = await c.join(t2, '2', {});
+  assert.deepEqual(j2, ['2', '2', t2, 'phx_reply', { status: 'ok', response: { auth: 'anonymous' } }]);
+  const j3 = await c.join(t3, '3', { guardian_token: hs256(claims('u-g', 'guard'), 'bad-secret') });
+  assert.equal(j3[4].status, 'ok');
+  assert.equal(j3[4].response.auth, 'anonymous');
+  assert.equal(typeof j3[4].response.auth_error, 'string');
+
+  c.send(['1', '10', t1, 'new_msg', { body: 'from guardian channel' }]);
+  assert.deepEqual(await c.reply('10'), ['1', '10', t1, 'phx_reply', { status: 'ok', response: {} }]);
+  const b = await c.next((f) => f[0] === null && f[2] === t1 && f[3] === 'new_msg', 3000, 'broadcast in t1');
+  assert.deepEqual(b[4].user, { id: 'u-g', username: 'guard' });
+  c.send(['2', '11', t2, 'new_msg', { body: 'x' }]);
+  assert.deepEqual(await c.reply('11'), ['2', '11', t2, 'phx_reply', { status: 'error', response: { reason: 'Not signed in' } }]);
+  c.send(['3', '12', t3, 'new_msg', { body: 'x' }]);
+  assert.deepEqual(await c.reply('12'), ['3', '12', t3, 'phx_reply', { status: 'error', response: { reason: 'Not signed in' } }]);
+});
+
+test('phoenix.js guardian_token in channel params', async () => {
+  const topic = newRoom();
+  const s = await connect(hs.publicUrl, {});
+  const ch = s.channel(topic, { guardian_token: hs256(claims('u-pg', 'phxguard')) });
+  assert.deepEqual(await join(ch), { status: 'ok', response: { auth: 'user', user: { id: 'u-pg', username: 'phxguard' } } });
+  assert.deepEqual(await push(ch, 'new_msg', { body: 'hi' }), { status: 'ok', response: {} });
+});
+
+test('subprotocol token: phoenix.js authToken signs in, server echoes "phoenix"', async () => {
+  const topic = newRoom();
+  const token = hs256(claims('u-sp', 'subproto'));
+  const s = await connect(hs.publicUrl, { authToken: token });
+  assert.equal(s.conn.protocol, 'phoenix', 'server must select subprotocol "phoenix"');
+  assert.ok(!s.endPointURL().includes('token='), 'token must not be in the query');
+  const ch = s.channel(topic);
+  assert.deepEqual(await join(ch), { status: 'ok', response: { auth: 'user', user: { id: 'u-sp', username: 'subproto' } } });
+  assert.deepEqual(await push(ch, 'new_msg', { body: 'hi' }), { status: 'ok', response: {} });
+
+  // raw ws (it sends "phoenix,base64url.bearer.phx.<b64>" without a space)
+  const b64 = Buffer.from(token).toString('base64').replace(/=+$/, '');
+  const c = await rawConnect(wsUrl(hs), { protocols: ['phoenix', `base64url.bearer.phx.${b64}`] });
+  assert.equal(c.ws.protocol, 'phoenix');
+  assert.deepEqual((await c.join(topic, '1'))[4], { status: 'ok', response: { auth: 'user', user: { id: 'u-sp', username: 'subproto' } } });
+});
+
+test('subprotocol header as browsers send it ("phoenix, base64url.bearer.phx.<b64>"): accepted by the reject-mode gateway', async () => {
+  // On the reject-mode gateway a token that fails to parse or verify gives 401, so a 101
+  // proves the token was extracted and verified.
+  const url = `${reject.publicUrl}/websocket?vsn=2.0.0`;
+  const token = hs256(claims('u-br', 'browser'));
+  const b64 = Buffer.from(token).toString('base64').replace(/=+$/, '');
+  const r = await httpUpgrade(url, { headers: { 'Sec-WebSocket-Protocol': `phoenix, base64url.bearer.phx.${b64}` } });
+  assert.equal(r.status, 101, `browser-style header: status ${r.status}`);
+  assert.equal(r.headers['sec-websocket-protocol'], 'phoenix');
+  const bad = await httpUpgrade(url, { headers: { 'Sec-WebSocket-Protocol': `phoenix, base64url.bearer.phx.${Buffer.from(hs256('u-br', 'wrong')).toString('base64').replace(/=+$/, '')}` } });
+  assert.equal(bad.status, 401, `browser-style header with a bad token: status ${bad.status}`);
+});
+
+test('subprotocol with a bad token: anonymous with auth_error (non-reject mode)', async () => {
+  const topic = newRoom();
+  const bad = hs256(claims('u-spb', 'x'), 'wrong');
+  const c = await rawConnect(wsUrl(hs), { protocols: ['phoenix', `base64url.bearer.phx.${Buffer.from(bad).toString('base64').replace(/=/g, '')}`] });
+  assert.equal(c.ws.protocol, 'phoenix');
+  const j = await c.join(topic, '1');
+  assert.equal(j[4].response.auth, 'anonymous');
+  assert.equal(typeof j[4].response.auth_error, 'string');
+});
+
+test('RS256: valid token signs in; other key, HS256-with-public-key (alg confusion), alg none are refused', async () => {
+  const topic = newRoom();
+  assertSignedIn(await tryToken(rs, topic, rs256(claims('u-rs', 'rsa-user'), rsa.privateKey)), 'u-rs', 'rsa-user', 'valid RS256');
+  const der = rsa.publicKey.export({ type: 'spki', format: 'der' });
+  const cases = {
+    'RS256 signed by another key': rs256(claims('u-rs', 'rsa-user'), rsaOther.privateKey),
+    'HS256 with the PEM public key as secret': hs256(claims('u-rs', 'rsa-user'), rsaPem),
+    'HS256 with the DER public key as secret': hs256(claims('u-rs', 'rsa-user'), der),
+    'HS256 with the default HS secret': hs256(claims('u-rs', 'rsa-user'), DEFAULT_SECRET),
+    'alg none': algNone(claims('u-rs', 'rsa-user')),
+    'expired RS256': rs256(claims('u-rs', 'rsa-user', { exp: now() - 3600 }), rsa.privateKey),
+    'ES256 on an RS256 gateway': es256(claims('u-rs', 'rsa-user'), ec.privateKey),
+  };
+  for (const [what, token] of Object.entries(cases)) {
+    assertAnonymousWithError(await tryToken(rs, topic, token), what);
+  }
+});
+
+test('ES256: valid token (raw r||s signature) signs in; other key, DER signature, HS256-with-public-key, RS256 refused', async () => {
+  const topic = newRoom();
+  assertSignedIn(await tryToken(es, topic, es256(claims('u-es', 'ec-user'), ec.privateKey)), 'u-es', 'ec-user', 'valid ES256');
+  // an ES256 token whose signature is DER-encoded instead of raw r||s is not a valid JWS
+  const input = `${b64url(JSON.stringify({ alg: 'ES256', typ: 'JWT' }))}.${b64url(JSON.stringify(claims('u-es', 'ec-user')))}`;
+  const derSig = crypto.sign('sha256', Buffer.from(input), { key: ec.privateKey, dsaEncoding: 'der' });
+  const cases = {
+    'ES256 signed by another key': es256(claims('u-es', 'ec-user'), ecOther.privateKey),
+    'ES256 with DER signature': `${input}.${derSig.toString('base64url')}`,
+    'HS256 with the PEM public key as secret': hs256(claims('u-es', 'ec-user'), ecPem),
+    'RS256 on an ES256 gateway': rs256(claims('u-es', 'ec-user'), rsa.privateKey),
+    'alg none': algNone(claims('u-es', 'ec-user')),
+  };
+  for (const [what, token] of Object.entries(cases)) {
+    assertAnonymousWithError(await tryToken(es, topic, token), what);
+  }
+});
+
+test('phoenix.js against the RS256 gateway with authToken', async () => {
+  const topic = newRoom();
+  const s = await connect(rs.publicUrl, { authToken: rs256(claims('u-rsp', 'rsa-phx'), rsa.privateKey) });
+  const ch = s.channel(topic);
+  assert.deepEqual(await join(ch), { status: 'ok', response: { auth: 'user', user: { id: 'u-rsp', username: 'rsa-phx' } } });
+  assert.deepEqual(await push(ch, 'new_msg', { body: 'signed by RSA' }), { status: 'ok', response: {} });
+});
