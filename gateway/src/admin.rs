@@ -142,8 +142,9 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let room_id =
-        |s: &str| RoomId::parse(s).map_err(|_| error(StatusCode::BAD_REQUEST, "invalid room id"));
+    let room_id = |s: &str| {
+        RoomId::parse(s).map_err(|_| Box::new(error(StatusCode::BAD_REQUEST, "invalid room id")))
+    };
     let result = match (&method, parts.as_slice()) {
         (&Method::GET, ["rooms"]) => catalog
             .list()
@@ -158,7 +159,7 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             };
             let id = match room_id(id) {
                 Ok(id) => id,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let name = body.get("name").and_then(Value::as_str);
             catalog
@@ -169,7 +170,7 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         (m, ["rooms", id, rest @ ..]) => {
             let id = match room_id(id) {
                 Ok(id) => id,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             match (m, rest) {
                 (&Method::GET, []) => match catalog.get(&id).await {

@@ -549,6 +549,27 @@ mod tests {
     }
 
     #[test]
+    fn shipped_file_documents_the_defaults() {
+        let text = include_str!("../../config/gateway.toml");
+        let c = Config::from_toml_and_env(text, "config/gateway.toml", &[]).expect("valid");
+        assert_eq!(c, Config::default());
+        // every key of every section appears in the file (commented out for optional ones)
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (section, keys) in &defaults {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "[{section}] missing"
+            );
+            for key in keys.as_table().unwrap().keys() {
+                assert!(
+                    text.contains(&format!("{key} =")),
+                    "{section}.{key} missing"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn env_overrides_file_and_keeps_types() {
         let c = Config::from_toml_and_env(
             "[presence]\nttl_ms = 9000\n",

@@ -282,14 +282,6 @@ impl Hub {
         lock(&self.rooms).len()
     }
 
-    /// Local view of a room for operators: (signed-in users, anonymous count) if the node has it.
-    pub fn local_room(&self, id: &RoomId) -> Option<(Vec<(String, String, usize)>, u64)> {
-        let room = lock(&self.rooms).get(id).cloned()?;
-        let mut st = lock(&room.state);
-        let anon = st.anon_display();
-        Some((st.mirror.users_list(), anon))
-    }
-
     fn presence_cap(&self) -> u64 {
         self.cfg.presence.anonymous_list_max
     }
@@ -474,8 +466,11 @@ impl Hub {
             !m.anonymous && st.signed_local.remove(conn).is_some()
         };
         room.wake.notify_one();
-        if signed_in && !self.shutting_down.load(Ordering::Relaxed) {
-            if let Err(e) = Box::pin(self.store.leave(&room.keys, conn, 0)).await {
+        if signed_in
+            && !self.shutting_down.load(Ordering::Relaxed)
+            && let Err(e) = Box::pin(self.store.leave(&room.keys, conn, 0)).await
+        {
+            {
                 tracing::warn!(room = %room.id, error = %e, "leave failed; the room will be re-synced");
                 lock(&room.state).needs_sync = true;
                 room.wake.notify_one();
@@ -905,17 +900,16 @@ async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 && !st.syncing
                 && st.installed
                 && !hub.shutting_down.load(Ordering::Relaxed)
+                && let Some(anon) = st.begin_anon_absolute()
             {
-                if let Some(anon) = st.begin_anon_absolute() {
-                    st.needs_sync = false;
-                    st.syncing = true;
-                    let metas: Vec<(String, String)> = st
-                        .signed_local
-                        .iter()
-                        .map(|(c, m)| (c.to_string(), m.clone()))
-                        .collect();
-                    tokio::spawn(sync_room(hub.clone(), room.clone(), anon, metas));
-                }
+                st.needs_sync = false;
+                st.syncing = true;
+                let metas: Vec<(String, String)> = st
+                    .signed_local
+                    .iter()
+                    .map(|(c, m)| (c.to_string(), m.clone()))
+                    .collect();
+                tokio::spawn(sync_room(hub.clone(), room.clone(), anon, metas));
             }
             if st.members.is_empty() && st.pending_joins == 0 {
                 let since = *st.empty_since.get_or_insert(now);
@@ -1061,9 +1055,11 @@ mod tests {
 
     #[test]
     fn anonymous_accounting_survives_batches_and_failures() {
-        let mut st = RoomState::default();
-        st.anon_local = 3;
-        st.anon_unflushed = 3;
+        let mut st = RoomState {
+            anon_local: 3,
+            anon_unflushed: 3,
+            ..Default::default()
+        };
         assert_eq!(st.anon_display(), 3);
         let d = st.begin_anon_delta().unwrap();
         assert_eq!(d, 3);

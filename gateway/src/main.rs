@@ -52,6 +52,9 @@ enum Command {
     },
     /// List live gateway processes and their rooms.
     Nodes,
+    /// One command for a newcomer: uses the Redis at redis.url or starts a local redis-server,
+    /// creates room `lobby`, prints demo tokens, and serves the demo page at http://<listen>/.
+    Dev,
 }
 
 #[derive(Subcommand)]
@@ -78,6 +81,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -101,7 +105,8 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Serve => serve(cfg).await,
+        Command::Serve => serve(cfg, None).await,
+        Command::Dev => dev(cfg).await,
         Command::CheckConfig => {
             gateway::auth::Verifier::from_config(&cfg)?;
             print!("{}", cfg.to_masked_toml());
@@ -215,7 +220,77 @@ fn dev_token(secret: &str, sub: &str, username: Option<&str>, ttl: u64) -> anyho
     )?)
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+/// Demo users of `gateway dev`.
+const DEMO_USERS: [(&str, &str); 2] = [("1", "test_user"), ("2", "test_user2")];
+/// The HS256 secret `gateway dev` uses when none is configured. Development only.
+const DEV_SECRET: &str = "dev-only-secret-change-me";
+
+async fn dev(mut cfg: Config) -> anyhow::Result<()> {
+    if cfg.hs256_secret()?.is_none() && cfg.auth.algorithm == "HS256" {
+        cfg.auth.hs256_secret = Some(DEV_SECRET.into());
+    }
+    let child = ensure_redis(&cfg.redis.url).await?;
+    let cat = catalog(&cfg)?;
+    let lobby = room_id("lobby")?;
+    match cat.create(&lobby, Some("Lobby")).await {
+        Ok(_) | Err(gateway::catalog::CatalogError::Exists(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let secret = cfg.hs256_secret()?.unwrap_or_default();
+    let mut tokens = Vec::new();
+    for (sub, name) in DEMO_USERS {
+        tokens.push((name, dev_token(&secret, sub, Some(name), 24 * 3600)?));
+    }
+    let r = serve(cfg, Some(tokens)).await;
+    if let Some(mut c) = child {
+        let _ = c.kill().await;
+    }
+    r
+}
+
+/// Returns a child redis-server when none answered at `url` (it is stopped when `dev` exits).
+async fn ensure_redis(url: &str) -> anyhow::Result<Option<tokio::process::Child>> {
+    let client = ::redis::Client::open(url)?;
+    let ping = async {
+        let mut c = client.get_multiplexed_async_connection().await?;
+        ::redis::cmd("PING").query_async::<String>(&mut c).await
+    };
+    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
+        eprintln!("using the Redis at {}", gateway::app::redact(url));
+        return Ok(None);
+    }
+    let info = ::redis::IntoConnectionInfo::into_connection_info(url)?;
+    let (host, port) = match info.addr() {
+        ::redis::ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
+        _ => anyhow::bail!("gateway dev can only start a local Redis for a redis://host:port URL"),
+    };
+    if host != "127.0.0.1" && host != "localhost" {
+        anyhow::bail!(
+            "no Redis answers at {} and it is not local; start it or point GATEWAY_REDIS_URL elsewhere",
+            gateway::app::redact(url)
+        );
+    }
+    eprintln!("no Redis at {host}:{port}: starting redis-server (in memory, stopped on exit)");
+    let child = tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot run redis-server: install it (apt-get install -y redis-server) or run scripts/dev.sh")?;
+    for _ in 0..50 {
+        let ping = async {
+            let mut c = client.get_multiplexed_async_connection().await?;
+            ::redis::cmd("PING").query_async::<String>(&mut c).await
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), ping).await {
+            return Ok(Some(child));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("redis-server did not come up on port {port}")
+}
+
+async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow::Result<()> {
     let node = new_node_id();
     // bind before connecting to Redis: a port conflict is reported at once
     let public = TcpListener::bind(&cfg.server.listen)
@@ -241,6 +316,24 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"event": "listening", "public": public_addr.to_string(), "admin": admin_addr.to_string(), "node": &*app.node})
     );
+    if let Some(tokens) = demo_tokens {
+        let host = match public_addr.ip() {
+            ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+            ip => ip.to_string(),
+        };
+        let base = format!("http://{host}:{}", public_addr.port());
+        eprintln!("\n  demo page:   {base}/   (room lobby; watch anonymously or sign in)");
+        eprintln!(
+            "  socket:      ws://{host}:{}/socket/websocket?vsn=2.0.0",
+            public_addr.port()
+        );
+        eprintln!("  admin:       http://{admin_addr}/metrics  /health/ready");
+        for (name, t) in tokens {
+            eprintln!("  token {name:<10} {t}");
+            eprintln!("    page as {name}: {base}/?token={t}");
+        }
+        eprintln!();
+    }
     wait_for_signal().await;
     drain(&app, stop_tx, public_task).await;
     Ok(())
