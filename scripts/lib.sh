@@ -40,3 +40,12 @@ ensure_test_client() {
     (cd tests && npm ci --no-audit --no-fund --loglevel=error)
   fi
 }
+
+ensure_chromium() {
+  # the browser test drives Debian's chromium with playwright-core (no browser download)
+  if [ ! -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ]; then
+    need_root_or_say chromium chromium
+    echo "installing chromium (apt-get install -y chromium)" >&2
+    apt_install chromium
+  fi
+}

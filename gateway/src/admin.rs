@@ -265,8 +265,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Anything on the public port that is not the socket endpoint.
-pub fn public_page(_app: &App, req: &Request<Incoming>) -> Response<Body> {
+pub fn public_page(app: &App, req: &Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
+        "/dev/tokens.json" => match app.demo_tokens.get() {
+            Some(tokens) => {
+                let list: Vec<Value> = tokens
+                    .iter()
+                    .map(|(name, token)| json!({"username": name, "token": token}))
+                    .collect();
+                json_response(StatusCode::OK, &Value::Array(list))
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
         "/" => {
             let mut r = Response::new(Full::new(Bytes::from_static(
                 crate::demo::INDEX_HTML.as_bytes(),

@@ -30,6 +30,8 @@ pub struct App {
     pub pool: deadpool_redis::Pool,
     /// Set when the drain starts: readiness turns false and new upgrades get 503.
     pub draining: AtomicBool,
+    /// `gateway dev` only: demo users and their tokens, served to the demo page.
+    pub demo_tokens: std::sync::OnceLock<Vec<(String, String)>>,
     next_socket: AtomicU64,
 }
 
@@ -142,6 +144,7 @@ impl App {
             redis_client,
             pool,
             draining: AtomicBool::new(false),
+            demo_tokens: std::sync::OnceLock::new(),
             next_socket: AtomicU64::new(1),
         }))
     }

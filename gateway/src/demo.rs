@@ -4,15 +4,20 @@
 pub const INDEX_HTML: &str = include_str!("../assets/index.html");
 
 /// The official phoenix client (ES module build), read from the npm package installed for the
-/// tests (`tests/node_modules/phoenix`), or from `GATEWAY_PHOENIX_JS` if set.
+/// tests (`tests/node_modules/phoenix`, looked up from the working directory and from the
+/// binary's location), or from the file named by `GATEWAY_PHOENIX_JS`.
 pub fn phoenix_js() -> Option<String> {
-    let candidates = [
-        std::env::var("GATEWAY_PHOENIX_JS").ok(),
-        Some("tests/node_modules/phoenix/priv/static/phoenix.mjs".to_string()),
-        Some("../tests/node_modules/phoenix/priv/static/phoenix.mjs".to_string()),
-    ];
+    const REL: &str = "tests/node_modules/phoenix/priv/static/phoenix.mjs";
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    if let Ok(p) = std::env::var("GATEWAY_PHOENIX_JS") {
+        candidates.push(p.into());
+    }
+    candidates.push(REL.into());
+    // a binary in <repo>/target/<profile>/ finds the repo's copy wherever it is started from
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).take(4).map(|d| d.join(REL)));
+    }
     candidates
         .into_iter()
-        .flatten()
         .find_map(|p| std::fs::read_to_string(p).ok())
 }

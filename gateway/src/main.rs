@@ -317,6 +317,12 @@ async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow:
         serde_json::json!({"event": "listening", "public": public_addr.to_string(), "admin": admin_addr.to_string(), "node": &*app.node})
     );
     if let Some(tokens) = demo_tokens {
+        let _ = app.demo_tokens.set(
+            tokens
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect(),
+        );
         let host = match public_addr.ip() {
             ip if ip.is_unspecified() => "127.0.0.1".to_string(),
             ip => ip.to_string(),
