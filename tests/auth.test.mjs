@@ -58,15 +58,24 @@ async function tryToken(gw, topic, token, joinPayload = {}) {
   return { join: j[4], push: p && p[4], conn: c };
 }
 
-function assertAnonymousWithError(res, what) {
+/**
+ * Security first (thrown at once): the socket is anonymous and its push is refused.
+ * Then the reply shape: `auth_error` present. Shape problems are collected into
+ * `problems` so one run checks every token of a list before failing.
+ */
+function assertAnonymousWithError(res, what, problems) {
   assert.equal(res.join.status, 'ok', `${what}: join must still succeed (anonymous): ${JSON.stringify(res.join)}`);
   assert.equal(res.join.response.auth, 'anonymous', `${what}: ${JSON.stringify(res.join)}`);
   assert.equal(res.join.response.user, undefined, `${what}: anonymous reply must not carry a user`);
-  assert.equal(typeof res.join.response.auth_error, 'string', `${what}: auth_error missing: ${JSON.stringify(res.join)}`);
-  assert.ok(res.join.response.auth_error.length > 0);
-  assert.deepEqual(Object.keys(res.join.response).sort(), ['auth', 'auth_error']);
   assert.deepEqual(res.push, { status: 'error', response: { reason: 'Not signed in' } }, `${what}: push must be refused`);
+  const r = res.join.response;
+  if (typeof r.auth_error !== 'string' || r.auth_error.length === 0
+    || JSON.stringify(Object.keys(r).sort()) !== '["auth","auth_error"]') {
+    problems.push(`${what}: join reply ${JSON.stringify(res.join)}, expected {"status":"ok","response":{"auth":"anonymous","auth_error":"<reason>"}}`);
+  }
 }
+
+const assertNoProblems = (problems) => assert.deepEqual(problems, [], `join replies without auth_error:\n${problems.join('\n')}`);
 
 function assertSignedIn(res, sub, username, what) {
   assert.deepEqual(res.join, { status: 'ok', response: { auth: 'user', user: { id: sub, username } } }, what);
@@ -97,9 +106,11 @@ test('bad tokens leave the socket anonymous with auth_error: wrong secret, expir
     tampered,
     'RS256 token on an HS256 gateway': rs256(claims('u-2', 'two'), rsa.privateKey),
   };
+  const problems = [];
   for (const [what, token] of Object.entries(cases)) {
-    assertAnonymousWithError(await tryToken(hs, topic, token), what);
+    assertAnonymousWithError(await tryToken(hs, topic, token), what, problems);
   }
+  assertNoProblems(problems);
 });
 
 test('expiry leeway: a token that expired 2 s ago is still accepted (leeway 5 s)', async () => {
@@ -114,8 +125,8 @@ test('phoenix.js with a bad token: join says anonymous + auth_error, push refuse
   const j = await join(ch);
   assert.equal(j.status, 'ok');
   assert.equal(j.response.auth, 'anonymous');
-  assert.equal(typeof j.response.auth_error, 'string');
   assert.deepEqual(await push(ch, 'new_msg', { body: 'x' }), { status: 'error', response: { reason: 'Not signed in' } });
+  assert.equal(typeof j.response.auth_error, 'string', `join reply ${JSON.stringify(j)} lacks auth_error`);
 });
 
 test('GATEWAY_AUTH_REJECT_INVALID_TOKENS=true: bad token → HTTP 401; no token and good token still connect', async () => {
@@ -205,7 +216,9 @@ test('subprotocol with a bad token: anonymous with auth_error (non-reject mode)'
   assert.equal(c.ws.protocol, 'phoenix');
   const j = await c.join(topic, '1');
   assert.equal(j[4].response.auth, 'anonymous');
-  assert.equal(typeof j[4].response.auth_error, 'string');
+  c.send(['1', '2', topic, 'new_msg', { body: 'x' }]);
+  assert.deepEqual(await c.reply('2'), ['1', '2', topic, 'phx_reply', { status: 'error', response: { reason: 'Not signed in' } }]);
+  assert.equal(typeof j[4].response.auth_error, 'string', `join reply ${JSON.stringify(j)} lacks auth_error`);
 });
 
 test('RS256: valid token signs in; other key, HS256-with-public-key (alg confusion), alg none are refused', async () => {
@@ -221,9 +234,11 @@ test('RS256: valid token signs in; other key, HS256-with-public-key (alg confusi
     'expired RS256': rs256(claims('u-rs', 'rsa-user', { exp: now() - 3600 }), rsa.privateKey),
     'ES256 on an RS256 gateway': es256(claims('u-rs', 'rsa-user'), ec.privateKey),
   };
+  const problems = [];
   for (const [what, token] of Object.entries(cases)) {
-    assertAnonymousWithError(await tryToken(rs, topic, token), what);
+    assertAnonymousWithError(await tryToken(rs, topic, token), what, problems);
   }
+  assertNoProblems(problems);
 });
 
 test('ES256: valid token (raw r||s signature) signs in; other key, DER signature, HS256-with-public-key, RS256 refused', async () => {
@@ -239,9 +254,11 @@ test('ES256: valid token (raw r||s signature) signs in; other key, DER signature
     'RS256 on an ES256 gateway': rs256(claims('u-es', 'ec-user'), rsa.privateKey),
     'alg none': algNone(claims('u-es', 'ec-user')),
   };
+  const problems = [];
   for (const [what, token] of Object.entries(cases)) {
-    assertAnonymousWithError(await tryToken(es, topic, token), what);
+    assertAnonymousWithError(await tryToken(es, topic, token), what, problems);
   }
+  assertNoProblems(problems);
 });
 
 test('phoenix.js against the RS256 gateway with authToken', async () => {

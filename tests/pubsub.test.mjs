@@ -26,21 +26,25 @@ const chan = (room) => `${PREFIX}:room:{${room}}:events`;
 const roomChannels = () => redis.lines('PUBSUB', 'CHANNELS', `${PREFIX}:room:*`).sort();
 const probe = (gw) => `${PREFIX}:node:${gw.node}:probe`;
 
-/** The subscriber connection of a node, by CLIENT SETNAME <prefix>-sub-<node>. */
-function subClient(gw) {
+/**
+ * Per-node check through CLIENT LIST: the node's subscriber connection is named
+ * <prefix>-sub-<node> (CLIENT SETNAME) and its sub= count is `rooms` room channels plus
+ * the optional probe channel. Problems are collected (not thrown) so that one run
+ * reports the pub/sub behaviour and the naming separately; the test fails at the end.
+ */
+function checkSubCount(problems, gw, rooms, when) {
   const name = `${PREFIX}-sub-${gw.node}`;
   const list = redis.clients().filter((c) => c.name === name);
-  assert.equal(list.length, 1, `expected exactly one redis client named ${name}; CLIENT LIST:\n${redis.cli('CLIENT', 'LIST')}`);
-  return list[0];
-}
-/** 1 when the node subscribes to its (optional) probe channel, else 0. */
-const probeCount = (gw) => (redis.numsub(probe(gw))[probe(gw)] > 0 ? 1 : 0);
-
-function assertSubCount(gw, rooms) {
-  const c = subClient(gw);
-  const expected = rooms + probeCount(gw);
-  assert.equal(Number(c.sub), expected, `node ${gw.name} subscriber: sub=${c.sub}, expected ${rooms} room channel(s) + ${expected - rooms} probe; client: ${JSON.stringify(c)}`);
-  assert.equal(Number(c.psub || 0), 0, `node ${gw.name} must not use pattern subscriptions`);
+  if (list.length !== 1) {
+    problems.push(`${when}: expected exactly one redis client named ${name} (CLIENT SETNAME), found ${list.length}${problems.length ? '' : `; CLIENT LIST:\n${redis.cli('CLIENT', 'LIST')}`}`);
+    return;
+  }
+  const c = list[0];
+  const expected = rooms + (redis.numsub(probe(gw))[probe(gw)] > 0 ? 1 : 0);
+  if (Number(c.sub) !== expected) {
+    problems.push(`${when}: node ${gw.name} subscriber has sub=${c.sub}, expected ${rooms} room channel(s) + ${expected - rooms} probe = ${expected}`);
+  }
+  if (Number(c.psub || 0) !== 0) problems.push(`${when}: node ${gw.name} uses pattern subscriptions (psub=${c.psub})`);
 }
 
 test('PUBSUB CHANNELS / NUMSUB per room and per node, with delayed unsubscribe', async () => {
@@ -65,8 +69,9 @@ test('PUBSUB CHANNELS / NUMSUB per room and per node, with delayed unsubscribe',
   await waitFor(() => roomChannels().length === 2 && redis.numsub(chan(r2))[chan(r2)] === 2, 3000, 'subscriptions to settle');
   assert.deepEqual(roomChannels(), [chan(r1), chan(r2)].sort());
   assert.deepEqual(redis.numsub(chan(r1), chan(r2)), { [chan(r1)]: 1, [chan(r2)]: 2 });
-  assertSubCount(A, 2);
-  assertSubCount(B, 1);
+  const problems = [];
+  checkSubCount(problems, A, 2, 'A in r1+r2');
+  checkSubCount(problems, B, 1, 'B in r2');
 
   // The channel really carries the room's events: a message from A reaches B's members.
   a1.send(['2', '10', t2, 'new_msg', { body: 'via redis' }]);
@@ -92,8 +97,8 @@ test('PUBSUB CHANNELS / NUMSUB per room and per node, with delayed unsubscribe',
   await waitFor(() => redis.numsub(chan(r2))[chan(r2)] === 1, DELAY + 3000, 'r2 to drop to 1 subscriber');
   assert.ok(Date.now() - tGone >= DELAY * 0.6, `B unsubscribed after ${Date.now() - tGone} ms, before the ${DELAY} ms delay`);
   assert.deepEqual(roomChannels(), [chan(r1), chan(r2)].sort());
-  assertSubCount(A, 2);
-  assertSubCount(B, 0);
+  checkSubCount(problems, A, 2, 'A in r1+r2 after B left');
+  checkSubCount(problems, B, 0, 'B after its members left');
 
   // Everyone leaves: a1 by phx_leave on both topics, a2 by closing.
   a1.send(['1', '20', t1, 'phx_leave', {}]);
@@ -103,8 +108,9 @@ test('PUBSUB CHANNELS / NUMSUB per room and per node, with delayed unsubscribe',
   a2.close();
   await waitFor(() => roomChannels().length === 0, DELAY + 3000, 'no room channel left');
   assert.deepEqual(redis.numsub(chan(r1), chan(r2)), { [chan(r1)]: 0, [chan(r2)]: 0 });
-  assertSubCount(A, 0);
-  assertSubCount(B, 0);
+  checkSubCount(problems, A, 0, 'A after everyone left');
+  checkSubCount(problems, B, 0, 'B after everyone left');
+  assert.deepEqual(problems, [], `per-node subscriber checks failed:\n${problems.join('\n')}`);
 });
 
 test('rejoining within the unsubscribe delay keeps the subscription (no flapping)', async () => {

@@ -226,6 +226,8 @@ pub struct Hub {
     sub_rx: Mutex<Option<mpsc::UnboundedReceiver<SubCmd>>>,
     pubsub_up: AtomicBool,
     shutting_down: AtomicBool,
+    /// Held while a heartbeat pipeline is in flight, so the shutdown release lands after it.
+    heartbeat_lock: tokio::sync::Mutex<()>,
     /// Nanoseconds (since `epoch`) the last probe was published, and whether it came back.
     probe_sent: AtomicU64,
     probe_seen: AtomicBool,
@@ -264,6 +266,7 @@ impl Hub {
             sub_rx: Mutex::new(Some(sub_rx)),
             pubsub_up: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            heartbeat_lock: tokio::sync::Mutex::new(()),
             probe_sent: AtomicU64::new(0),
             probe_seen: AtomicBool::new(true),
             epoch: Instant::now(),
@@ -355,6 +358,11 @@ impl Hub {
     /// pending join so it is not torn down meanwhile.
     fn acquire(self: &Arc<Self>, id: &RoomId) -> Arc<Room> {
         let mut rooms = lock(&self.rooms);
+        if rooms.get(id).is_some_and(|r| r.is_deleted()) {
+            // a deleted room's object winds down on its own; a new join starts afresh (and the
+            // room may have been created again)
+            rooms.remove(id);
+        }
         let room = rooms
             .entry(id.clone())
             .or_insert_with(|| {
@@ -546,13 +554,21 @@ impl Hub {
             }
             Some(b'{') if payload.starts_with(br#"{"deleted""#) => {
                 // the room was deleted (admin API / CLI): close its channels like Phoenix does
-                // when a channel stops normally; the clients do not rejoin
+                // when a channel stops normally (clients do not rejoin), and forget the members so
+                // nothing of this node writes the room's keys again
                 room.deleted.store(true, Ordering::Relaxed);
-                let st = lock(&room.state);
+                let mut st = lock(&room.state);
                 for m in st.members.values() {
                     m.out.send(protocol::phx_close(&m.join_ref, &room.topic));
                 }
                 tracing::info!(room = %id, members = st.members.len(), "room deleted; channels closed");
+                st.members.clear();
+                st.signed_local.clear();
+                st.anon_local = 0;
+                st.anon_unflushed = 0;
+                st.empty_since = Some(Instant::now());
+                drop(st);
+                room.wake.notify_one();
             }
             Some(b'{') => match serde_json::from_slice::<Envelope>(payload) {
                 Ok(env) => {
@@ -587,12 +603,13 @@ impl Hub {
             return;
         };
         let probe_channel = self.keys.probe(&self.node);
+        let sub_name = format!("{}-sub-{}", self.keys.prefix(), self.node);
         let mut first = true;
         let mut backoff = Duration::from_millis(50);
         loop {
             let ps = match tokio::time::timeout(
                 self.cfg.redis.connect_timeout(),
-                client.get_async_pubsub(),
+                crate::redis::named_pubsub(&client, &sub_name),
             )
             .await
             {
@@ -747,6 +764,7 @@ impl Hub {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let _in_flight = self.heartbeat_lock.lock().await;
             if self.shutting_down.load(Ordering::Relaxed) {
                 return;
             }
@@ -756,7 +774,7 @@ impl Hub {
             let mut live = Vec::with_capacity(rooms.len());
             for r in rooms {
                 let mut st = lock(&r.state);
-                if !st.installed || st.removed {
+                if !st.installed || st.removed || r.is_deleted() {
                     continue;
                 }
                 let anon = st.begin_anon_absolute();
@@ -800,6 +818,7 @@ impl Hub {
     /// call per room (the other nodes see the leaves at once, not after a TTL).
     pub async fn release_all(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
+        let _no_heartbeat = self.heartbeat_lock.lock().await;
         let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
         let calls = rooms.iter().map(|r| async move {
             if let Err(e) = self.store.sync(&r.keys, Some(0), true, &[]).await {
@@ -880,6 +899,7 @@ async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
             if let Some(since) = st.anon_unflushed_since
                 && st.anon_unflushed != 0
                 && st.installed
+                && !hub.shutting_down.load(Ordering::Relaxed)
             {
                 let due = since + p.anon_flush();
                 if now >= due {
@@ -922,7 +942,10 @@ async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
             }
         }
         if teardown && remove_room(&hub, &room) {
-            if lock(&room.state).installed && !hub.shutting_down.load(Ordering::Relaxed) {
+            if lock(&room.state).installed
+                && !room.is_deleted()
+                && !hub.shutting_down.load(Ordering::Relaxed)
+            {
                 // the node leaves the room: drop its anonymous field and lease in one call
                 if let Err(e) = hub.store.sync(&room.keys, Some(0), true, &[]).await {
                     tracing::debug!(room = %room.id, error = %e, "releasing the room's lease failed; it lapses by TTL");
@@ -953,10 +976,16 @@ fn remove_room(hub: &Hub, room: &Arc<Room>) -> bool {
     st.removed = true;
     let subscribed = st.subscribed;
     drop(st);
-    if rooms.get(&room.id).is_some_and(|r| Arc::ptr_eq(r, room)) {
-        rooms.remove(&room.id);
-    }
-    if subscribed {
+    let unsubscribe = match rooms.get(&room.id) {
+        Some(r) if Arc::ptr_eq(r, room) => {
+            rooms.remove(&room.id);
+            subscribed
+        }
+        // replaced after a deletion: the channel belongs to the room object that replaced it
+        Some(_) => false,
+        None => subscribed,
+    };
+    if unsubscribe {
         let _ = hub
             .sub_tx
             .send(SubCmd::Unsubscribe(room.keys.events.clone()));

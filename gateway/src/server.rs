@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::app::App;
-use crate::auth::Identity;
+use crate::auth::{AuthError, Identity};
 
 pub type Body = Full<Bytes>;
 
@@ -150,7 +150,7 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
             .map(String::from)
     });
     let (identity, error) = app.verifier.identify(token.as_deref());
-    if let Some(e) = error {
+    if let Some(e) = &error {
         if app.cfg.auth.reject_invalid_tokens {
             tracing::debug!(%peer, error = %e, "refused token");
             return text(StatusCode::UNAUTHORIZED, "");
@@ -164,7 +164,15 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
     let socket = app.next_socket();
     tokio::spawn(async move {
         match fut.await {
-            Ok(ws) => Box::pin(run_upgraded(app, ws.into_inner(), identity, socket)).await,
+            Ok(ws) => {
+                Box::pin(run_upgraded(
+                    app,
+                    ws.into_inner(),
+                    (identity, error),
+                    socket,
+                ))
+                .await
+            }
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
         }
     });
@@ -181,7 +189,7 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
 async fn run_upgraded(
     app: Arc<App>,
     io: TokioIo<hyper::upgrade::Upgraded>,
-    identity: Identity,
+    identity: (Identity, Option<AuthError>),
     socket: u64,
 ) {
     let upgraded = io.into_inner();

@@ -113,6 +113,8 @@ struct Session {
     socket: u64,
     conn: String,
     identity: Identity,
+    /// Why the connection's token was refused, told in every join reply that uses it.
+    auth_error: Option<AuthError>,
     channels: HashMap<String, Channel>,
     out: Outbox,
 }
@@ -126,8 +128,13 @@ enum ReadEnd {
 }
 
 /// Serves one upgraded connection until it closes, then removes its presence.
-pub async fn run<R, W>(app: Arc<App>, read: R, write: W, identity: Identity, socket: u64)
-where
+pub async fn run<R, W>(
+    app: Arc<App>,
+    read: R,
+    write: W,
+    (identity, auth_error): (Identity, Option<AuthError>),
+    socket: u64,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -146,6 +153,7 @@ where
         app: app.clone(),
         socket,
         identity,
+        auth_error,
         channels: HashMap::new(),
         out,
     };
@@ -335,7 +343,7 @@ impl Session {
         let (identity, auth_error): (Identity, Option<AuthError>) =
             match params.get("guardian_token") {
                 Some(Value::String(t)) if !t.is_empty() => app.verifier.identify(Some(t)),
-                Some(Value::Null) | None => (self.identity.clone(), None),
+                Some(Value::Null) | None => (self.identity.clone(), self.auth_error),
                 Some(_) => (Identity::Anonymous, Some(AuthError::Malformed)),
             };
         if auth_error.is_some() && app.cfg.auth.reject_invalid_tokens {

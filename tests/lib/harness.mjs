@@ -80,7 +80,9 @@ export async function freePort() {
 }
 
 function tail(s, n = 6000) {
-  return s.length > n ? `...${s.slice(-n)}` : s;
+  // eslint-disable-next-line no-control-regex
+  const t = s.replace(/\x1b\[[0-9;]*m/g, '');
+  return t.length > n ? `...${t.slice(-n)}` : t;
 }
 
 // ---------------------------------------------------------------------------
@@ -195,7 +197,7 @@ export async function startRedis() {
         do {
           const l = lines('SCAN', cursor, 'MATCH', match, 'COUNT', '1000');
           cursor = l[0];
-          for (const k of l.slice(1)) keys.add(k);
+          for (const k of l.slice(1)) if (k !== '') keys.add(k);
         } while (cursor !== '0');
         return [...keys].sort();
       },
@@ -241,6 +243,7 @@ function gatewayEnv({ redisPort, prefix, env = {} }) {
   }
   const merged = {
     ...base,
+    NO_COLOR: '1',
     GATEWAY_SERVER_LISTEN: '127.0.0.1:0',
     GATEWAY_ADMIN_LISTEN: '127.0.0.1:0',
     GATEWAY_REDIS_URL: `redis://127.0.0.1:${redisPort}`,

@@ -37,3 +37,54 @@ pub fn pool(cfg: &RedisConfig) -> anyhow::Result<deadpool_redis::Pool> {
     });
     Ok(pc.create_pool(Some(deadpool_redis::Runtime::Tokio1))?)
 }
+
+/// A pub/sub connection named `name` in `CLIENT LIST`, so operators (and tests) can tell which
+/// node a subscriber connection belongs to. The name is set with `CLIENT SETNAME` (after `AUTH`
+/// when the URL has a password) before the connection enters pub/sub mode; a `rediss://` or unix
+/// URL gets an unnamed connection.
+pub async fn named_pubsub(
+    client: &redis::Client,
+    name: &str,
+) -> redis::RedisResult<redis::aio::PubSub> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let info = client.get_connection_info();
+    let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+        return client.get_async_pubsub().await;
+    };
+    let mut tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+    let settings = info.redis_settings();
+    let mut commands = Vec::new();
+    if let Some(pw) = settings.password() {
+        let mut auth = redis::cmd("AUTH");
+        if let Some(user) = settings.username() {
+            auth.arg(user);
+        }
+        commands.push(auth.arg(pw).get_packed_command());
+    }
+    commands.push(
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(name)
+            .get_packed_command(),
+    );
+    for c in commands {
+        tcp.write_all(&c).await?;
+        // each answer is one short line: +OK or -ERR ...
+        let mut line = Vec::with_capacity(64);
+        loop {
+            let b = tcp.read_u8().await?;
+            line.push(b);
+            if line.ends_with(b"\r\n") || line.len() > 512 {
+                break;
+            }
+        }
+        if !line.starts_with(b"+OK") {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "pub/sub connection set-up refused",
+                String::from_utf8_lossy(&line).trim().to_string(),
+            )));
+        }
+    }
+    redis::aio::PubSub::new(settings, tcp).await
+}

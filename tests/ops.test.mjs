@@ -1,0 +1,184 @@
+// Operations: the CLI (rooms, token, nodes, check-config), the admin HTTP API (rooms, presence,
+// broadcast, delete → phx_close on every node), health, and the SIGTERM drain.
+import { after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { GATEWAY_BIN, DEFAULT_SECRET, createRoom, hs256, rawConnect, startGateway, startRedis, tempFile, teardown, test, waitFor } from './lib/harness.mjs';
+
+const ADMIN_TOKEN = 'admin-token-for-tests';
+let redis;
+let gws = [];
+
+before(async () => {
+  redis = await startRedis();
+});
+after(() => teardown({ gateways: gws, redis }));
+
+function cli(args, env = {}, prefix = 'ops') {
+  const full = {
+    PATH: process.env.PATH,
+    NO_COLOR: '1',
+    GATEWAY_REDIS_URL: redis.url,
+    GATEWAY_REDIS_PREFIX: prefix,
+    GATEWAY_AUTH_HS256_SECRET: DEFAULT_SECRET,
+    ...env,
+  };
+  try {
+    return { code: 0, out: execFileSync(GATEWAY_BIN, args, { env: full, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 15000 }) };
+  } catch (e) {
+    return { code: e.status, out: `${e.stdout}${e.stderr}` };
+  }
+}
+
+test('CLI: rooms create/list/show/delete, token, nodes, check-config', async () => {
+  assert.equal(cli(['rooms', 'create', 'ops-a', '--name', 'Room A']).code, 0);
+  const dup = cli(['rooms', 'create', 'ops-a']);
+  assert.notEqual(dup.code, 0);
+  assert.match(dup.out, /already exists/);
+  const bad = cli(['rooms', 'create', 'a}b']);
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.out, /invalid room id/);
+  assert.deepEqual(redis.scanAll('ops:room:*'), ['ops:room:{ops-a}']);
+  assert.match(cli(['rooms', 'list']).out, /^ops-a\tRoom A\t\d+$/m);
+
+  // show: the signed-in users and the anonymous count, from a live gateway
+  const gw = await startGateway({ redisPort: redis.port, prefix: 'ops', env: { GATEWAY_PRESENCE_HEARTBEAT_INTERVAL_MS: '300', GATEWAY_PRESENCE_TTL_MS: '3000' } });
+  gws.push(gw);
+  const token = cli(['token', '--sub', '42', '--username', 'ann', '--ttl', '600']).out.trim();
+  assert.match(token, /^[\w-]+\.[\w-]+\.[\w-]+$/);
+  const u = await rawConnect(`${gw.publicUrl}/websocket?vsn=2.0.0&token=${token}`);
+  const joinU = await u.join('rooms:ops-a', '1');
+  assert.equal(joinU[4].response.user.username, 'ann', 'the CLI token signs in');
+  const a = await rawConnect(`${gw.publicUrl}/websocket?vsn=2.0.0`);
+  await a.join('rooms:ops-a', '1');
+  await waitFor(() => /Anonymous: 1/.test(cli(['rooms', 'show', 'ops-a']).out), 5000, 'rooms show to count the anonymous viewer');
+  const show = cli(['rooms', 'show', 'ops-a']).out;
+  assert.match(show, /signed-in users: 1/);
+  assert.match(show, /42\s+ann\s+\(1 connection\)/);
+  assert.match(show, new RegExp(`${gw.node}: 1`));
+
+  await waitFor(() => new RegExp(`${gw.node}\\s+listen=\\S+\\s+rooms=1\\s+sockets=2`).test(cli(['nodes']).out), 5000,
+    'gateway nodes to list the node with its room and sockets');
+
+  assert.equal(cli(['rooms', 'delete', 'ops-a']).code, 0);
+  assert.deepEqual(redis.scanAll('ops:room:{ops-a}'), []);
+  assert.notEqual(cli(['rooms', 'delete', 'ops-a']).code, 0);
+  u.close();
+  a.close();
+
+  // check-config: effective settings, secrets masked, unknown keys are errors
+  const cfg = tempFile('gateway.toml', '[auth]\nhs256_secret = "very-secret"\n[presence]\nttl_ms = 9000\n');
+  const ok = cli(['check-config', '--config', cfg], { GATEWAY_AUTH_HS256_SECRET: undefined });
+  assert.equal(ok.code, 0, ok.out);
+  assert.match(ok.out, /ttl_ms = 9000/);
+  assert.match(ok.out, /hs256_secret = "\*\*\*"/);
+  assert.ok(!ok.out.includes('very-secret'));
+  const typo = cli(['check-config', '--config', tempFile('typo.toml', '[presence]\nttl = 9000\n')]);
+  assert.notEqual(typo.code, 0);
+  assert.match(typo.out, /unknown field `ttl`/);
+  const envTypo = cli(['check-config'], { GATEWAY_PRESENCE_TTL: '5' });
+  assert.notEqual(envTypo.code, 0);
+  assert.match(envTypo.out, /ttl/);
+});
+
+test('admin API: auth, rooms, presence, broadcast, and delete closes channels on every node', async () => {
+  const env = { GATEWAY_ADMIN_TOKEN: ADMIN_TOKEN };
+  const g1 = await startGateway({ redisPort: redis.port, prefix: 'adm', env });
+  const g2 = await startGateway({ redisPort: redis.port, prefix: 'adm', env });
+  gws.push(g1, g2);
+  const api = (method, path, body, token = ADMIN_TOKEN) => fetch(`${g1.adminUrl}${path}`, {
+    method,
+    headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+
+  assert.equal((await api('GET', '/api/rooms', undefined, 'wrong')).status, 401);
+  assert.equal((await fetch(`${g1.adminUrl}/api/rooms`)).status, 401);
+  assert.equal((await api('POST', '/api/rooms', { id: '../x' })).status, 400);
+  assert.equal((await api('POST', '/api/rooms', { id: 'stage', name: 'Main stage' })).status, 201);
+  assert.equal((await api('POST', '/api/rooms', { id: 'stage' })).status, 409);
+  const list = await (await api('GET', '/api/rooms')).json();
+  assert.deepEqual(list.map((r) => [r.id, r.name]), [['stage', 'Main stage']]);
+  assert.equal((await api('GET', '/api/rooms/nope')).status, 404);
+
+  const u = await rawConnect(`${g1.publicUrl}/websocket?vsn=2.0.0&token=${hs256({ sub: '7', username: 'seven', exp: Math.floor(Date.now() / 1000) + 600 })}`);
+  const anonOn2 = await rawConnect(`${g2.publicUrl}/websocket?vsn=2.0.0`);
+  await u.join('rooms:stage', '5');
+  await anonOn2.join('rooms:stage', '9');
+  await waitFor(async () => {
+    const r = await (await api('GET', '/api/rooms/stage')).json();
+    return r.presence.anonymous === 1 && r.presence.users.length === 1;
+  }, 5000, 'presence through the admin API');
+  const room = await (await api('GET', '/api/rooms/stage')).json();
+  assert.deepEqual(room.presence.users, [{ id: '7', username: 'seven', connections: 1 }]);
+  assert.equal(room.presence.anonymous_by_node[g2.node], 1);
+
+  // a backend broadcast reaches sockets on both nodes
+  const b = await api('POST', '/api/rooms/stage/broadcast', { event: 'announcement', payload: { text: 'doors open' } });
+  assert.equal(b.status, 200);
+  for (const c of [u, anonOn2]) {
+    const f = await c.next((x) => x[3] === 'announcement');
+    assert.deepEqual(f, [null, null, 'rooms:stage', 'announcement', { text: 'doors open' }]);
+  }
+  assert.equal((await api('POST', '/api/rooms/stage/broadcast', { event: 'presence_diff', payload: {} })).status, 400);
+
+  // delete: every node closes its channels with phx_close and the channel's join_ref
+  assert.equal((await api('DELETE', '/api/rooms/stage')).status, 200);
+  assert.deepEqual(await u.next((x) => x[3] === 'phx_close'), ['5', '5', 'rooms:stage', 'phx_close', {}]);
+  assert.deepEqual(await anonOn2.next((x) => x[3] === 'phx_close'), ['9', '9', 'rooms:stage', 'phx_close', {}]);
+  assert.deepEqual(redis.scanAll('adm:room:{stage}*').filter((k) => !k.endsWith(':seq')), []);
+  u.send(['5', '6', 'rooms:stage', 'new_msg', { body: 'still there?' }]);
+  const r6 = await u.reply('6');
+  assert.equal(r6[4].response.reason, 'Room does not exist', JSON.stringify(r6));
+  const rejoin = await anonOn2.join('rooms:stage', '10');
+  assert.equal(rejoin[4].response.reason, 'Room does not exist');
+
+  // health
+  assert.equal((await fetch(`${g1.adminUrl}/health/live`)).status, 200);
+  assert.equal((await fetch(`${g1.adminUrl}/health/ready`)).status, 200);
+});
+
+test('SIGTERM drain: unready, presence gone before exit, every socket closed with 1012, exit within the timeout', { timeout: 120000 }, async (t) => {
+  const N = Number(process.env.DRAIN_SOCKETS || 400);
+  const gw = await startGateway({ redisPort: redis.port, prefix: 'drn', env: { GATEWAY_SERVER_SHUTDOWN_TIMEOUT_MS: '8000', GATEWAY_SERVER_DRAIN_BATCH: '100' } });
+  const other = await startGateway({ redisPort: redis.port, prefix: 'drn' });
+  gws.push(other);
+  createRoom(redis, 'drn', 'hall');
+  const socks = [];
+  for (let i = 0; i < N; i++) {
+    const signed = i % 10 === 0;
+    const token = signed ? `&token=${hs256({ sub: `u${i}`, username: `u${i}`, exp: Math.floor(Date.now() / 1000) + 600 })}` : '';
+    const c = await rawConnect(`${gw.publicUrl}/websocket?vsn=2.0.0${token}`);
+    c.send(['1', '1', 'rooms:hall', 'phx_join', {}]);
+    socks.push(c);
+  }
+  await Promise.all(socks.map((c) => c.reply('1', 10000)));
+  const observer = await rawConnect(`${other.publicUrl}/websocket?vsn=2.0.0`);
+  await observer.join('rooms:hall', '1');
+  const keys = { presence: 'drn:room:{hall}:presence', anon: 'drn:room:{hall}:anon', nodes: 'drn:room:{hall}:nodes' };
+  await waitFor(() => Number(redis.cli('HGET', keys.anon, gw.node) || 0) === N - N / 10, 5000, 'anonymous count in redis');
+  assert.equal(Number(redis.cli('HLEN', keys.presence)), N / 10);
+
+  // watch Redis while draining: presence must be gone before the process exits
+  let goneAt = 0;
+  const poll = setInterval(() => {
+    if (!goneAt && redis.cli('HLEN', keys.presence) === '0' && redis.cli('HGET', keys.anon, gw.node) === ''
+      && redis.cli('ZSCORE', keys.nodes, gw.node) === '') goneAt = Date.now();
+  }, 5);
+  const t0 = Date.now();
+  gw.proc.kill('SIGTERM');
+  const readyDuring = await fetch(`${gw.adminUrl}/health/ready`).then((r) => r.status).catch(() => 'refused');
+  const exit = await new Promise((resolve) => gw.proc.on('exit', (code, signal) => resolve({ code, signal, at: Date.now() })));
+  clearInterval(poll);
+  const codes = await Promise.all(socks.map((c) => c.closed.then((i) => i.code)));
+  const byCode = codes.reduce((m, c) => ({ ...m, [c]: (m[c] || 0) + 1 }), {});
+  t.diagnostic(`drain of ${N} sockets: exit after ${exit.at - t0} ms (code ${exit.code}); presence gone from Redis after ${goneAt - t0} ms; close codes ${JSON.stringify(byCode)}; readiness during drain: ${readyDuring}`);
+  assert.equal(exit.code, 0);
+  assert.ok(exit.at - t0 < 8000, 'exit within server.shutdown_timeout_ms');
+  assert.ok(goneAt > 0 && goneAt <= exit.at, 'presence removed from Redis before exit');
+  assert.deepEqual(byCode, { 1012: N });
+  assert.ok(readyDuring === 503 || readyDuring === 'refused', `readiness during the drain: ${readyDuring}`);
+  // the other node's observer sees the leaves at once, not after a TTL
+  await waitFor(() => observer.frames.some((f) => f[3] === 'presence_count' && f[4].anonymous === 1 && f[4].users === 0), 3000,
+    'observer to see the drained node leave');
+});
