@@ -162,20 +162,27 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
     };
     let socket = app.next_socket();
-    tokio::spawn(async move {
+    let task = async move {
         match fut.await {
             Ok(ws) => {
-                Box::pin(run_upgraded(
+                let fut = Box::pin(run_upgraded(
                     app,
                     ws.into_inner(),
                     (identity, error),
                     socket,
-                ))
-                .await
+                ));
+                if socket == 1 {
+                    tracing::debug!(bytes = std::mem::size_of_val(&*fut), "session future size");
+                }
+                fut.await
             }
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
         }
-    });
+    };
+    if socket == 1 {
+        tracing::debug!(bytes = std::mem::size_of_val(&task), "socket task size");
+    }
+    tokio::spawn(task);
     let mut resp = resp.map(|_| Full::new(Bytes::new()));
     if offered_phoenix {
         resp.headers_mut()

@@ -535,8 +535,12 @@ fn now_ms() -> i64 {
 
 /// Frames per write: several queued frames go out in one syscall.
 const BATCH: usize = 64;
-/// A write buffer larger than this is released after use, so one burst does not pin memory.
-const KEEP_BUFFER: usize = 16 * 1024;
+/// A write buffer larger than this is released after use, so one burst does not pin memory on
+/// every idle socket.
+const KEEP_BUFFER: usize = 1024;
+/// Frames larger than this (a big `presence_state`) are written straight from the shared bytes
+/// instead of being copied into the write buffer.
+const COPY_LIMIT: usize = 2048;
 
 /// The single writer: drains the queue, frames text with a header written here (server frames
 /// are unmasked, so a shared `Bytes` body is written as is), and sends the close frame last.
@@ -548,18 +552,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, ctl: Arc
             _ = ctl.notify.notified() => {}
             m = rx.recv() => match m {
                 Some(m) => {
-                    put(&mut buf, m);
-                    for _ in 1..BATCH {
-                        match rx.try_recv() {
-                            Ok(m) => put(&mut buf, m),
-                            Err(_) => break,
+                    let mut next = Some(m);
+                    let mut n = 0;
+                    while let Some(m) = next.take() {
+                        if write_out(&mut w, &mut buf, m).await.is_err() {
+                            ctl.abort();
+                            return;
+                        }
+                        n += 1;
+                        if n < BATCH {
+                            next = rx.try_recv().ok();
                         }
                     }
-                    if w.write_all(&buf).await.is_err() {
+                    if !buf.is_empty() && w.write_all(&buf).await.is_err() {
                         ctl.abort();
                         return;
                     }
                     buf.clear();
+                    // an idle socket keeps no write buffer beyond a small one
                     if buf.capacity() > KEEP_BUFFER {
                         buf = Vec::new();
                     }
@@ -591,13 +601,30 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, ctl: Arc
     }
 }
 
-fn put(buf: &mut Vec<u8>, m: Out) {
-    let (op, body) = match m {
-        Out::Text(b) => (0x81u8, b),
-        Out::Pong(b) => (0x8Au8, b),
+/// Adds a frame to the batch; a large one is written directly, after what is batched before it.
+async fn write_out<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    m: Out,
+) -> std::io::Result<()> {
+    let (Out::Text(body) | Out::Pong(body)) = &m;
+    if body.len() <= COPY_LIMIT {
+        put(buf, &m);
+        return Ok(());
+    }
+    put_head(buf, &m);
+    w.write_all(buf).await?;
+    buf.clear();
+    w.write_all(body).await
+}
+
+/// The frame header: FIN + opcode, then the payload length (server frames are not masked).
+fn put_head(buf: &mut Vec<u8>, m: &Out) {
+    let (op, n) = match m {
+        Out::Text(b) => (0x81u8, b.len()),
+        Out::Pong(b) => (0x8Au8, b.len()),
     };
     buf.push(op);
-    let n = body.len();
     if n < 126 {
         buf.push(n as u8);
     } else if n <= u16::MAX as usize {
@@ -607,7 +634,12 @@ fn put(buf: &mut Vec<u8>, m: Out) {
         buf.push(127);
         buf.extend_from_slice(&(n as u64).to_be_bytes());
     }
-    buf.extend_from_slice(&body);
+}
+
+fn put(buf: &mut Vec<u8>, m: &Out) {
+    put_head(buf, m);
+    let (Out::Text(body) | Out::Pong(body)) = m;
+    buf.extend_from_slice(body);
 }
 
 #[cfg(test)]
@@ -617,14 +649,14 @@ mod tests {
     #[test]
     fn frames_text_with_the_right_header() {
         let mut b = Vec::new();
-        put(&mut b, Out::Text(Bytes::from_static(b"hi")));
+        put(&mut b, &Out::Text(Bytes::from_static(b"hi")));
         assert_eq!(b, vec![0x81, 2, b'h', b'i']);
         let mut b = Vec::new();
-        put(&mut b, Out::Text(Bytes::from(vec![b'x'; 300])));
+        put(&mut b, &Out::Text(Bytes::from(vec![b'x'; 300])));
         assert_eq!(&b[..4], &[0x81, 126, 1, 44]);
         assert_eq!(b.len(), 304);
         let mut b = Vec::new();
-        put(&mut b, Out::Text(Bytes::from(vec![b'x'; 70_000])));
+        put(&mut b, &Out::Text(Bytes::from(vec![b'x'; 70_000])));
         assert_eq!(&b[..2], &[0x81, 127]);
         assert_eq!(u64::from_be_bytes(b[2..10].try_into().unwrap()), 70_000);
     }

@@ -1,0 +1,349 @@
+//! `bench`: load generator and meter for a running gateway (see `scripts/bench.sh`, which starts
+//! Redis and two gateways and runs every scenario).
+//!
+//! * `idle`    — N anonymous viewers join one room and stay; the gateway's RSS before and after
+//!   gives the memory per viewer.
+//! * `fanout`  — S anonymous subscribers spread over the given gateways, one signed-in publisher
+//!   sends M `new_msg` at a fixed rate; every delivery's latency (publish → receive) is recorded.
+//! * `joins`   — N anonymous joins as fast as the clients go; joins per second and reply latency.
+//!
+//! Everything runs on loopback against gateways you point it at; it opens only the sockets it is
+//! told to and stops by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
+use http_body_util::Empty;
+use hyper::Request;
+use hyper::header::{CONNECTION, UPGRADE};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "Load generator and meter for a running gateway"
+)]
+struct Cli {
+    /// Public address of each gateway (host:port); clients are spread over them round-robin.
+    #[arg(long = "gateway", required = true)]
+    gateways: Vec<String>,
+    /// Room to use (must exist).
+    #[arg(long, default_value = "bench")]
+    room: String,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Memory per idle anonymous viewer.
+    Idle {
+        #[arg(long, default_value_t = 5000)]
+        viewers: usize,
+        /// PID of the (first) gateway, to read its RSS.
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Broadcast latency to many subscribers.
+    Fanout {
+        #[arg(long, default_value_t = 2000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+        /// Messages per second from the publisher.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        /// HS256 secret to sign the publisher's token.
+        #[arg(long, env = "GATEWAY_AUTH_HS256_SECRET")]
+        secret: String,
+    },
+    /// Anonymous join throughput.
+    Joins {
+        #[arg(long, default_value_t = 2000)]
+        viewers: usize,
+    },
+}
+
+struct SpawnExecutor;
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+type Ws = FragmentCollector<TokioIo<hyper::upgrade::Upgraded>>;
+
+async fn open(addr: &str, token: Option<&str>) -> anyhow::Result<Ws> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let q = token.map(|t| format!("&token={t}")).unwrap_or_default();
+    let req = Request::builder()
+        .method("GET")
+        .uri(format!("http://{addr}/socket/websocket?vsn=2.0.0{q}"))
+        .header("Host", addr)
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13")
+        .body(Empty::<Bytes>::new())?;
+    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await?;
+    Ok(FragmentCollector::new(ws))
+}
+
+async fn send(ws: &mut Ws, text: String) -> anyhow::Result<()> {
+    ws.write_frame(Frame::text(Payload::Owned(text.into_bytes())))
+        .await?;
+    Ok(())
+}
+
+/// Reads text frames until one satisfies `f` (which sees the parsed frame).
+async fn until(
+    ws: &mut Ws,
+    mut f: impl FnMut(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    loop {
+        let frame = ws.read_frame().await?;
+        match frame.opcode {
+            OpCode::Text => {
+                let v: serde_json::Value = serde_json::from_slice(&frame.payload)?;
+                if f(&v) {
+                    return Ok(v);
+                }
+            }
+            OpCode::Close => bail!("closed by the gateway"),
+            _ => {}
+        }
+    }
+}
+
+async fn join(ws: &mut Ws, topic: &str) -> anyhow::Result<()> {
+    send(
+        ws,
+        serde_json::json!(["1", "1", topic, "phx_join", {}]).to_string(),
+    )
+    .await?;
+    let r = until(ws, |v| v[3] == "phx_reply" && v[1] == "1").await?;
+    if r[4]["status"] != "ok" {
+        bail!("join refused: {}", r[4]);
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn hs256(secret: &str, sub: &str) -> anyhow::Result<String> {
+    let now = jsonwebtoken::get_current_timestamp();
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": sub, "username": sub, "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+/// Opens and joins `n` anonymous viewers, 64 at a time; returns them and the join latencies (µs).
+async fn crowd(
+    gateways: &[String],
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<(Vec<Ws>, Vec<u64>, Duration)> {
+    let started = Instant::now();
+    let mut all = Vec::with_capacity(n);
+    let mut lat = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<_> = (i..(i + 64).min(n))
+            .map(|k| {
+                let addr = gateways[k % gateways.len()].clone();
+                let topic = topic.to_string();
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let mut ws = open(&addr, None).await?;
+                    join(&mut ws, &topic).await?;
+                    Ok::<_, anyhow::Error>((ws, t.elapsed().as_micros() as u64))
+                })
+            })
+            .collect();
+        for h in batch {
+            let (ws, us) = h.await??;
+            all.push(ws);
+            lat.push(us);
+        }
+        i += 64;
+    }
+    Ok((all, lat, started.elapsed()))
+}
+
+/// Keeps idle sockets read (pongs, presence frames) so their queues never fill.
+fn drain_in_background(sockets: Vec<Ws>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let tasks: Vec<_> = sockets
+            .into_iter()
+            .map(|mut ws| tokio::spawn(async move { while ws.read_frame().await.is_ok() {} }))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let topic = format!("rooms:{}", cli.room);
+    let host = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default();
+    println!(
+        "machine: {} cores, {host}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    match cli.scenario {
+        Scenario::Idle { viewers, pid } => {
+            let before = rss_kib(pid)?;
+            let gw = vec![cli.gateways[0].clone()];
+            let (socks, _, took) = crowd(&gw, &topic, viewers).await?;
+            let h = drain_in_background(socks);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let after = rss_kib(pid)?;
+            let per = (after.saturating_sub(before)) as f64 * 1024.0 / viewers as f64;
+            println!(
+                "idle: {viewers} anonymous viewers joined in {:.2} s; gateway RSS {before} KiB -> {after} KiB; {:.0} bytes ({:.2} KiB) per viewer",
+                took.as_secs_f64(),
+                per,
+                per / 1024.0
+            );
+            h.abort();
+        }
+        Scenario::Joins { viewers } => {
+            let (socks, mut lat, took) = crowd(&cli.gateways, &topic, viewers).await?;
+            lat.sort_unstable();
+            println!(
+                "joins: {viewers} anonymous connect+join in {:.2} s = {:.0}/s (64 in flight); latency p50 {:.2} ms, p99 {:.2} ms",
+                took.as_secs_f64(),
+                viewers as f64 / took.as_secs_f64(),
+                percentile(&lat, 0.5) as f64 / 1000.0,
+                percentile(&lat, 0.99) as f64 / 1000.0
+            );
+            drop(socks);
+        }
+        Scenario::Fanout {
+            subscribers,
+            messages,
+            rate,
+            secret,
+        } => {
+            let (socks, _, _) = crowd(&cli.gateways, &topic, subscribers).await?;
+            let epoch = Instant::now();
+            let received = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::with_capacity(subscribers);
+            for mut ws in socks {
+                let received = received.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::with_capacity(messages);
+                    let deadline = tokio::time::sleep(
+                        Duration::from_secs(30)
+                            + Duration::from_millis(messages as u64 * 1000 / rate.max(1) as u64),
+                    );
+                    tokio::pin!(deadline);
+                    while lat.len() < messages {
+                        let frame = tokio::select! {
+                            f = ws.read_frame() => match f { Ok(f) => f, Err(_) => break },
+                            _ = &mut deadline => break,
+                        };
+                        if frame.opcode != OpCode::Text {
+                            continue;
+                        }
+                        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&frame.payload)
+                        else {
+                            continue;
+                        };
+                        if v[3] == "new_msg"
+                            && let Some(sent) =
+                                v[4]["body"].as_str().and_then(|b| b.parse::<u64>().ok())
+                        {
+                            let now = epoch.elapsed().as_micros() as u64;
+                            lat.push(now.saturating_sub(sent));
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    lat
+                }));
+            }
+            let token = hs256(&secret, "bench-publisher")?;
+            let mut publisher = open(&cli.gateways[0], Some(&token)).await?;
+            join(&mut publisher, &topic).await?;
+            let publisher_drain = tokio::spawn(async move {
+                let mut tick =
+                    tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+                for i in 0..messages {
+                    tick.tick().await;
+                    let sent = epoch.elapsed().as_micros() as u64;
+                    let frame = serde_json::json!(["1", (i + 2).to_string(), &topic, "new_msg", {"body": sent.to_string()}]);
+                    if send(&mut publisher, frame.to_string()).await.is_err() {
+                        break;
+                    }
+                }
+                // keep reading replies and our own copies until the subscribers are done
+                while publisher.read_frame().await.is_ok() {}
+            });
+            let mut all = Vec::with_capacity(subscribers * messages);
+            for t in tasks {
+                all.extend(t.await?);
+            }
+            publisher_drain.abort();
+            all.sort_unstable();
+            let expected = subscribers * messages;
+            let ms = |us: u64| us as f64 / 1000.0;
+            println!(
+                "fanout: {subscribers} subscribers over {} gateway(s), {messages} messages at {rate}/s: delivered {}/{expected}; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                cli.gateways.len(),
+                all.len(),
+                ms(percentile(&all, 0.5)),
+                ms(percentile(&all, 0.9)),
+                ms(percentile(&all, 0.99)),
+                ms(all.last().copied().unwrap_or(0)),
+            );
+            if all.len() != expected {
+                bail!("lost deliveries: {} of {expected}", expected - all.len());
+            }
+        }
+    }
+    Ok(())
+}
