@@ -14,7 +14,7 @@ use crate::presence::{Lease, Store};
 use crate::redis::keys::Keys;
 use crate::redis::scripts::Scripts;
 use crate::rooms::PushPolicy;
-use crate::session::Ctl;
+use crate::session::Outbox;
 
 pub struct App {
     pub cfg: Arc<Config>,
@@ -38,12 +38,12 @@ pub struct App {
 /// Open sockets, for the drain and the connection limit.
 #[derive(Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<u64, Arc<Ctl>>>,
+    map: Mutex<HashMap<u64, Outbox>>,
 }
 
 impl Sessions {
-    pub fn insert(&self, id: u64, ctl: Arc<Ctl>) {
-        self.lock().insert(id, ctl);
+    pub fn insert(&self, id: u64, out: Outbox) {
+        self.lock().insert(id, out);
     }
     pub fn remove(&self, id: u64) {
         self.lock().remove(&id);
@@ -54,14 +54,14 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Up to `n` sockets that have not been asked to close yet... all sockets, in id order.
-    pub fn all(&self) -> Vec<Arc<Ctl>> {
+    /// Every open socket, oldest first.
+    pub fn all(&self) -> Vec<Outbox> {
         let m = self.lock();
         let mut v: Vec<_> = m.iter().map(|(k, c)| (*k, c.clone())).collect();
         v.sort_by_key(|(k, _)| *k);
         v.into_iter().map(|(_, c)| c).collect()
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Ctl>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Outbox>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -324,12 +324,10 @@ impl Hub {
         let state = st.mirror.state_payload(cap);
         let counts = st.counts();
         let ok = j.out.send(j.reply.clone())
-            && j.out.send(splice_push(
-                j.join_ref,
-                &room.topic,
-                "presence_state",
-                &state,
-            ))
+            && j.out.send_wrapped(
+                protocol::push_head(j.join_ref, &room.topic, "presence_state"),
+                state,
+            )
             && j.out.send(protocol::push(
                 j.join_ref,
                 &room.topic,
@@ -829,18 +827,6 @@ impl Hub {
     }
 }
 
-/// `[join_ref,null,topic,event,<payload>]` around an already serialised payload.
-fn splice_push(join_ref: &str, topic: &str, event: &str, payload: &[u8]) -> Bytes {
-    let head = serde_json::to_vec(&(join_ref, (), topic, event)).unwrap_or_default();
-    // head is `["jr",null,"topic","event"]`: drop the closing bracket and append the payload
-    let mut out = Vec::with_capacity(head.len() + payload.len() + 2);
-    out.extend_from_slice(&head[..head.len().saturating_sub(1)]);
-    out.push(b',');
-    out.extend_from_slice(payload);
-    out.push(b']');
-    Bytes::from(out)
-}
-
 fn count_payload((anon, users, conns): (u64, usize, usize)) -> Value {
     json!({"anonymous": anon, "users": users, "connections": conns})
 }
@@ -1071,16 +1057,6 @@ async fn sync_room(hub: Arc<Hub>, room: Arc<Room>, anon: u64, metas: Vec<(String
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splice_builds_a_valid_frame() {
-        let b = splice_push("3", "rooms:a", "presence_state", br#"{"u":{"metas":[]}}"#);
-        let v: Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(
-            v,
-            json!(["3", null, "rooms:a", "presence_state", {"u":{"metas":[]}}])
-        );
-    }
 
     #[test]
     fn anonymous_accounting_survives_batches_and_failures() {

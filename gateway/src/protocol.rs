@@ -221,6 +221,16 @@ pub fn push(join_ref: &str, topic: &str, event: &str, payload: &Value) -> Bytes 
     encode(Some(join_ref), None, topic, event, payload)
 }
 
+/// The start of a channel push, `[join_ref,null,topic,event,`, to be followed by a payload that
+/// was serialised once for many sockets and the closing `]`.
+pub fn push_head(join_ref: &str, topic: &str, event: &str) -> Bytes {
+    let mut head = serde_json::to_vec(&(join_ref, (), topic, event)).unwrap_or_default();
+    // `["jr",null,"topic","event"]` → `["jr",null,"topic","event",`
+    head.pop();
+    head.push(b',');
+    Bytes::from(head)
+}
+
 /// A broadcast to a whole room (`new_msg`, `presence_diff`): both refs null, so it reaches
 /// whichever channel object the client has on the topic.
 pub fn broadcast(topic: &str, event: &str, payload: &Value) -> Bytes {
@@ -314,6 +324,18 @@ mod tests {
         assert_eq!(
             &broadcast("rooms:x", "new_msg", &json!({"body":"hi"}))[..],
             br#"[null,null,"rooms:x","new_msg",{"body":"hi"}]"#
+        );
+    }
+
+    #[test]
+    fn push_head_plus_payload_is_a_frame() {
+        let mut b = push_head("3", "rooms:a", "presence_state").to_vec();
+        b.extend_from_slice(br#"{"u":{"metas":[]}}"#);
+        b.push(b']');
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            v,
+            json!(["3", null, "rooms:a", "presence_state", {"u":{"metas":[]}}])
         );
     }
 

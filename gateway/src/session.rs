@@ -9,7 +9,7 @@
 //!
 //! Redis keys and other sessions are out of reach from here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
@@ -31,74 +31,112 @@ use crate::rooms::{PushRefusal, RoomId};
 enum Out {
     Text(Bytes),
     Pong(Bytes),
+    /// A text frame `head ++ body ++ "]"`: a channel push around a payload shared by many
+    /// sockets (a room's `presence_state`), without a copy per socket.
+    Wrapped(Bytes, Bytes),
 }
 
-/// Close requests shared by the reader, the hub (slow consumer) and the drain.
-#[derive(Default)]
-pub struct Ctl {
+/// A socket's outbound queue and close request, shared by the reader, every room the socket is
+/// in (the hub), the drain, and the single writer that empties it.
+///
+/// The queue is a `VecDeque` that starts empty and gives its memory back when drained, so an idle
+/// socket holds no queue storage at all (a tokio channel would keep a 32-slot block per socket).
+pub struct Shared {
+    queue: std::sync::Mutex<VecDeque<Out>>,
+    cap: usize,
     /// 0 = open; a close code; [`ABORT`] = stop without a close frame (the peer is gone).
     code: AtomicU32,
     notify: Notify,
+    metrics: crate::metrics::Metrics,
 }
 
 const ABORT: u32 = u32::MAX;
 /// The client closed without a status code; the echo carries none either.
 const NO_STATUS: u16 = 1005;
+/// A drained queue keeps at most this many slots.
+const KEEP_SLOTS: usize = 8;
 
-impl Ctl {
+/// The sending side of a socket; cloned into every room the socket is a member of.
+#[derive(Clone)]
+pub struct Outbox(Arc<Shared>);
+
+impl Outbox {
+    fn new(cap: usize, metrics: crate::metrics::Metrics) -> Self {
+        Outbox(Arc::new(Shared {
+            queue: std::sync::Mutex::new(VecDeque::new()),
+            cap,
+            code: AtomicU32::new(0),
+            notify: Notify::new(),
+            metrics,
+        }))
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Out>> {
+        self.0.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a text frame. A full queue closes the socket as a slow consumer; a closing socket
+    /// takes nothing more. Returns whether the frame was queued.
+    pub fn send(&self, frame: Bytes) -> bool {
+        self.push(Out::Text(frame))
+    }
+
+    /// Queues the text frame `head ++ payload ++ "]"` (see [`crate::protocol::push_head`]).
+    pub fn send_wrapped(&self, head: Bytes, payload: Bytes) -> bool {
+        self.push(Out::Wrapped(head, payload))
+    }
+
+    fn push(&self, out: Out) -> bool {
+        if self.code() != 0 {
+            return false;
+        }
+        let mut q = self.queue();
+        if q.len() >= self.0.cap {
+            drop(q);
+            if self.code() == 0 {
+                self.0.metrics.slow_consumer();
+            }
+            self.close(close::SLOW_CONSUMER);
+            return false;
+        }
+        q.push_back(out);
+        drop(q);
+        self.0.notify.notify_one();
+        true
+    }
+
     /// Asks the writer to send a close frame with `code` and stop. The first request wins.
     pub fn close(&self, code: u16) {
-        if self
-            .code
-            .compare_exchange(0, u32::from(code), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.notify.notify_one();
-        }
+        self.set_code(u32::from(code));
     }
 
     fn abort(&self) {
+        self.set_code(ABORT);
+    }
+
+    fn set_code(&self, code: u32) {
         if self
+            .0
             .code
-            .compare_exchange(0, ABORT, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.notify.notify_one();
+            self.0.notify.notify_one();
         }
     }
 
     fn code(&self) -> u32 {
-        self.code.load(Ordering::Acquire)
+        self.0.code.load(Ordering::Acquire)
     }
-}
 
-/// The sending side of a socket's queue; cloned into every room the socket is a member of.
-#[derive(Clone)]
-pub struct Outbox {
-    tx: mpsc::Sender<Out>,
-    ctl: Arc<Ctl>,
-    metrics: crate::metrics::Metrics,
-}
-
-impl Outbox {
-    /// Queues a text frame. A full queue closes the socket as a slow consumer. Returns whether
-    /// the frame was queued.
-    pub fn send(&self, frame: Bytes) -> bool {
-        match self.tx.try_send(Out::Text(frame)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.ctl.code() == 0 {
-                    self.metrics.slow_consumer();
-                }
-                self.ctl.close(close::SLOW_CONSUMER);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+    /// Takes up to `n` queued frames; a drained queue gives back its storage.
+    fn take(&self, n: usize, into: &mut Vec<Out>) {
+        let mut q = self.queue();
+        let k = q.len().min(n);
+        into.extend(q.drain(..k));
+        if q.is_empty() && q.capacity() > KEEP_SLOTS {
+            *q = VecDeque::new();
         }
-    }
-
-    pub fn ctl(&self) -> &Arc<Ctl> {
-        &self.ctl
     }
 }
 
@@ -138,16 +176,10 @@ pub async fn run<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (tx, rx) = mpsc::channel(app.cfg.server.outbound_queue);
-    let ctl = Arc::new(Ctl::default());
-    let out = Outbox {
-        tx,
-        ctl: ctl.clone(),
-        metrics: app.metrics.clone(),
-    };
+    let out = Outbox::new(app.cfg.server.outbound_queue, app.metrics.clone());
     let signed_in = identity.user().is_some();
     app.metrics.connection_opened(signed_in);
-    app.sessions.insert(socket, ctl.clone());
+    app.sessions.insert(socket, out.clone());
     let mut session = Session {
         conn: format!("{}.{}", app.node, socket),
         app: app.clone(),
@@ -155,7 +187,7 @@ pub async fn run<R, W>(
         identity,
         auth_error,
         channels: HashMap::new(),
-        out,
+        out: out.clone(),
     };
     let mut ws = fastwebsockets::after_handshake_split(
         read,
@@ -170,23 +202,25 @@ pub async fn run<R, W>(
 
     let closed_code = {
         let reader = session.read_loop(&mut ws);
-        let writer = write_loop(rx, ctl.clone(), write);
+        let writer = write_loop(out.clone(), write);
         tokio::pin!(reader, writer);
         tokio::select! {
             end = &mut reader => {
                 if let ReadEnd::Gone = end {
-                    ctl.abort();
+                    out.abort();
                 }
                 // let the writer put the close frame on the wire
                 let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
             }
             _ = &mut writer => {}
         }
-        match ctl.code() {
-            ABORT => 1006,
+        match out.code() {
+            ABORT | 0 => 1006,
             c => c as u16,
         }
     };
+    // nothing more is queued for this socket, whoever still holds its outbox
+    out.abort();
     session.leave_all().await;
     app.sessions.remove(socket);
     app.metrics.connection_closed(signed_in, closed_code);
@@ -197,33 +231,33 @@ impl Session {
         let idle = self.app.cfg.server.idle_timeout();
         let max = self.app.cfg.server.max_frame_bytes;
         let mut fragments: Option<(OpCode, Vec<u8>)> = None;
-        let pong_out = self.out.tx.clone();
+        let pong_out = self.out.clone();
         let mut send_fn = move |f: Frame<'_>| {
             // obligated pong for a client ping
-            let _ = pong_out.try_send(Out::Pong(Bytes::copy_from_slice(&f.payload)));
+            pong_out.push(Out::Pong(Bytes::copy_from_slice(&f.payload)));
             std::future::ready(Ok::<(), std::convert::Infallible>(()))
         };
         loop {
             let frame = match tokio::time::timeout(idle, ws.read_frame(&mut send_fn)).await {
                 Err(_) => {
-                    self.out.ctl.close(close::IDLE_TIMEOUT);
+                    self.out.close(close::IDLE_TIMEOUT);
                     return ReadEnd::Closing;
                 }
                 Ok(Err(e)) => {
                     return match e {
                         WebSocketError::FrameTooLarge => {
-                            self.out.ctl.close(close::TOO_BIG);
+                            self.out.close(close::TOO_BIG);
                             ReadEnd::Closing
                         }
                         WebSocketError::InvalidUTF8 => {
-                            self.out.ctl.close(close::MALFORMED);
+                            self.out.close(close::MALFORMED);
                             ReadEnd::Closing
                         }
                         WebSocketError::UnexpectedEOF
                         | WebSocketError::ConnectionClosed
                         | WebSocketError::IoError(_) => ReadEnd::Gone,
                         _ => {
-                            self.out.ctl.close(1002);
+                            self.out.close(1002);
                             ReadEnd::Closing
                         }
                     };
@@ -237,20 +271,20 @@ impl Session {
                         1 => 1002,
                         _ => u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
                     };
-                    self.out.ctl.close(code);
+                    self.out.close(code);
                     return ReadEnd::Closing;
                 }
                 OpCode::Ping | OpCode::Pong => continue,
                 OpCode::Text | OpCode::Binary if frame.fin => {
                     if fragments.is_some() {
-                        self.out.ctl.close(1002);
+                        self.out.close(1002);
                         return ReadEnd::Closing;
                     }
                     (frame.opcode, frame.payload.to_vec())
                 }
                 OpCode::Text | OpCode::Binary => {
                     if fragments.is_some() {
-                        self.out.ctl.close(1002);
+                        self.out.close(1002);
                         return ReadEnd::Closing;
                     }
                     fragments = Some((frame.opcode, frame.payload.to_vec()));
@@ -258,11 +292,11 @@ impl Session {
                 }
                 OpCode::Continuation => {
                     let Some((_, buf)) = fragments.as_mut() else {
-                        self.out.ctl.close(1002);
+                        self.out.close(1002);
                         return ReadEnd::Closing;
                     };
                     if buf.len() + frame.payload.len() > max {
-                        self.out.ctl.close(close::TOO_BIG);
+                        self.out.close(close::TOO_BIG);
                         return ReadEnd::Closing;
                     }
                     buf.extend_from_slice(&frame.payload);
@@ -283,11 +317,11 @@ impl Session {
                 Ok(f) => self.handle(f).await,
                 Err(e) => {
                     tracing::debug!(socket = self.socket, error = %e, "malformed frame");
-                    self.out.ctl.close(close::MALFORMED);
+                    self.out.close(close::MALFORMED);
                     return ReadEnd::Closing;
                 }
             }
-            if self.out.ctl.code() != 0 {
+            if self.out.code() != 0 {
                 return ReadEnd::Closing;
             }
         }
@@ -544,40 +578,39 @@ const COPY_LIMIT: usize = 2048;
 
 /// The single writer: drains the queue, frames text with a header written here (server frames
 /// are unmasked, so a shared `Bytes` body is written as is), and sends the close frame last.
-async fn write_loop<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, ctl: Arc<Ctl>, mut w: W) {
+async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W) {
     let mut buf: Vec<u8> = Vec::new();
+    let mut batch: Vec<Out> = Vec::new();
     loop {
-        tokio::select! {
-            biased;
-            _ = ctl.notify.notified() => {}
-            m = rx.recv() => match m {
-                Some(m) => {
-                    let mut next = Some(m);
-                    let mut n = 0;
-                    while let Some(m) = next.take() {
-                        if write_out(&mut w, &mut buf, m).await.is_err() {
-                            ctl.abort();
-                            return;
-                        }
-                        n += 1;
-                        if n < BATCH {
-                            next = rx.try_recv().ok();
-                        }
-                    }
-                    if !buf.is_empty() && w.write_all(&buf).await.is_err() {
-                        ctl.abort();
-                        return;
-                    }
-                    buf.clear();
-                    // an idle socket keeps no write buffer beyond a small one
-                    if buf.capacity() > KEEP_BUFFER {
-                        buf = Vec::new();
-                    }
+        out.0.notify.notified().await;
+        loop {
+            if out.code() != 0 {
+                break;
+            }
+            out.take(BATCH, &mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch.drain(..) {
+                if write_out(&mut w, &mut buf, m).await.is_err() {
+                    out.abort();
+                    return;
                 }
-                None => return,
-            },
+            }
+            if !buf.is_empty() && w.write_all(&buf).await.is_err() {
+                out.abort();
+                return;
+            }
+            buf.clear();
         }
-        match ctl.code() {
+        // an idle socket keeps no write buffers beyond small ones
+        if buf.capacity() > KEEP_BUFFER {
+            buf = Vec::new();
+        }
+        if batch.capacity() > KEEP_SLOTS {
+            batch = Vec::new();
+        }
+        match out.code() {
             0 => continue,
             ABORT => return,
             code => {
@@ -601,30 +634,36 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Out>, ctl: Arc
     }
 }
 
-/// Adds a frame to the batch; a large one is written directly, after what is batched before it.
+/// Adds a frame to the batch; a large body is written directly from its shared bytes, after
+/// what is batched before it.
 async fn write_out<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &mut Vec<u8>,
     m: Out,
 ) -> std::io::Result<()> {
-    let (Out::Text(body) | Out::Pong(body)) = &m;
+    let (head, body, tail): (&[u8], &[u8], &[u8]) = match &m {
+        Out::Text(b) | Out::Pong(b) => (&[], b, &[]),
+        Out::Wrapped(h, b) => (h, b, b"]"),
+    };
+    put_head(buf, &m, head.len() + body.len() + tail.len());
+    buf.extend_from_slice(head);
     if body.len() <= COPY_LIMIT {
-        put(buf, &m);
-        return Ok(());
+        buf.extend_from_slice(body);
+    } else {
+        w.write_all(buf).await?;
+        buf.clear();
+        w.write_all(body).await?;
     }
-    put_head(buf, &m);
-    w.write_all(buf).await?;
-    buf.clear();
-    w.write_all(body).await
+    buf.extend_from_slice(tail);
+    Ok(())
 }
 
 /// The frame header: FIN + opcode, then the payload length (server frames are not masked).
-fn put_head(buf: &mut Vec<u8>, m: &Out) {
-    let (op, n) = match m {
-        Out::Text(b) => (0x81u8, b.len()),
-        Out::Pong(b) => (0x8Au8, b.len()),
-    };
-    buf.push(op);
+fn put_head(buf: &mut Vec<u8>, m: &Out, n: usize) {
+    buf.push(match m {
+        Out::Text(_) | Out::Wrapped(..) => 0x81u8,
+        Out::Pong(_) => 0x8Au8,
+    });
     if n < 126 {
         buf.push(n as u8);
     } else if n <= u16::MAX as usize {
@@ -636,36 +675,92 @@ fn put_head(buf: &mut Vec<u8>, m: &Out) {
     }
 }
 
-fn put(buf: &mut Vec<u8>, m: &Out) {
-    put_head(buf, m);
-    let (Out::Text(body) | Out::Pong(body)) = m;
-    buf.extend_from_slice(body);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn frames_text_with_the_right_header() {
-        let mut b = Vec::new();
-        put(&mut b, &Out::Text(Bytes::from_static(b"hi")));
-        assert_eq!(b, vec![0x81, 2, b'h', b'i']);
-        let mut b = Vec::new();
-        put(&mut b, &Out::Text(Bytes::from(vec![b'x'; 300])));
+    async fn framed(m: Out) -> Vec<u8> {
+        let mut wire = Vec::new();
+        let mut buf = Vec::new();
+        write_out(&mut wire, &mut buf, m).await.unwrap();
+        wire.extend_from_slice(&buf);
+        wire
+    }
+
+    #[tokio::test]
+    async fn frames_text_with_the_right_header() {
+        assert_eq!(
+            framed(Out::Text(Bytes::from_static(b"hi"))).await,
+            vec![0x81, 2, b'h', b'i']
+        );
+        let b = framed(Out::Text(Bytes::from(vec![b'x'; 300]))).await;
         assert_eq!(&b[..4], &[0x81, 126, 1, 44]);
         assert_eq!(b.len(), 304);
-        let mut b = Vec::new();
-        put(&mut b, &Out::Text(Bytes::from(vec![b'x'; 70_000])));
+        let b = framed(Out::Text(Bytes::from(vec![b'x'; 70_000]))).await;
         assert_eq!(&b[..2], &[0x81, 127]);
         assert_eq!(u64::from_be_bytes(b[2..10].try_into().unwrap()), 70_000);
+        assert_eq!(b.len(), 70_010);
+        assert_eq!(
+            framed(Out::Pong(Bytes::from_static(b"p"))).await,
+            vec![0x8A, 1, b'p']
+        );
+    }
+
+    #[tokio::test]
+    async fn wraps_a_shared_payload_small_and_large() {
+        let b = framed(Out::Wrapped(
+            Bytes::from_static(b"[1,"),
+            Bytes::from_static(b"{}"),
+        ))
+        .await;
+        assert_eq!(b, b"\x81\x06[1,{}]".to_vec());
+        let big = format!("{{\"k\":\"{}\"}}", "y".repeat(5000));
+        let b = framed(Out::Wrapped(
+            Bytes::from_static(b"[\"3\",null,\"t\",\"e\","),
+            Bytes::from(big.clone()),
+        ))
+        .await;
+        let text = std::str::from_utf8(&b[4..]).unwrap();
+        assert_eq!(usize::from(u16::from_be_bytes([b[2], b[3]])), text.len());
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v[4]["k"].as_str().unwrap().len(), 5000);
     }
 
     #[test]
     fn first_close_request_wins() {
-        let c = Ctl::default();
+        let c = Outbox::new(4, crate::metrics::Metrics::new());
         c.close(close::SLOW_CONSUMER);
         c.close(close::RESTART);
         assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
+        assert!(
+            !c.send(Bytes::from_static(b"x")),
+            "a closing socket takes nothing"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_closes_the_socket_as_slow() {
+        let c = Outbox::new(2, crate::metrics::Metrics::new());
+        assert!(c.send(Bytes::from_static(b"1")) && c.send(Bytes::from_static(b"2")));
+        assert!(!c.send(Bytes::from_static(b"3")));
+        assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
+        let mut got = Vec::new();
+        c.take(10, &mut got);
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_memory_back() {
+        let c = Outbox::new(100, crate::metrics::Metrics::new());
+        for _ in 0..40 {
+            assert!(c.send(Bytes::from_static(b"x")));
+        }
+        let mut got = Vec::new();
+        c.take(30, &mut got);
+        assert!(c.queue().capacity() >= 10, "not drained yet: storage kept");
+        c.take(30, &mut got);
+        assert_eq!(got.len(), 40);
+        let cap = c.queue().capacity();
+        assert_eq!(cap, 0);
     }
 }
