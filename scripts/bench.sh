@@ -30,24 +30,27 @@ export GATEWAY_REDIS_URL="redis://127.0.0.1:$port" GATEWAY_REDIS_PREFIX=bench \
   GATEWAY_LOG=warn
 start_gateway() {
   local out="$work/gw$1.out"
+  : >"$out"
   target/release/gateway serve >"$out" 2>"$work/gw$1.err" &
-  pids+=($!)
   eval "gw$1_pid=$!"
+  pids+=($!)
   for _ in $(seq 100); do grep -q listening "$out" 2>/dev/null && break; sleep 0.05; done
   eval "gw$1=$(python3 -c "import json,sys; print(json.load(open('$out'))['public'])")"
 }
+stop_gateways() { kill "$gw1_pid" "$gw2_pid" 2>/dev/null || true; wait "$gw1_pid" "$gw2_pid" 2>/dev/null || true; }
 target/release/gateway rooms create bench >/dev/null
-start_gateway 1
-start_gateway 2
 
 echo "== bench on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}')"
 for i in $(seq "$RUNS"); do
-  echo "-- run $i"
+  echo "-- run $i (fresh gateways)"
+  start_gateway 1
+  start_gateway 2
   target/release/bench --gateway "$gw1" idle --viewers "$VIEWERS" --pid "$gw1_pid" | grep -v '^machine'
   sleep 3   # let the viewers' leaves settle
   target/release/bench --gateway "$gw1" --gateway "$gw2" joins --viewers "$SUBSCRIBERS" | grep -v '^machine'
   sleep 3
   target/release/bench --gateway "$gw1" --gateway "$gw2" fanout --subscribers "$SUBSCRIBERS" \
     --messages "$MESSAGES" --rate "$RATE" --secret bench-secret | grep -v '^machine'
-  sleep 3
+  stop_gateways
+  sleep 1
 done

@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub shutdown_timeout_ms: u64,
     /// Sockets closed per drain batch, so clients do not all reconnect in the same millisecond.
     pub drain_batch: usize,
+    /// On SIGTERM, readiness turns false and new upgrades are refused this long before sockets are
+    /// closed, so a load balancer polling `/health/ready` stops routing here first.
+    pub drain_grace_ms: u64,
     /// Allowed `Origin` values; empty allows any (non-browser clients send none).
     pub allowed_origins: Vec<String>,
 }
@@ -151,6 +154,7 @@ impl Default for ServerConfig {
             max_connections: 100_000,
             shutdown_timeout_ms: 10_000,
             drain_batch: 500,
+            drain_grace_ms: 0,
             allowed_origins: Vec::new(),
         }
     }
@@ -226,6 +230,9 @@ impl ServerConfig {
     }
     pub fn shutdown_timeout(&self) -> Duration {
         ms(self.shutdown_timeout_ms)
+    }
+    pub fn drain_grace(&self) -> Duration {
+        ms(self.drain_grace_ms)
     }
 }
 
@@ -410,6 +417,12 @@ impl Config {
         }
         if self.server.idle_timeout_ms < 100 {
             return Err(bad("server.idle_timeout_ms", "at least 100"));
+        }
+        if self.server.drain_grace_ms >= self.server.shutdown_timeout_ms {
+            return Err(bad(
+                "server.drain_grace_ms",
+                "must be shorter than server.shutdown_timeout_ms",
+            ));
         }
         if self.server.max_channels_per_socket == 0 || self.server.drain_batch == 0 {
             return Err(bad(

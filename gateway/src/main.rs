@@ -309,7 +309,14 @@ async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow:
         public,
         stop_rx.clone(),
     ));
-    tokio::spawn(gateway::admin::serve_admin(app.clone(), admin, stop_rx));
+    // the admin port stays up through the drain, so probes see readiness turn 503
+    let (_admin_stop, admin_stop_rx) = watch::channel(false);
+    tokio::spawn(gateway::admin::serve_admin(
+        app.clone(),
+        admin,
+        admin_stop_rx,
+    ));
+    drop(stop_rx);
     tracing::info!(node = %app.node, public = %public_addr, admin = %admin_addr, "gateway listening");
     // one machine-readable line on stdout for scripts and tests
     println!(
@@ -363,8 +370,9 @@ async fn wait_for_signal() {
     }
 }
 
-/// Readiness off, stop accepting, remove this node's presence from Redis, close sockets in
-/// batches with 1012 (clients reconnect elsewhere), exit within `server.shutdown_timeout_ms`.
+/// Readiness off, stop accepting, wait `server.drain_grace_ms`, remove this node's presence from
+/// Redis, close sockets in batches with 1012 (clients reconnect elsewhere), exit within
+/// `server.shutdown_timeout_ms`.
 async fn drain(
     app: &Arc<App>,
     stop: watch::Sender<bool>,
@@ -376,6 +384,7 @@ async fn drain(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop.send(true);
     let _ = public_task.await;
+    tokio::time::sleep_until(started + app.cfg.server.drain_grace()).await;
     let sockets = app.sessions.len();
     let _ = tokio::time::timeout_at(deadline, app.hub.release_all()).await;
     for batch in app.sessions.all().chunks(app.cfg.server.drain_batch) {

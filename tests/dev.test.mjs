@@ -1,0 +1,55 @@
+// `gateway dev` — what the README's run command (scripts/dev.sh) ends in: with no Redis answering
+// at its URL it starts a local redis-server, creates room `lobby`, serves the demo page and demo
+// tokens, and a phoenix.js client can join rooms:lobby. SIGTERM stops the gateway and its Redis.
+import { after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { Socket } from 'phoenix';
+import { GATEWAY_BIN, WebSocket, freePort, test, waitFor, withTimeout } from './lib/harness.mjs';
+
+let proc;
+after(() => { try { proc?.kill('SIGKILL'); } catch { /* */ } });
+
+const redisAnswers = (port) => {
+  try {
+    return execFileSync('redis-cli', ['-p', String(port), 'PING'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 2000 }).trim() === 'PONG';
+  } catch { return false; }
+};
+
+test('gateway dev starts its own Redis, creates lobby, serves the page, and phoenix.js joins rooms:lobby', { timeout: 60000 }, async () => {
+  const [redisPort, publicPort, adminPort] = [await freePort(), await freePort(), await freePort()];
+  assert.equal(redisAnswers(redisPort), false, 'the chosen Redis port must start empty');
+  const env = { PATH: process.env.PATH, NO_COLOR: '1', GATEWAY_REDIS_URL: `redis://127.0.0.1:${redisPort}`,
+    GATEWAY_SERVER_LISTEN: `127.0.0.1:${publicPort}`, GATEWAY_ADMIN_LISTEN: `127.0.0.1:${adminPort}` };
+  proc = spawn(GATEWAY_BIN, ['dev'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  proc.stdout.on('data', (d) => { out += d; });
+  proc.stderr.on('data', (d) => { out += d; });
+  await waitFor(() => out.includes('"event":"listening"') && out.includes('token test_user2'), 20000, `gateway dev to come up:\n${out}`);
+  assert.match(out, /starting redis-server/);
+  assert.ok(redisAnswers(redisPort), 'gateway dev started redis-server on its URL port');
+  assert.equal(execFileSync('redis-cli', ['-p', String(redisPort), 'EXISTS', 'gw:room:{lobby}'], { encoding: 'utf8' }).trim(), '1');
+
+  const base = `http://127.0.0.1:${publicPort}`;
+  const page = await fetch(`${base}/`);
+  assert.equal(page.status, 200);
+  assert.match(await page.text(), /import \{ Socket, Presence \} from "\/phoenix\.js"/);
+  const js = await fetch(`${base}/phoenix.js`);
+  assert.equal(js.status, 200, 'the official phoenix client is served for the page');
+  assert.match(await js.text(), /export \{/);
+  const tokens = await (await fetch(`${base}/dev/tokens.json`)).json();
+  assert.deepEqual(tokens.map((t) => t.username), ['test_user', 'test_user2']);
+
+  // a phoenix.js client signs in with a printed token and joins rooms:lobby
+  const socket = new Socket(`ws://127.0.0.1:${publicPort}/socket`, { transport: WebSocket, params: { token: tokens[0].token } });
+  socket.connect();
+  const channel = socket.channel('rooms:lobby', {});
+  const reply = await withTimeout(new Promise((resolve) => channel.join().receive('ok', resolve).receive('error', resolve)), 5000, 'join');
+  assert.deepEqual(reply, { auth: 'user', user: { id: '1', username: 'test_user' } });
+  socket.disconnect();
+
+  proc.kill('SIGTERM');
+  const code = await withTimeout(new Promise((resolve) => proc.on('exit', resolve)), 15000, 'gateway dev to exit');
+  assert.equal(code, 0);
+  await waitFor(() => !redisAnswers(redisPort), 5000, 'the Redis it started to stop with it');
+});
