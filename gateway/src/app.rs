@@ -92,6 +92,11 @@ impl App {
     pub async fn build(cfg: Config, node: String) -> anyhow::Result<Arc<App>> {
         let cfg = Arc::new(cfg);
         let verifier = Verifier::from_config(&cfg)?;
+        if cfg.auth.algorithm == "HS256" && cfg.hs256_secret()?.is_none() {
+            tracing::warn!(
+                "no auth.hs256_secret (GATEWAY_AUTH_HS256_SECRET): every token is refused and every socket is anonymous"
+            );
+        }
         let keys = Keys::new(&cfg.redis.prefix);
         let metrics = Metrics::new();
         let redis_client = redis::Client::open(cfg.redis.url.as_str())?;

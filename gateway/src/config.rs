@@ -638,6 +638,45 @@ mod tests {
     }
 
     #[test]
+    fn secrets_come_from_files_too() {
+        let dir = std::env::temp_dir().join(format!("gw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("secret");
+        std::fs::write(&f, "from-a-file\n").unwrap();
+        let c = Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[
+                ("GATEWAY_AUTH_HS256_SECRET_FILE", f.to_str().unwrap()),
+                ("GATEWAY_ADMIN_TOKEN_FILE", f.to_str().unwrap()),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.hs256_secret().unwrap().as_deref(), Some("from-a-file"));
+        assert_eq!(c.admin_token().unwrap().as_deref(), Some("from-a-file"));
+        let missing = Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[("GATEWAY_AUTH_HS256_SECRET_FILE", "/nonexistent/secret")]),
+        )
+        .unwrap();
+        assert!(
+            missing
+                .hs256_secret()
+                .unwrap_err()
+                .to_string()
+                .contains("/nonexistent/secret")
+        );
+        let both = Config::from_toml_and_env(
+            "[auth]\nhs256_secret = \"a\"\nhs256_secret_file = \"/x\"\n",
+            "t",
+            &[],
+        );
+        assert!(both.is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
     fn masked_output_hides_secrets() {
         let c = Config::from_toml_and_env(
             "[auth]\nhs256_secret = \"s3cret\"\n[redis]\nurl = \"redis://u:pw@h:1\"\n",
