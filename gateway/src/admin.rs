@@ -14,14 +14,13 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,32 +33,20 @@ use crate::server::{Body, text};
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
 
-pub async fn serve_admin(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
+pub async fn serve_admin(app: Arc<App>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    crate::server::accept_loop(listener, stop, "admin", |tcp, _| {
         let app = app.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(Box::pin(handle(app, req)).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+            let _ = crate::server::http1()
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
-    }
+    })
+    .await
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {

@@ -54,13 +54,6 @@ pub struct Catalog {
     keys: Keys,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Catalog {
     pub fn new(pool: Pool, keys: Keys) -> Self {
         Self { pool, keys }
@@ -73,7 +66,7 @@ impl Catalog {
     ) -> Result<RoomRecord, CatalogError> {
         let mut c = self.pool.get().await?;
         let key = self.keys.room_record(id);
-        let created: bool = c.hset_nx(&key, "created_at", now_ms()).await?;
+        let created: bool = c.hset_nx(&key, "created_at", crate::unix_ms()).await?;
         if !created {
             return Err(CatalogError::Exists(id.clone()));
         }

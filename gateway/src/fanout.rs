@@ -239,13 +239,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Hub {
     pub fn new(
         cfg: Arc<Config>,
@@ -389,7 +382,7 @@ impl Hub {
     ) -> Result<(), JoinError> {
         let meta = j
             .user
-            .map(|u| meta_json(&u.id, &u.username, now_ms(), &self.node));
+            .map(|u| meta_json(&u.id, &u.username, crate::unix_ms(), &self.node));
         let mut joined = false;
         {
             let _init = room.init.lock().await;

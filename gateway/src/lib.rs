@@ -37,3 +37,11 @@ pub mod redis;
 pub mod rooms;
 pub mod server;
 pub mod session;
+
+/// Milliseconds since the Unix epoch (`online_at`, `at`, room `created_at`).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -29,20 +29,39 @@ pub fn text(status: StatusCode, body: &str) -> Response<Body> {
     r
 }
 
-/// Accepts until `stop` turns true. EMFILE and friends do not end the loop.
-pub async fn serve_public(app: Arc<App>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+/// Accepts connections until `stop` changes and hands each to `on_conn`. An accept error (EMFILE
+/// at the fd limit, say) is logged and retried; it never ends the loop.
+pub async fn accept_loop(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+) {
     loop {
-        let (tcp, peer) = tokio::select! {
+        tokio::select! {
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok((tcp, peer)) => on_conn(tcp, peer),
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(listener = what, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
             _ = stop.changed() => return,
-        };
+        }
+    }
+}
+
+/// HTTP/1 with a timer, so the header read timeout (the slowloris guard) is really enforced.
+pub fn http1() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    b
+}
+
+/// The public listener: `/socket/websocket` upgrades, and the demo page.
+pub async fn serve_public(app: Arc<App>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    accept_loop(listener, stop, "public", |tcp, peer| {
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         tokio::spawn(async move {
@@ -50,14 +69,13 @@ pub async fn serve_public(app: Arc<App>, listener: TcpListener, mut stop: watch:
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(handle(app, req, peer)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+            let _ = http1()
                 .serve_connection(TokioIo::new(tcp), svc)
                 .with_upgrades()
                 .await;
         });
-    }
+    })
+    .await
 }
 
 /// Query parameters, percent-decoded; later occurrences win (so `vsn` is the client's last one).

@@ -526,7 +526,7 @@ impl Session {
             "user".into(),
             json!({"id": user.id, "username": user.username}),
         );
-        payload.insert("at".into(), json!(now_ms()));
+        payload.insert("at".into(), json!(crate::unix_ms()));
         let frame = protocol::broadcast(&f.topic, &f.event, &Value::Object(payload));
         let room = ch.room.clone();
         match app.hub.publish(&room, &frame).await {
@@ -558,13 +558,6 @@ impl Outbox {
     fn send_unit(&self, frame: Bytes) {
         self.send(frame);
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Frames per write: several queued frames go out in one syscall.
