@@ -30,18 +30,19 @@ end
 
 -- The current seq. A missing counter (first use, expired, or a Redis restart) starts at the Redis
 -- time in microseconds, so it is always above any seq the room had before: mirrors see a jump and
--- re-snapshot instead of dropping new changes as old ones.
-local function current_seq()
+-- re-snapshot instead of dropping new changes as old ones. Like every presence key it expires
+-- key_ttl_ms after the room's last change or heartbeat.
+local function current_seq(key_ttl_ms)
   local s = redis.call('GET', K_SEQ)
   if s then return tonumber(s) end
   local t = redis.call('TIME')
   local v = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', K_SEQ, v)
+  redis.call('SET', K_SEQ, v, 'PX', key_ttl_ms)
   return tonumber(v)
 end
 
-local function next_seq()
-  current_seq()
+local function next_seq(key_ttl_ms)
+  current_seq(key_ttl_ms)
   return redis.call('INCR', K_SEQ)
 end
 
@@ -56,11 +57,12 @@ local function anon_total()
 end
 
 -- Removes every node whose lease lapsed: its presence fields, its anon field, its lease.
--- Returns the connection ids removed and whether anything changed.
+-- Returns the connection ids removed, whether anything changed, and the set of nodes removed
+-- (a caller finding itself there lost its entries and must re-assert them with sync).
 local function sweep(now)
   local dead = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', now)
-  if #dead == 0 then return {}, false end
   local deadset = {}
+  if #dead == 0 then return {}, false, deadset end
   for _, n in ipairs(dead) do
     deadset[n] = true
     redis.call('HDEL', K_ANON, n)
@@ -74,7 +76,7 @@ local function sweep(now)
     end
   end
   redis.call('ZREM', K_NODES, unpack(dead))
-  return left, true
+  return left, true, deadset
 end
 
 -- Renews the caller's lease; returns true if it still had one (false: new, lapsed or swept).

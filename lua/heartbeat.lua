@@ -6,21 +6,22 @@
 -- ARGV[1] node id
 -- ARGV[2] lease ms
 -- ARGV[3] key ttl ms
--- ARGV[4] the node's anonymous viewers in the room right now
+-- ARGV[4] the node's anonymous viewers in the room right now, or '' to leave the count alone
+--         (an anonymous batch of the node is in flight and will land after this call)
 -- Reply: {had lease (1/0), seq of the published change or 0, anonymous total}
 --        had lease = 0 means this node's entries may be gone (lapsed, swept, Redis restarted):
 --        the node answers with sync.lua.
 
-local node, lease, key_ttl, anon = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]) or 0
+local node, lease, key_ttl, anon = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 local leaves, changed = sweep(now)
 local had = renew(node, now, lease)
-if set_anon(node, anon) then changed = true end
+if anon and set_anon(node, anon) then changed = true end
 touch(key_ttl)
 local total = anon_total()
 local seq = 0
 if changed then
-  seq = next_seq()
+  seq = next_seq(key_ttl)
   publish(seq, total, {}, leaves)
 end
 return { had and 1 or 0, seq, total }

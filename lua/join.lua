@@ -7,13 +7,16 @@
 -- ARGV[5] meta JSON (signed-in) or the number of anonymous viewers joining (anonymous)
 -- ARGV[6] '1' to include a snapshot in the reply (the node has no mirror of the room yet)
 -- Reply: {0} when the room does not exist (nothing is written);
---        else {1, seq, anonymous total, {conn, meta, ...} when ARGV[6] = '1' else {}}
---        where seq is the seq of this change (its envelope is published with it).
+--        else {1, seq, anonymous total, {conn, meta, ...} when ARGV[6] = '1' else {}, lost}
+--        where seq is the seq of this change (its envelope is published with it) and lost = 1
+--        when this call found the caller's own lease lapsed and swept its entries (the caller
+--        re-asserts them with sync).
 
 if redis.call('EXISTS', K_ROOM) == 0 then return { 0 } end
 local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
-local leaves = sweep(now)
+local leaves, _, swept = sweep(now)
+local lost = swept[node] and 1 or 0
 renew(node, now, lease)
 local joins = {}
 if conn ~= '' then
@@ -23,11 +26,12 @@ else
   local n = tonumber(arg) or 0
   if n > 0 then redis.call('HINCRBY', K_ANON, node, n) end
 end
-local seq = next_seq()
+local seq = next_seq(key_ttl)
 local total = anon_total()
 publish(seq, total, joins, leaves)
 touch(key_ttl)
+local reply = { 1, seq, total, {}, lost }
 if ARGV[6] == '1' then
-  return snapshot_reply(1, seq)
+  reply[4] = redis.call('HGETALL', K_PRESENCE)
 end
-return { 1, seq, total, {} }
+return reply

@@ -7,11 +7,15 @@
 -- ARGV[3] key ttl ms
 -- ARGV[4] connection id (signed-in) or '' (anonymous)
 -- ARGV[5] number of anonymous viewers leaving (anonymous)
--- Reply: {seq of the published change or 0 if nothing changed, anonymous total}
+-- ARGV[6] '1' when the node is leaving the room altogether: its lease is dropped too, but only if
+--         it holds nothing in the room any more (a concurrent join of the same node keeps it)
+-- Reply: {seq of the published change or 0 if nothing changed, anonymous total, lost}
+--        lost = 1 when this call found the caller's own lease lapsed and swept its entries.
 
 local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
-local leaves, changed = sweep(now)
+local leaves, changed, swept = sweep(now)
+local lost = swept[node] and 1 or 0
 renew(node, now, lease)
 if conn ~= '' then
   if redis.call('HDEL', K_PRESENCE, conn) == 1 then
@@ -23,9 +27,20 @@ else
   local cur = tonumber(redis.call('HGET', K_ANON, node) or '0') or 0
   if n > 0 and set_anon(node, math.max(0, cur - n)) then changed = true end
 end
+if ARGV[6] == '1' and (redis.call('HGET', K_ANON, node) or '0') == '0' then
+  local holds = false
+  local prefix = node .. '.'
+  for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
+    if string.sub(f, 1, #prefix) == prefix then holds = true; break end
+  end
+  if not holds then
+    redis.call('HDEL', K_ANON, node)
+    redis.call('ZREM', K_NODES, node)
+  end
+end
 local total = anon_total()
-if not changed then return { 0, total } end
-local seq = next_seq()
+if not changed then return { 0, total, lost } end
+local seq = next_seq(key_ttl)
 publish(seq, total, {}, leaves)
 touch(key_ttl)
-return { seq, total }
+return { seq, total, lost }

@@ -5,13 +5,13 @@
 -- ARGV[1] node id
 -- ARGV[2] lease ms
 -- ARGV[3] key ttl ms
--- ARGV[4] the node's anonymous viewers in the room
+-- ARGV[4] the node's anonymous viewers in the room, or '' to leave the count alone
 -- ARGV[5] '1' to release the lease (clean exit), '0' to renew it
 -- ARGV[6..] conn1, meta1, conn2, meta2, ... : the node's signed-in connections in the room
 -- Reply: {seq of the published change or 0, anonymous total}
 
 local node, lease, key_ttl, anon, release =
-  ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]) or 0, ARGV[5] == '1'
+  ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
 local now = now_ms()
 local leaves, changed = sweep(now)
 local want = {}
@@ -34,7 +34,7 @@ for i = 6, #ARGV, 2 do
     changed = true
   end
 end
-if set_anon(node, anon) then changed = true end
+if anon and set_anon(node, anon) then changed = true end
 if release then
   redis.call('ZREM', K_NODES, node)
 else
@@ -42,7 +42,7 @@ else
 end
 local total = anon_total()
 if not changed then return { 0, total } end
-local seq = next_seq()
+local seq = next_seq(key_ttl)
 publish(seq, total, joins, leaves)
 touch(key_ttl)
 return { seq, total }

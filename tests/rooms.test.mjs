@@ -62,6 +62,8 @@ test('join of a room that does not exist → "Room does not exist" (and it is no
     assert.deepEqual(rep, ['3', '3', 'rooms:nope', 'phx_reply', { status: 'error', response: { reason: 'Room does not exist' } }]);
   }
   assert.equal(redis.cli('EXISTS', `${PREFIX}:room:{nope}`), '0', 'a join must never create the room record');
+  // nor any other key of it: anonymous clients may try any id, and nothing may pile up in Redis
+  assert.deepEqual(redis.scanAll(`${PREFIX}:room:{nope}*`), [], 'a refused join left keys behind');
   // no presence_state for a refused join
   await sleep(200);
   assert.deepEqual(anon.frames.filter((f) => f[3] === 'presence_state'), []);

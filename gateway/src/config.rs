@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub outbound_queue: usize,
     /// Phoenix closes a socket that sent nothing for 60 s; clients heartbeat every 30 s.
     pub idle_timeout_ms: u64,
+    /// A socket whose peer accepts no bytes for this long is dropped (its writer never hangs).
+    pub write_timeout_ms: u64,
     /// Phoenix's own limit of channels per connection.
     pub max_channels_per_socket: usize,
     /// Open sockets at most; the upgrade answers 503 past it (protects memory and fds).
@@ -150,6 +152,7 @@ impl Default for ServerConfig {
             max_frame_bytes: 64 * 1024,
             outbound_queue: 256,
             idle_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
             max_channels_per_socket: 100,
             max_connections: 100_000,
             shutdown_timeout_ms: 10_000,
@@ -230,6 +233,9 @@ impl ServerConfig {
     }
     pub fn shutdown_timeout(&self) -> Duration {
         ms(self.shutdown_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        ms(self.write_timeout_ms)
     }
     pub fn drain_grace(&self) -> Duration {
         ms(self.drain_grace_ms)
@@ -415,8 +421,11 @@ impl Config {
         if self.server.outbound_queue < 4 {
             return Err(bad("server.outbound_queue", "at least 4"));
         }
-        if self.server.idle_timeout_ms < 100 {
-            return Err(bad("server.idle_timeout_ms", "at least 100"));
+        if self.server.idle_timeout_ms < 100 || self.server.write_timeout_ms < 100 {
+            return Err(bad(
+                "server.idle_timeout_ms",
+                "idle_timeout_ms and write_timeout_ms must be at least 100",
+            ));
         }
         if self.server.drain_grace_ms >= self.server.shutdown_timeout_ms {
             return Err(bad(

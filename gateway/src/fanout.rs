@@ -40,6 +40,8 @@ use crate::session::Outbox;
 
 /// An anonymous write whose seq is not known yet.
 const SEQ_UNKNOWN: u64 = u64::MAX;
+/// A failed presence write is re-asserted (sync) after this pause, not in a tight loop.
+const SYNC_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -114,6 +116,10 @@ struct RoomState {
     anon_writing: bool,
     /// This node's signed-in connections: conn → meta JSON (what `sync` re-asserts).
     signed_local: HashMap<Arc<str>, String>,
+    /// Bumped on every change of `signed_local`: a sync that raced with one runs again.
+    signed_version: u64,
+    /// A failed sync is retried no earlier than this.
+    sync_retry_at: Option<Instant>,
     mirror: Mirror,
     installed: bool,
     subscribed: bool,
@@ -187,7 +193,9 @@ impl RoomState {
         self.anon_writing = false;
     }
 
-    /// The write failed: its delta goes back to be written again.
+    /// The write failed or timed out, so it may or may not have been applied: its delta stays
+    /// shown, and the count is re-asserted as an absolute value (sync) rather than re-sent as a
+    /// delta that could count twice.
     fn fail_anon_write(&mut self) {
         let d: i64 = self
             .anon_inflight
@@ -196,11 +204,18 @@ impl RoomState {
             .map(|(_, d)| d)
             .sum();
         self.anon_inflight.retain(|(s, _)| *s != SEQ_UNKNOWN);
-        if d != 0 {
-            self.anon_unflushed += d;
-            self.anon_unflushed_since.get_or_insert_with(Instant::now);
-        }
+        self.anon_unflushed += d;
         self.anon_writing = false;
+        self.needs_sync = true;
+    }
+
+    /// Records a signed-in connection of this node in the room (None: it left).
+    fn set_signed(&mut self, conn: &str, meta: Option<String>) -> bool {
+        self.signed_version += 1;
+        match meta {
+            Some(m) => self.signed_local.insert(Arc::from(conn), m).is_some(),
+            None => self.signed_local.remove(conn).is_some(),
+        }
     }
 
     fn send_all(&self, frame: &Bytes) -> usize {
@@ -397,29 +412,14 @@ impl Hub {
             if !installed {
                 // A cold room: one call checks the room, (for a signed-in joiner) writes the
                 // presence, and returns the snapshot the mirror starts from.
-                let snap = match (&meta, j.user) {
-                    (Some(meta), Some(_)) => {
-                        lock(&room.state)
-                            .signed_local
-                            .insert(Arc::from(j.conn), meta.clone());
-                        match self.store.join(&room.keys, j.conn, meta, true).await {
-                            Ok(JoinReply::Joined { snapshot, .. }) => {
-                                joined = true;
-                                snapshot
-                            }
-                            Ok(JoinReply::NoRoom) => None,
-                            Err(e) => {
-                                lock(&room.state).signed_local.remove(j.conn);
-                                return Err(e.into());
-                            }
-                        }
+                let snap = match &meta {
+                    Some(meta) => {
+                        joined = true;
+                        self.write_join(room, j.conn, meta, true).await?
                     }
-                    _ => self.store.snapshot(&room.keys).await?,
-                };
-                let Some(snap) = snap else {
-                    lock(&room.state).signed_local.remove(j.conn);
-                    return Err(JoinError::NoRoom);
-                };
+                    None => self.store.snapshot(&room.keys).await?,
+                }
+                .ok_or(JoinError::NoRoom)?;
                 let mut st = lock(&room.state);
                 if st.mirror.install(snap) == Applied::Gap {
                     st.resnapshot = true;
@@ -428,22 +428,44 @@ impl Hub {
             }
         }
         if let (Some(meta), false) = (meta, joined) {
-            lock(&room.state)
-                .signed_local
-                .insert(Arc::from(j.conn), meta.clone());
-            match self.store.join(&room.keys, j.conn, &meta, false).await {
-                Ok(JoinReply::Joined { .. }) => {}
-                Ok(JoinReply::NoRoom) => {
-                    lock(&room.state).signed_local.remove(j.conn);
-                    return Err(JoinError::NoRoom);
-                }
-                Err(e) => {
-                    lock(&room.state).signed_local.remove(j.conn);
-                    return Err(e.into());
-                }
-            }
+            self.write_join(room, j.conn, &meta, false).await?;
         }
         Ok(())
+    }
+
+    /// `join.lua` for a signed-in connection, keeping `signed_local` (the truth `sync` re-asserts)
+    /// in step: a call that failed may still have run, so a failure re-syncs the room.
+    async fn write_join(
+        &self,
+        room: &Room,
+        conn: &str,
+        meta: &str,
+        want_snapshot: bool,
+    ) -> Result<Option<crate::presence::Snapshot>, JoinError> {
+        lock(&room.state).set_signed(conn, Some(meta.to_string()));
+        let r = self.store.join(&room.keys, conn, meta, want_snapshot).await;
+        let mut st = lock(&room.state);
+        match r {
+            Ok(JoinReply::Joined { snapshot, lost, .. }) => {
+                if lost {
+                    st.needs_sync = true;
+                    drop(st);
+                    room.wake.notify_one();
+                }
+                Ok(snapshot)
+            }
+            Ok(JoinReply::NoRoom) => {
+                st.set_signed(conn, None);
+                Err(JoinError::NoRoom)
+            }
+            Err(e) => {
+                st.set_signed(conn, None);
+                st.needs_sync = true;
+                drop(st);
+                room.wake.notify_one();
+                Err(e.into())
+            }
+        }
     }
 
     /// Removes a member. A signed-in member's presence is removed with one script call (skipped
@@ -462,18 +484,22 @@ impl Hub {
             if st.members.is_empty() {
                 st.empty_since = Some(Instant::now());
             }
-            !m.anonymous && st.signed_local.remove(conn).is_some()
+            !m.anonymous && st.set_signed(conn, None)
         };
         room.wake.notify_one();
-        if signed_in
-            && !self.shutting_down.load(Ordering::Relaxed)
-            && let Err(e) = Box::pin(self.store.leave(&room.keys, conn, 0)).await
-        {
-            {
+        if !signed_in || self.shutting_down.load(Ordering::Relaxed) {
+            return;
+        }
+        let lost = match Box::pin(self.store.leave(&room.keys, conn, 0, false)).await {
+            Ok(r) => r.lost,
+            Err(e) => {
                 tracing::warn!(room = %room.id, error = %e, "leave failed; the room will be re-synced");
-                lock(&room.state).needs_sync = true;
-                room.wake.notify_one();
+                true
             }
+        };
+        if lost {
+            lock(&room.state).needs_sync = true;
+            room.wake.notify_one();
         }
     }
 
@@ -805,13 +831,27 @@ impl Hub {
         }
     }
 
-    /// Shutdown: no more joins, and every room's presence of this node removed in one `sync`
-    /// call per room (the other nodes see the leaves at once, not after a TTL).
+    /// Shutdown: no more joins or presence writes, then every room's presence of this node removed
+    /// with one `sync` call per room (the other nodes see the leaves at once, not after a TTL).
+    /// Writes already under way (joins, anonymous batches, syncs) are waited for first, within the
+    /// command deadline, so none of them lands after the release.
     pub async fn release_all(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
         let _no_heartbeat = self.heartbeat_lock.lock().await;
+        let deadline =
+            Instant::now() + self.cfg.redis.command_timeout() + Duration::from_millis(100);
+        loop {
+            let busy = lock(&self.rooms).values().any(|r| {
+                let st = lock(&r.state);
+                st.pending_joins > 0 || st.anon_writing || st.syncing
+            });
+            if !busy || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
-        let calls = rooms.iter().map(|r| async move {
+        let calls = rooms.iter().filter(|r| !r.is_deleted()).map(|r| async move {
             if let Err(e) = self.store.sync(&r.keys, Some(0), true, &[]).await {
                 tracing::warn!(room = %r.id, error = %e, "releasing presence failed; it will lapse by TTL");
             }
@@ -875,9 +915,11 @@ async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 }
             }
             // anonymous batch: one HINCRBY-style call per flush interval
+            // (not while a re-assertion is pending: that one writes the absolute count)
             if let Some(since) = st.anon_unflushed_since
                 && st.anon_unflushed != 0
                 && st.installed
+                && !st.needs_sync
                 && !hub.shutting_down.load(Ordering::Relaxed)
             {
                 let due = since + p.anon_flush();
@@ -895,28 +937,46 @@ async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 st.mirror.begin_resync();
                 tokio::spawn(resnapshot(hub.clone(), room.clone()));
             }
+            let sync_due = st.sync_retry_at.is_none_or(|t| now >= t);
             if st.needs_sync
+                && !sync_due
+                && let Some(t) = st.sync_retry_at
+            {
+                soonest(t);
+            }
+            if st.needs_sync
+                && sync_due
                 && !st.syncing
                 && st.installed
+                && !room.is_deleted()
                 && !hub.shutting_down.load(Ordering::Relaxed)
                 && let Some(anon) = st.begin_anon_absolute()
             {
                 st.needs_sync = false;
                 st.syncing = true;
+                st.sync_retry_at = None;
                 let metas: Vec<(String, String)> = st
                     .signed_local
                     .iter()
                     .map(|(c, m)| (c.to_string(), m.clone()))
                     .collect();
-                tokio::spawn(sync_room(hub.clone(), room.clone(), anon, metas));
+                let version = st.signed_version;
+                tokio::spawn(sync_room(hub.clone(), room.clone(), anon, metas, version));
             }
             if st.members.is_empty() && st.pending_joins == 0 {
                 let since = *st.empty_since.get_or_insert(now);
                 let due = since + hub.cfg.rooms.unsubscribe_delay();
-                if now >= due && !st.anon_writing && !st.syncing && !st.resnapshotting {
+                // only once every write of the room is done: nothing of this node may land after
+                let settled = !st.anon_writing
+                    && !st.syncing
+                    && !st.resnapshotting
+                    && (st.anon_unflushed == 0 || room.is_deleted())
+                    && (!st.needs_sync || room.is_deleted());
+                if now >= due && settled {
                     teardown = true;
                 } else {
-                    soonest(due.max(now + Duration::from_millis(10)));
+                    // still settling (a write in flight, or Redis away): look again shortly
+                    soonest(due.max(now + Duration::from_millis(100)));
                 }
             }
         }
@@ -925,8 +985,9 @@ async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 && !room.is_deleted()
                 && !hub.shutting_down.load(Ordering::Relaxed)
             {
-                // the node leaves the room: drop its anonymous field and lease in one call
-                if let Err(e) = hub.store.sync(&room.keys, Some(0), true, &[]).await {
+                // the node leaves the room: its lease goes too, unless a join of a new room object
+                // for the same id got in first (the script checks, atomically)
+                if let Err(e) = hub.store.leave(&room.keys, "", 0, true).await {
                     tracing::debug!(room = %room.id, error = %e, "releasing the room's lease failed; it lapses by TTL");
                 }
             }
@@ -979,23 +1040,27 @@ async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
             .join(&room.keys, "", &delta.to_string(), false)
             .await
             .map(|j| match j {
-                JoinReply::Joined { seq, .. } => seq,
-                JoinReply::NoRoom => 0,
+                JoinReply::Joined { seq, lost, .. } => (seq, lost),
+                JoinReply::NoRoom => (0, false),
             })
     } else {
         hub.store
-            .leave(&room.keys, "", delta.unsigned_abs())
+            .leave(&room.keys, "", delta.unsigned_abs(), false)
             .await
-            .map(|(seq, _)| seq)
+            .map(|r| (r.seq, r.lost))
     };
     let mut st = lock(&room.state);
     match r {
-        Ok(seq) => st.end_anon_write(seq),
+        Ok((seq, lost)) => {
+            st.end_anon_write(seq);
+            if lost {
+                st.needs_sync = true;
+            }
+        }
         Err(e) => {
-            tracing::warn!(room = %room.id, error = %e, "anonymous count write failed; retrying");
+            tracing::warn!(room = %room.id, error = %e, "anonymous count write failed; re-asserting the count");
             st.fail_anon_write();
-            // back off: the next try waits a full heartbeat interval at most
-            st.anon_unflushed_since = Some(Instant::now() + Duration::from_millis(200));
+            st.sync_retry_at = Some(Instant::now() + SYNC_RETRY);
         }
     }
     drop(st);
@@ -1031,16 +1096,29 @@ async fn resnapshot(hub: Arc<Hub>, room: Arc<Room>) {
     room.wake.notify_one();
 }
 
-async fn sync_room(hub: Arc<Hub>, room: Arc<Room>, anon: u64, metas: Vec<(String, String)>) {
+async fn sync_room(
+    hub: Arc<Hub>,
+    room: Arc<Room>,
+    anon: u64,
+    metas: Vec<(String, String)>,
+    version: u64,
+) {
     let r = hub.store.sync(&room.keys, Some(anon), false, &metas).await;
     let mut st = lock(&room.state);
     st.syncing = false;
     match r {
-        Ok((seq, _)) => st.end_anon_write(seq),
+        Ok((seq, _)) => {
+            st.end_anon_write(seq);
+            // a signed-in join or leave written while this sync was under way may have been
+            // undone by it: sync again with the new truth
+            if st.signed_version != version {
+                st.needs_sync = true;
+            }
+        }
         Err(e) => {
             tracing::warn!(room = %room.id, error = %e, "presence sync failed; retrying");
             st.fail_anon_write();
-            st.needs_sync = true;
+            st.sync_retry_at = Some(Instant::now() + SYNC_RETRY);
         }
     }
     drop(st);

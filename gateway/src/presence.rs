@@ -231,6 +231,13 @@ impl Mirror {
             match (before, now) {
                 (None, Some(m)) => add_meta(&mut joins, &conn, m),
                 (Some(b), None) => add_meta(&mut leaves, &conn, &b),
+                // same phx_ref, other user (a connection re-joined under another identity):
+                // the old key must lose the ref, or clients keep a ghost under it
+                (Some(b), Some(m)) if b.user_id != m.user_id => {
+                    add_meta(&mut leaves, &conn, &b);
+                    add_meta(&mut joins, &conn, m);
+                }
+                // same user, new content: a join with the same ref replaces the meta
                 (Some(b), Some(m)) if *b != **m => add_meta(&mut joins, &conn, m),
                 _ => {}
             }
@@ -342,7 +349,19 @@ pub enum JoinReply {
         seq: u64,
         anon: u64,
         snapshot: Option<Snapshot>,
+        /// The call found this node's own lease lapsed and swept its entries: re-assert (sync).
+        lost: bool,
     },
+}
+
+/// Result of `leave.lua`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaveReply {
+    /// The seq of the published change, 0 if nothing changed.
+    pub seq: u64,
+    pub anon: u64,
+    /// The call found this node's own lease lapsed and swept its entries: re-assert (sync).
+    pub lost: bool,
 }
 
 /// Timings every script call carries.
@@ -454,25 +473,33 @@ impl Store {
             seq,
             anon,
             snapshot,
+            lost: int_at(&v, 4)? == 1,
         })
     }
 
-    /// `leave.lua`; returns (seq or 0, anonymous total).
+    /// `leave.lua`: a signed-in connection (conn) or `count` anonymous viewers (conn = "").
+    /// `release_if_idle`: the node leaves the room; its lease goes too if it holds nothing there.
     pub async fn leave(
         &self,
         keys: &RoomKeys,
         conn: &str,
         count: u64,
-    ) -> Result<(u64, u64), StoreError> {
+        release_if_idle: bool,
+    ) -> Result<LeaveReply, StoreError> {
         let mut inv = self.scripts.leave.prepare_invoke();
         Self::with_keys(&mut inv, keys);
         inv.arg(&self.lease.node)
             .arg(self.lease.lease_ms)
             .arg(self.lease.key_ttl_ms)
             .arg(conn)
-            .arg(count);
+            .arg(count)
+            .arg(if release_if_idle { "1" } else { "0" });
         let v: Flat = self.run("leave", inv).await?;
-        Ok((int_at(&v, 0)?, int_at(&v, 1)?))
+        Ok(LeaveReply {
+            seq: int_at(&v, 0)?,
+            anon: int_at(&v, 1)?,
+            lost: int_at(&v, 2)? == 1,
+        })
     }
 
     /// `snapshot.lua`; `None` when the room does not exist.
@@ -728,6 +755,16 @@ mod tests {
                 .len(),
             4
         );
+    }
+
+    #[test]
+    fn a_connection_changing_user_leaves_the_old_key() {
+        let mut m = synced(1, 0, &[("n.1", "u1")]);
+        m.apply(env(2, 0, &[], &["n.1"]));
+        m.apply(env(3, 0, &[("n.1", "u2")], &[]));
+        let d = m.take_diff(0, 1000).unwrap();
+        assert_eq!(d["leaves"]["u1"]["metas"][0]["phx_ref"], "n.1");
+        assert_eq!(d["joins"]["u2"]["metas"][0]["phx_ref"], "n.1");
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct Shared {
     /// 0 = open; a close code; [`ABORT`] = stop without a close frame (the peer is gone).
     code: AtomicU32,
     notify: Notify,
+    /// Fired when the writer has stopped, so the reader stops too (at a frame boundary: a join
+    /// or leave under way always completes).
+    writer_done: Notify,
     metrics: crate::metrics::Metrics,
 }
 
@@ -67,6 +70,7 @@ impl Outbox {
             cap,
             code: AtomicU32::new(0),
             notify: Notify::new(),
+            writer_done: Notify::new(),
             metrics,
         }))
     }
@@ -200,20 +204,21 @@ pub async fn run<R, W>(
     ws.set_auto_close(false);
     ws.set_auto_pong(true);
 
+    // Both halves run to the end: the reader is never dropped in the middle of a join or leave
+    // (which would leave presence half-written). Whichever stops first makes the other stop: the
+    // reader sets a close code or aborts, the writer fires `writer_done`.
     let closed_code = {
-        let reader = session.read_loop(&mut ws);
-        let writer = write_loop(out.clone(), write);
-        tokio::pin!(reader, writer);
-        tokio::select! {
-            end = &mut reader => {
-                if let ReadEnd::Gone = end {
-                    out.abort();
-                }
-                // let the writer put the close frame on the wire
-                let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+        let write_timeout = app.cfg.server.write_timeout();
+        let reader = async {
+            if let ReadEnd::Gone = session.read_loop(&mut ws).await {
+                out.abort();
             }
-            _ = &mut writer => {}
-        }
+        };
+        let writer = async {
+            write_loop(out.clone(), write, write_timeout).await;
+            out.0.writer_done.notify_one();
+        };
+        tokio::join!(reader, writer);
         match out.code() {
             ABORT | 0 => 1006,
             c => c as u16,
@@ -238,7 +243,12 @@ impl Session {
             std::future::ready(Ok::<(), std::convert::Infallible>(()))
         };
         loop {
-            let frame = match tokio::time::timeout(idle, ws.read_frame(&mut send_fn)).await {
+            let read = tokio::select! {
+                r = tokio::time::timeout(idle, ws.read_frame(&mut send_fn)) => r,
+                // the writer stopped (close sent, slow consumer, write error): stop reading
+                _ = self.out.0.writer_done.notified() => return ReadEnd::Closing,
+            };
+            let frame = match read {
                 Err(_) => {
                     self.out.close(close::IDLE_TIMEOUT);
                     return ReadEnd::Closing;
@@ -571,7 +581,7 @@ const COPY_LIMIT: usize = 2048;
 
 /// The single writer: drains the queue, frames text with a header written here (server frames
 /// are unmasked, so a shared `Bytes` body is written as is), and sends the close frame last.
-async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W) {
+async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout: Duration) {
     let mut buf: Vec<u8> = Vec::new();
     let mut batch: Vec<Out> = Vec::new();
     loop {
@@ -584,17 +594,29 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W) {
             if batch.is_empty() {
                 break;
             }
-            for m in batch.drain(..) {
-                if write_out(&mut w, &mut buf, m).await.is_err() {
+            // a peer that does not read for write_timeout is dropped: the writer never hangs
+            let wrote = tokio::time::timeout(write_timeout, async {
+                for m in batch.drain(..) {
+                    write_out(&mut w, &mut buf, m).await?;
+                }
+                if !buf.is_empty() {
+                    w.write_all(&buf).await?;
+                }
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+            match wrote {
+                Ok(Ok(())) => buf.clear(),
+                Ok(Err(_)) => {
+                    out.abort();
+                    return;
+                }
+                Err(_) => {
+                    out.0.metrics.slow_consumer();
                     out.abort();
                     return;
                 }
             }
-            if !buf.is_empty() && w.write_all(&buf).await.is_err() {
-                out.abort();
-                return;
-            }
-            buf.clear();
         }
         // an idle socket keeps no write buffers beyond small ones
         if buf.capacity() > KEEP_BUFFER {

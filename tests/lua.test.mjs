@@ -1,0 +1,102 @@
+// The presence scripts themselves, run with EVAL against a real redis-server exactly as the
+// gateway loads them (lua/common.lua prepended): sweeps, seq, idempotent leaves, the "leave the
+// anonymous count alone" heartbeat, release-if-idle, and that a snapshot of a missing room writes
+// nothing.
+import { after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { REPO_ROOT, sleep, startRedis, test } from './lib/harness.mjs';
+
+let redis;
+before(async () => { redis = await startRedis(); });
+after(() => redis?.stop());
+
+const LUA = path.join(REPO_ROOT, 'lua');
+const common = fs.readFileSync(path.join(LUA, 'common.lua'), 'utf8');
+const script = (name) => common + fs.readFileSync(path.join(LUA, `${name}.lua`), 'utf8');
+const keys = (room) => {
+  const b = `lt:room:{${room}}`;
+  return [b, `${b}:presence`, `${b}:anon`, `${b}:nodes`, `${b}:seq`, `${b}:events`];
+};
+const run = (name, room, ...argv) => redis.lines('EVAL', script(name), '6', ...keys(room), ...argv);
+const meta = (user) => JSON.stringify({ user_id: user, username: `n-${user}`, online_at: 1, node: 'x' });
+
+test('snapshot of a room that does not exist writes nothing', () => {
+  assert.deepEqual(run('snapshot', 'ghost', '30000').slice(0, 3), ['0', '0', '0']);
+  assert.deepEqual(redis.scanAll('lt:room:{ghost}*'), []);
+});
+
+test('join, heartbeat and leave keep counts, leases and seq consistent', async () => {
+  const [room] = keys('r1');
+  redis.cli('HSET', room, 'name', 'r1');
+  // join of a signed-in connection on node A, with a snapshot
+  const j = run('join', 'r1', 'A', '60000', '120000', 'A.1', meta('u1'), '1');
+  assert.equal(j[0], '1');
+  const seq1 = Number(j[1]);
+  assert.ok(seq1 > 1e15, `seq starts at the Redis time in µs: ${seq1}`);
+  assert.ok(Number(redis.cli('PTTL', `${room}:seq`)) > 0, 'the seq key expires like the others');
+  // anonymous viewers on node B, batched
+  run('join', 'r1', 'B', '60000', '120000', '', '5', '0');
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'B'), '5');
+  // heartbeat with '' leaves the count alone (a batch of the node is in flight)
+  const hb = run('heartbeat', 'r1', 'B', '60000', '120000', '');
+  assert.equal(hb[0], '1', 'B had its lease');
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'B'), '5');
+  // a heartbeat with a count re-asserts it
+  run('heartbeat', 'r1', 'B', '60000', '120000', '3');
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'B'), '3');
+  // leaves are idempotent: a retry changes nothing and publishes nothing
+  const l1 = run('leave', 'r1', 'A', '60000', '120000', 'A.1', '0', '0');
+  assert.ok(Number(l1[0]) > 0);
+  const l2 = run('leave', 'r1', 'A', '60000', '120000', 'A.1', '0', '0');
+  assert.equal(l2[0], '0');
+  // an anonymous leave never goes below zero
+  run('leave', 'r1', 'B', '60000', '120000', '', '10', '0');
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'B'), '');
+});
+
+test('a lapsed lease is swept by the next script, and the swept node learns it lost its entries', async () => {
+  const [room] = keys('r2');
+  redis.cli('HSET', room, 'name', 'r2');
+  run('join', 'r2', 'A', '200', '60000', 'A.1', meta('u1'), '0');
+  run('join', 'r2', 'A', '200', '60000', '', '4', '0');
+  run('join', 'r2', 'B', '60000', '60000', 'B.1', meta('u2'), '0');
+  await sleep(300);
+  // B's heartbeat sweeps A: its meta, its anonymous count, its lease
+  run('heartbeat', 'r2', 'B', '60000', '60000', '0');
+  assert.deepEqual(redis.lines('HKEYS', `${room}:presence`), ['B.1']);
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '');
+  assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
+  // A comes back to life: its next join reports lost = 1 only if it is the one that swept itself
+  run('join', 'r2', 'A', '200', '60000', 'A.2', meta('u3'), '0');
+  await sleep(300);
+  const j = run('join', 'r2', 'A', '60000', '60000', 'A.3', meta('u4'), '0');
+  assert.equal(j[4], '1', 'A swept its own lapsed lease and must re-sync');
+  assert.ok(!redis.lines('HKEYS', `${room}:presence`).includes('A.2'));
+});
+
+test('release-if-idle drops the lease only when the node holds nothing in the room', () => {
+  const [room] = keys('r3');
+  redis.cli('HSET', room, 'name', 'r3');
+  run('join', 'r3', 'A', '60000', '60000', 'A.1', meta('u1'), '0');
+  run('leave', 'r3', 'A', '60000', '60000', '', '0', '1');
+  assert.notEqual(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '', 'A still holds A.1: lease kept');
+  run('leave', 'r3', 'A', '60000', '60000', 'A.1', '0', '0');
+  run('leave', 'r3', 'A', '60000', '60000', '', '0', '1');
+  assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '', 'idle: lease released');
+});
+
+test('sync replaces a node\'s entries in one step and can release everything', () => {
+  const [room] = keys('r4');
+  redis.cli('HSET', room, 'name', 'r4');
+  run('join', 'r4', 'A', '60000', '60000', 'A.1', meta('u1'), '0');
+  run('join', 'r4', 'A', '60000', '60000', 'A.2', meta('u2'), '0');
+  run('sync', 'r4', 'A', '60000', '60000', '7', '0', 'A.2', meta('u2'), 'A.3', meta('u3'));
+  assert.deepEqual(redis.lines('HKEYS', `${room}:presence`).sort(), ['A.2', 'A.3']);
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '7');
+  run('sync', 'r4', 'A', '60000', '60000', '0', '1');
+  assert.deepEqual(redis.lines('HKEYS', `${room}:presence`), []);
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '');
+  assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
+});
