@@ -387,6 +387,10 @@ async fn drain(
     tokio::time::sleep_until(started + app.cfg.server.drain_grace()).await;
     let sockets = app.sessions.len();
     let _ = tokio::time::timeout_at(deadline, app.hub.release_all()).await;
+    tracing::info!(
+        after_ms = started.elapsed().as_millis() as u64,
+        "presence released; closing sockets"
+    );
     for batch in app.sessions.all().chunks(app.cfg.server.drain_batch) {
         for ctl in batch {
             ctl.close(gateway::protocol::close::RESTART);
