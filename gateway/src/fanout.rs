@@ -118,8 +118,14 @@ struct RoomState {
     signed_local: HashMap<Arc<str>, String>,
     /// Bumped on every change of `signed_local`: a sync that raced with one runs again.
     signed_version: u64,
-    /// A failed sync is retried no earlier than this.
+    /// A failed sync is retried no earlier than this; the pause doubles per failure.
     sync_retry_at: Option<Instant>,
+    sync_backoff: Duration,
+    /// An anonymous write failed and may or may not have landed: no more deltas until an
+    /// absolute write (the next heartbeat, or a sync) has set the count again.
+    anon_needs_absolute: bool,
+    /// Signed-in leaves whose script call is under way (teardown and drain wait for them).
+    pending_leaves: usize,
     mirror: Mirror,
     installed: bool,
     subscribed: bool,
@@ -171,7 +177,7 @@ impl RoomState {
 
     /// Starts a batched delta write: None if nothing to write or another write is under way.
     fn begin_anon_delta(&mut self) -> Option<i64> {
-        if self.anon_writing || self.anon_unflushed == 0 {
+        if self.anon_writing || self.anon_unflushed == 0 || self.anon_needs_absolute {
             return None;
         }
         let d = self.anon_unflushed;
@@ -180,6 +186,12 @@ impl RoomState {
         self.anon_unflushed_since = None;
         self.anon_writing = true;
         Some(d)
+    }
+
+    /// An absolute write (heartbeat, sync) is done: deltas may flow again.
+    fn end_anon_absolute(&mut self, seq: u64) {
+        self.end_anon_write(seq);
+        self.anon_needs_absolute = false;
     }
 
     /// The write is done; `seq` is the change it published (0: nothing changed).
@@ -194,8 +206,8 @@ impl RoomState {
     }
 
     /// The write failed or timed out, so it may or may not have been applied: its delta stays
-    /// shown, and the count is re-asserted as an absolute value (sync) rather than re-sent as a
-    /// delta that could count twice.
+    /// shown, and no delta is sent again (it could count twice) until an absolute write — the
+    /// next heartbeat, or a sync — has set the count.
     fn fail_anon_write(&mut self) {
         let d: i64 = self
             .anon_inflight
@@ -206,7 +218,20 @@ impl RoomState {
         self.anon_inflight.retain(|(s, _)| *s != SEQ_UNKNOWN);
         self.anon_unflushed += d;
         self.anon_writing = false;
+        self.anon_needs_absolute = true;
+    }
+
+    /// Schedules a sync, not sooner than the current back-off (doubling per failure, up to
+    /// `max`, with jitter so that many rooms do not retry in step).
+    fn retry_sync(&mut self, failed: bool, max: Duration) {
         self.needs_sync = true;
+        if failed {
+            self.sync_backoff = (self.sync_backoff * 2).clamp(SYNC_RETRY, max.max(SYNC_RETRY));
+        }
+        let pause = self.sync_backoff.max(SYNC_RETRY);
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (pause.as_millis() as u64 / 4 + 1));
+        self.sync_retry_at = Some(Instant::now() + pause + jitter);
     }
 
     /// Records a signed-in connection of this node in the room (None: it left).
@@ -484,10 +509,16 @@ impl Hub {
             if st.members.is_empty() {
                 st.empty_since = Some(Instant::now());
             }
-            !m.anonymous && st.set_signed(conn, None)
+            let write = !m.anonymous
+                && st.set_signed(conn, None)
+                && !self.shutting_down.load(Ordering::Relaxed);
+            if write {
+                st.pending_leaves += 1;
+            }
+            write
         };
         room.wake.notify_one();
-        if !signed_in || self.shutting_down.load(Ordering::Relaxed) {
+        if !signed_in {
             return;
         }
         let lost = match Box::pin(self.store.leave(&room.keys, conn, 0, false)).await {
@@ -497,10 +528,13 @@ impl Hub {
                 true
             }
         };
+        let mut st = lock(&room.state);
+        st.pending_leaves -= 1;
         if lost {
-            lock(&room.state).needs_sync = true;
-            room.wake.notify_one();
+            st.needs_sync = true;
         }
+        drop(st);
+        room.wake.notify_one();
     }
 
     /// Publishes a ready Phoenix frame to a room on every node.
@@ -809,7 +843,7 @@ impl Hub {
                     for ((r, (had, seq, _total)), abs) in live.iter().zip(replies).zip(&absolute) {
                         let mut st = lock(&r.state);
                         if *abs {
-                            st.end_anon_write(seq);
+                            st.end_anon_absolute(seq);
                         }
                         if !had {
                             st.needs_sync = true;
@@ -843,7 +877,7 @@ impl Hub {
         loop {
             let busy = lock(&self.rooms).values().any(|r| {
                 let st = lock(&r.state);
-                st.pending_joins > 0 || st.anon_writing || st.syncing
+                st.pending_joins > 0 || st.pending_leaves > 0 || st.anon_writing || st.syncing
             });
             if !busy || Instant::now() >= deadline {
                 break;
@@ -967,11 +1001,14 @@ async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 let since = *st.empty_since.get_or_insert(now);
                 let due = since + hub.cfg.rooms.unsubscribe_delay();
                 // only once every write of the room is done: nothing of this node may land after
+                // (a room that never got installed has nothing of ours to re-assert)
+                let gone = room.is_deleted() || !st.installed;
                 let settled = !st.anon_writing
                     && !st.syncing
                     && !st.resnapshotting
-                    && (st.anon_unflushed == 0 || room.is_deleted())
-                    && (!st.needs_sync || room.is_deleted());
+                    && st.pending_leaves == 0
+                    && (st.anon_unflushed == 0 || gone)
+                    && (!st.needs_sync || gone);
                 if now >= due && settled {
                     teardown = true;
                 } else {
@@ -1058,9 +1095,8 @@ async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
             }
         }
         Err(e) => {
-            tracing::warn!(room = %room.id, error = %e, "anonymous count write failed; re-asserting the count");
+            tracing::warn!(room = %room.id, error = %e, "anonymous count write failed; the next heartbeat re-asserts it");
             st.fail_anon_write();
-            st.sync_retry_at = Some(Instant::now() + SYNC_RETRY);
         }
     }
     drop(st);
@@ -1104,21 +1140,24 @@ async fn sync_room(
     version: u64,
 ) {
     let r = hub.store.sync(&room.keys, Some(anon), false, &metas).await;
+    let max = hub.cfg.presence.heartbeat_interval();
     let mut st = lock(&room.state);
     st.syncing = false;
     match r {
         Ok((seq, _)) => {
-            st.end_anon_write(seq);
+            st.end_anon_absolute(seq);
+            st.sync_backoff = Duration::ZERO;
             // a signed-in join or leave written while this sync was under way may have been
-            // undone by it: sync again with the new truth
+            // undone by it: sync again with the new truth (after a pause, so churn cannot turn
+            // this into back-to-back syncs)
             if st.signed_version != version {
-                st.needs_sync = true;
+                st.retry_sync(false, max);
             }
         }
         Err(e) => {
             tracing::warn!(room = %room.id, error = %e, "presence sync failed; retrying");
             st.fail_anon_write();
-            st.sync_retry_at = Some(Instant::now() + SYNC_RETRY);
+            st.retry_sync(true, max);
         }
     }
     drop(st);
@@ -1128,6 +1167,48 @@ async fn sync_room(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_delta_is_never_resent_as_a_delta() {
+        let mut st = RoomState {
+            anon_local: 4,
+            anon_unflushed: 4,
+            ..Default::default()
+        };
+        assert_eq!(st.begin_anon_delta(), Some(4));
+        st.fail_anon_write(); // timed out: it may have landed
+        assert_eq!(st.anon_display(), 4, "still shown");
+        assert_eq!(
+            st.begin_anon_delta(),
+            None,
+            "no second delta that could count twice"
+        );
+        assert_eq!(
+            st.begin_anon_absolute(),
+            Some(4),
+            "the heartbeat sets the count instead"
+        );
+        st.end_anon_absolute(9);
+        st.anon_local = 5;
+        st.anon_unflushed = 1;
+        assert_eq!(st.begin_anon_delta(), Some(1), "deltas flow again");
+    }
+
+    #[test]
+    fn failed_syncs_back_off() {
+        let mut st = RoomState::default();
+        let max = Duration::from_secs(5);
+        st.retry_sync(true, max);
+        let first = st.sync_backoff;
+        st.retry_sync(true, max);
+        st.retry_sync(true, max);
+        assert!(st.sync_backoff > first);
+        for _ in 0..10 {
+            st.retry_sync(true, max);
+        }
+        assert_eq!(st.sync_backoff, max);
+        assert!(st.needs_sync && st.sync_retry_at.is_some());
+    }
 
     #[test]
     fn anonymous_accounting_survives_batches_and_failures() {
@@ -1144,8 +1225,12 @@ mod tests {
         st.fail_anon_write();
         assert_eq!(st.anon_unflushed, 3);
         assert_eq!(st.anon_display(), 3);
-        st.begin_anon_delta();
-        st.end_anon_write(7);
+        assert_eq!(
+            st.begin_anon_absolute(),
+            Some(3),
+            "after a failure the count is re-asserted"
+        );
+        st.end_anon_absolute(7);
         // until the mirror has seen seq 7, the delta is shown on top of it
         assert_eq!(st.anon_display(), 3);
         st.mirror.install(Snapshot {

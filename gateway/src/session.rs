@@ -244,9 +244,10 @@ impl Session {
         };
         loop {
             let read = tokio::select! {
-                r = tokio::time::timeout(idle, ws.read_frame(&mut send_fn)) => r,
+                biased;
                 // the writer stopped (close sent, slow consumer, write error): stop reading
                 _ = self.out.0.writer_done.notified() => return ReadEnd::Closing,
+                r = tokio::time::timeout(idle, ws.read_frame(&mut send_fn)) => r,
             };
             let frame = match read {
                 Err(_) => {
@@ -323,6 +324,10 @@ impl Session {
                 OpCode::Text => protocol::decode_text(&message.1),
                 _ => protocol::decode_binary(&message.1),
             };
+            if self.out.code() != 0 {
+                // closing: a frame that was already buffered is not acted upon
+                return ReadEnd::Closing;
+            }
             match decoded {
                 Ok(f) => self.handle(f).await,
                 Err(e) => {
