@@ -71,15 +71,14 @@ pub async fn ready(app: &App) -> Result<(), &'static str> {
     if !app.hub.pubsub_up() {
         return Err("pub/sub connection down");
     }
-    let mut conn = app.hub.store().connection();
-    match tokio::time::timeout(
-        app.cfg.redis.command_timeout(),
-        redis::cmd("PING").query_async::<String>(&mut conn),
-    )
-    .await
+    match app
+        .hub
+        .store()
+        .command::<String>("ping", &redis::cmd("PING"))
+        .await
     {
-        Ok(Ok(_)) => Ok(()),
-        _ => Err("redis not reachable"),
+        Ok(_) => Ok(()),
+        Err(_) => Err("redis not reachable"),
     }
 }
 
@@ -211,22 +210,16 @@ async fn broadcast(app: &App, catalog: &Catalog, id: &RoomId, body: &Value) -> R
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
     let frame = crate::protocol::broadcast(&id.topic(), event, &payload);
-    let mut conn = app.hub.store().connection();
     let cmd = redis::cmd("PUBLISH")
         .arg(app.keys.events(id))
         .arg(&frame[..])
         .clone();
-    match tokio::time::timeout(
-        app.cfg.redis.command_timeout(),
-        cmd.query_async::<i64>(&mut conn),
-    )
-    .await
-    {
-        Ok(Ok(nodes)) => json_response(
+    match app.hub.store().command::<i64>("publish", &cmd).await {
+        Ok(nodes) => json_response(
             StatusCode::OK,
             &json!({"room": id.as_str(), "event": event, "nodes": nodes}),
         ),
-        _ => error(StatusCode::SERVICE_UNAVAILABLE, "redis not reachable"),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "redis not reachable"),
     }
 }
 

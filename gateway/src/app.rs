@@ -192,29 +192,17 @@ async fn node_record(app: Arc<App>) {
             "version": env!("CARGO_PKG_VERSION"),
         })
         .to_string();
-        let mut conn = app.hub.store().connection();
         let cmd = redis::cmd("SET")
             .arg(app.keys.node(&app.node))
             .arg(rec)
             .arg("PX")
             .arg(app.cfg.presence.ttl_ms)
             .clone();
-        let _ = tokio::time::timeout(
-            app.cfg.redis.command_timeout(),
-            cmd.query_async::<()>(&mut conn),
-        )
-        .await;
+        let _ = app.hub.store().command::<()>("node_record", &cmd).await;
     }
 }
 
 /// `redis://user:pass@host` → `redis://user:***@host` for logs.
 pub fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rsplit_once('@')) {
-        (Some((scheme, _)), Some((cred, host))) => {
-            let cred = cred.split_once("://").map(|(_, c)| c).unwrap_or(cred);
-            let user = cred.split_once(':').map(|(u, _)| u).unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_string(),
-    }
+    crate::config::redact_url(url)
 }

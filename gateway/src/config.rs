@@ -478,9 +478,7 @@ impl Config {
         if c.admin.token.is_some() {
             c.admin.token = Some("***".into());
         }
-        if let Ok(url) = redis_url_masked(&c.redis.url) {
-            c.redis.url = url;
-        }
+        c.redis.url = redact_url(&c.redis.url);
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot print settings: {e}\n"))
     }
 
@@ -540,15 +538,17 @@ fn env_value(default: Option<&toml::Value>, raw: &str) -> Result<toml::Value, St
     }
 }
 
-fn redis_url_masked(url: &str) -> Result<String, ()> {
-    // redis://user:password@host → redis://user:***@host
-    let (scheme, rest) = url.split_once("://").ok_or(())?;
-    match rest.split_once('@') {
+/// `redis://user:password@host` → `redis://user:***@host` (for logs and `check-config`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
         Some((cred, host)) => {
             let user = cred.split_once(':').map(|(u, _)| u).unwrap_or("");
-            Ok(format!("{scheme}://{user}:***@{host}"))
+            format!("{scheme}://{user}:***@{host}")
         }
-        None => Ok(url.to_string()),
+        None => url.to_string(),
     }
 }
 

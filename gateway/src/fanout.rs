@@ -271,6 +271,8 @@ pub struct Hub {
     /// Nanoseconds (since `epoch`) the last probe was published, and whether it came back.
     probe_sent: AtomicU64,
     probe_seen: AtomicBool,
+    /// `<p>:node:<node>:probe`, named once: it is compared with every pub/sub message.
+    probe_channel: String,
     epoch: Instant,
 }
 
@@ -288,6 +290,7 @@ impl Hub {
         metrics: Metrics,
     ) -> Arc<Self> {
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();
+        let probe_channel = keys.probe(&node);
         Arc::new(Self {
             cfg,
             keys,
@@ -302,6 +305,7 @@ impl Hub {
             heartbeat_lock: tokio::sync::Mutex::new(()),
             probe_sent: AtomicU64::new(0),
             probe_seen: AtomicBool::new(true),
+            probe_channel,
             epoch: Instant::now(),
         })
     }
@@ -539,27 +543,11 @@ impl Hub {
 
     /// Publishes a ready Phoenix frame to a room on every node.
     pub async fn publish(&self, room: &Room, frame: &[u8]) -> Result<(), StoreError> {
-        let mut conn = self.store.connection();
         let cmd = redis::cmd("PUBLISH")
             .arg(&room.keys.events)
             .arg(frame)
             .clone();
-        match tokio::time::timeout(
-            self.cfg.redis.command_timeout(),
-            cmd.query_async::<i64>(&mut conn),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                self.metrics.redis_error("publish");
-                Err(e.into())
-            }
-            Err(_) => {
-                self.metrics.redis_error("publish");
-                Err(StoreError::Timeout)
-            }
-        }
+        self.store.command::<i64>("publish", &cmd).await.map(|_| ())
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), JoinError> {
@@ -577,7 +565,7 @@ impl Hub {
     // messages from Redis
 
     fn dispatch(&self, channel: &str, payload: &[u8]) {
-        if channel == self.keys.probe(&self.node) {
+        if channel == self.probe_channel {
             let sent = self.probe_sent.load(Ordering::Relaxed);
             let now = self.epoch.elapsed().as_nanos() as u64;
             if std::str::from_utf8(payload)
@@ -653,7 +641,7 @@ impl Hub {
         let Some(mut cmds) = lock(&self.sub_rx).take() else {
             return;
         };
-        let probe_channel = self.keys.probe(&self.node);
+        let probe_channel = self.probe_channel.clone();
         let sub_name = format!("{}-sub-{}", self.keys.prefix(), self.node);
         let mut first = true;
         let mut backoff = Duration::from_millis(50);
@@ -788,22 +776,13 @@ impl Hub {
         self.probe_sent.store(sent, Ordering::Relaxed);
         self.probe_seen.store(false, Ordering::Relaxed);
         tokio::spawn(async move {
-            let mut conn = hub.store.connection();
             let cmd = redis::cmd("PUBLISH")
-                .arg(hub.keys.probe(&hub.node))
+                .arg(&hub.probe_channel)
                 .arg(sent.to_string())
                 .clone();
-            match tokio::time::timeout(
-                hub.cfg.redis.command_timeout(),
-                cmd.query_async::<i64>(&mut conn),
-            )
-            .await
-            {
-                Ok(Ok(_)) => {}
-                _ => {
-                    // not the subscriber's fault: do not count this probe
-                    hub.probe_seen.store(true, Ordering::Relaxed);
-                }
+            if hub.store.command::<i64>("publish", &cmd).await.is_err() {
+                // not the subscriber's fault: do not count this probe
+                hub.probe_seen.store(true, Ordering::Relaxed);
             }
         });
     }

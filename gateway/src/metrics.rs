@@ -185,7 +185,9 @@ impl Metrics {
             script_seconds.with_label_values(&[s]);
             redis_errors.with_label_values(&[s]);
         }
-        redis_errors.with_label_values(&["publish"]);
+        for op in ["publish", "ping", "node_record"] {
+            redis_errors.with_label_values(&[op]);
+        }
         redis_errors.with_label_values(&["pubsub"]);
         Metrics(Arc::new(Inner {
             registry,

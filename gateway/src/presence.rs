@@ -406,9 +406,6 @@ impl Store {
         &self.lease
     }
 
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
-    }
 
     async fn run<T: redis::FromRedisValue>(
         &self,
@@ -427,6 +424,27 @@ impl Store {
             }
             Err(_) => {
                 self.metrics.redis_error(name);
+                Err(StoreError::Timeout)
+            }
+        }
+    }
+
+    /// A plain command on the hot connection, with the command deadline; failures are counted
+    /// under `op` in `gateway_redis_errors_total`.
+    pub async fn command<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.metrics.redis_error(op);
+                Err(e.into())
+            }
+            Err(_) => {
+                self.metrics.redis_error(op);
                 Err(StoreError::Timeout)
             }
         }
