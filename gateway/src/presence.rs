@@ -402,11 +402,6 @@ impl Store {
         }
     }
 
-    pub fn lease(&self) -> &Lease {
-        &self.lease
-    }
-
-
     async fn run<T: redis::FromRedisValue>(
         &self,
         name: &'static str,
