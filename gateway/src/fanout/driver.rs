@@ -1,0 +1,270 @@
+//! The per-room driver task: coalesced `presence_diff` and `presence_count`, anonymous batching,
+//! re-snapshots, syncs, and the delayed teardown once the room has no local members.
+
+use super::*;
+
+/// The room's driver: coalesced diffs and counts, anonymous batches, re-snapshots, syncs, and the
+/// delayed teardown once the room has no local members. Ends when the room is torn down.
+pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
+    let p = &hub.cfg.presence;
+    let cap = p.anonymous_list_max;
+    loop {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut soonest = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        let mut teardown = false;
+        {
+            let mut st = lock(&room.state);
+            if st.removed {
+                return;
+            }
+            if st.installed && st.mirror.is_synced() {
+                // presence_diff, at most one per diff interval
+                let anon = st.anon_display();
+                if st.mirror.has_pending(anon, cap) {
+                    let due = st.last_diff.map_or(now, |t| t + p.diff_interval());
+                    if now >= due {
+                        if let Some(diff) = st.mirror.take_diff(anon, cap) {
+                            let frame = protocol::broadcast(&room.topic, "presence_diff", &diff);
+                            let n = st.send_all(&frame);
+                            hub.metrics.presence_frames("presence_diff", n);
+                        }
+                        st.last_diff = Some(now);
+                    } else {
+                        soonest(due);
+                    }
+                }
+                // presence_count, at most one per count interval
+                let counts = st.counts();
+                if counts != st.count_sent {
+                    let due = st.last_count.map_or(now, |t| t + p.count_interval());
+                    if now >= due {
+                        let frame = protocol::broadcast(
+                            &room.topic,
+                            "presence_count",
+                            &count_payload(counts),
+                        );
+                        let n = st.send_all(&frame);
+                        hub.metrics.presence_frames("presence_count", n);
+                        st.count_sent = counts;
+                        st.last_count = Some(now);
+                    } else {
+                        soonest(due);
+                    }
+                }
+            }
+            // anonymous batch: one HINCRBY-style call per flush interval
+            // (not while a re-assertion is pending: that one writes the absolute count)
+            if let Some(since) = st.anon_unflushed_since
+                && st.anon_unflushed != 0
+                && st.installed
+                && !st.needs_sync
+                && !hub.shutting_down.load(Ordering::Relaxed)
+            {
+                let due = since + p.anon_flush();
+                if now >= due {
+                    if let Some(delta) = st.begin_anon_delta() {
+                        tokio::spawn(flush_anon(hub.clone(), room.clone(), delta));
+                    }
+                } else {
+                    soonest(due);
+                }
+            }
+            if st.resnapshot && !st.resnapshotting && st.installed {
+                st.resnapshot = false;
+                st.resnapshotting = true;
+                st.mirror.begin_resync();
+                tokio::spawn(resnapshot(hub.clone(), room.clone()));
+            }
+            let sync_due = st.sync_retry_at.is_none_or(|t| now >= t);
+            if st.needs_sync
+                && !sync_due
+                && let Some(t) = st.sync_retry_at
+            {
+                soonest(t);
+            }
+            if st.needs_sync
+                && sync_due
+                && !st.syncing
+                && st.installed
+                && !room.is_deleted()
+                && !hub.shutting_down.load(Ordering::Relaxed)
+                && let Some(anon) = st.begin_anon_absolute()
+            {
+                st.needs_sync = false;
+                st.syncing = true;
+                st.sync_retry_at = None;
+                let metas: Vec<(String, String)> = st
+                    .signed_local
+                    .iter()
+                    .map(|(c, m)| (c.to_string(), m.clone()))
+                    .collect();
+                let version = st.signed_version;
+                tokio::spawn(sync_room(hub.clone(), room.clone(), anon, metas, version));
+            }
+            if st.members.is_empty() && st.pending_joins == 0 {
+                let since = *st.empty_since.get_or_insert(now);
+                let due = since + hub.cfg.rooms.unsubscribe_delay();
+                // only once every write of the room is done: nothing of this node may land after
+                // (a room that never got installed has nothing of ours to re-assert)
+                let gone = room.is_deleted() || !st.installed;
+                let settled = !st.anon_writing
+                    && !st.syncing
+                    && !st.resnapshotting
+                    && st.pending_leaves == 0
+                    && (st.anon_unflushed == 0 || gone)
+                    && (!st.needs_sync || gone);
+                if now >= due && settled {
+                    teardown = true;
+                } else {
+                    // still settling (a write in flight, or Redis away): look again shortly
+                    soonest(due.max(now + Duration::from_millis(100)));
+                }
+            }
+        }
+        if teardown && remove_room(&hub, &room) {
+            if lock(&room.state).installed
+                && !room.is_deleted()
+                && !hub.shutting_down.load(Ordering::Relaxed)
+            {
+                // the node leaves the room: its lease goes too, unless a join of a new room object
+                // for the same id got in first (the script checks, atomically)
+                if let Err(e) = hub.store.leave(&room.keys, "", 0, true).await {
+                    tracing::debug!(room = %room.id, error = %e, "releasing the room's lease failed; it lapses by TTL");
+                }
+            }
+            return;
+        }
+        match next {
+            Some(t) => {
+                tokio::select! {
+                    _ = room.wake.notified() => {}
+                    _ = tokio::time::sleep_until(t) => {}
+                }
+            }
+            None => room.wake.notified().await,
+        }
+    }
+}
+
+/// Takes the room out of the map if it is still empty; queues the UNSUBSCRIBE under the map lock
+/// so a new subscription of the same room is always ordered after it.
+pub(super) fn remove_room(hub: &Hub, room: &Arc<Room>) -> bool {
+    let mut rooms = lock(&hub.rooms);
+    let mut st = lock(&room.state);
+    if !st.members.is_empty() || st.pending_joins > 0 {
+        return false;
+    }
+    st.removed = true;
+    let subscribed = st.subscribed;
+    drop(st);
+    let unsubscribe = match rooms.get(&room.id) {
+        Some(r) if Arc::ptr_eq(r, room) => {
+            rooms.remove(&room.id);
+            subscribed
+        }
+        // replaced after a deletion: the channel belongs to the room object that replaced it
+        Some(_) => false,
+        None => subscribed,
+    };
+    if unsubscribe {
+        let _ = hub
+            .sub_tx
+            .send(SubCmd::Unsubscribe(room.keys.events.clone()));
+    }
+    hub.metrics.rooms_local(rooms.len());
+    true
+}
+
+pub(super) async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
+    let r = if delta > 0 {
+        hub.store
+            .join(&room.keys, "", &delta.to_string(), false)
+            .await
+            .map(|j| match j {
+                JoinReply::Joined { seq, lost, .. } => (seq, lost),
+                JoinReply::NoRoom => (0, false),
+            })
+    } else {
+        hub.store
+            .leave(&room.keys, "", delta.unsigned_abs(), false)
+            .await
+            .map(|r| (r.seq, r.lost))
+    };
+    let mut st = lock(&room.state);
+    match r {
+        Ok((seq, lost)) => {
+            st.end_anon_write(seq);
+            if lost {
+                st.needs_sync = true;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(room = %room.id, error = %e, "anonymous count write failed; the next heartbeat re-asserts it");
+            st.fail_anon_write();
+        }
+    }
+    drop(st);
+    room.wake.notify_one();
+}
+
+pub(super) async fn resnapshot(hub: Arc<Hub>, room: Arc<Room>) {
+    let r = hub.store.snapshot(&room.keys).await;
+    let again = {
+        let mut st = lock(&room.state);
+        st.resnapshotting = false;
+        match r {
+            Ok(Some(snap)) => {
+                if st.mirror.install(snap) == Applied::Gap {
+                    st.resnapshot = true;
+                }
+            }
+            Ok(None) => {
+                // the room record is gone; keep the last known presence until the room's deletion
+                // closes its channels, instead of re-snapshotting forever
+                st.mirror.abandon_resync();
+            }
+            Err(e) => {
+                tracing::warn!(room = %room.id, error = %e, "re-snapshot failed; retrying");
+                st.resnapshot = true;
+            }
+        }
+        st.resnapshot
+    };
+    if again {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    room.wake.notify_one();
+}
+
+pub(super) async fn sync_room(
+    hub: Arc<Hub>,
+    room: Arc<Room>,
+    anon: u64,
+    metas: Vec<(String, String)>,
+    version: u64,
+) {
+    let r = hub.store.sync(&room.keys, Some(anon), false, &metas).await;
+    let max = hub.cfg.presence.heartbeat_interval();
+    let mut st = lock(&room.state);
+    st.syncing = false;
+    match r {
+        Ok((seq, _)) => {
+            st.end_anon_absolute(seq);
+            st.sync_backoff = Duration::ZERO;
+            // a signed-in join or leave written while this sync was under way may have been
+            // undone by it: sync again with the new truth (after a pause, so churn cannot turn
+            // this into back-to-back syncs)
+            if st.signed_version != version {
+                st.retry_sync(false, max);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(room = %room.id, error = %e, "presence sync failed; retrying");
+            st.fail_anon_write();
+            st.retry_sync(true, max);
+        }
+    }
+    drop(st);
+    room.wake.notify_one();
+}

@@ -1,0 +1,440 @@
+//! Fan-out: the node's registry of rooms with local members, its one pub/sub connection, and the
+//! per-room driver that turns presence changes into coalesced frames.
+//!
+//! * A node SUBSCRIBEs to `<p>:room:{R}:events` when its first local socket joins R and
+//!   UNSUBSCRIBEs `rooms.unsubscribe_delay_ms` after the last one leaves (churn does not flap).
+//! * Every message from Redis is turned into bytes once per node and the same `Bytes` is queued to
+//!   each local member (a room broadcast arrives already encoded as a Phoenix frame).
+//! * Presence envelopes go into the room's [`Mirror`]; the room's driver task sends at most one
+//!   `presence_diff` per `presence.diff_interval` and one `presence_count` per
+//!   `presence.count_interval`, and batches anonymous joins/leaves into one `HINCRBY` per
+//!   `presence.anon_flush_ms`.
+//! * The subscriber connection is probed (the node publishes to its own probe channel and expects
+//!   it back); a lost or silent connection is rebuilt, every room re-subscribed, re-snapshotted and
+//!   re-asserted with `sync`.
+//!
+//! Lock order: the room map, then a room's state. A room's state lock is never held across an
+//! `.await`.
+//!
+//! ## Layout
+//! | file | holds |
+//! |---|---|
+//! | `mod.rs` | [`Hub`] (the node's rooms), [`Room`], and the types the parts share |
+//! | `join.rs` | join, acquire, the signed-in presence write, leave, publish |
+//! | `subscriber.rs` | the pub/sub connection: subscribe, dispatch, probe, reconnect |
+//! | `driver.rs` | the per-room task: coalesced diffs and counts, anonymous batching, re-snapshot, sync, teardown |
+//! | `heartbeat.rs` | the lease heartbeat and the release on drain |
+
+mod driver;
+mod heartbeat;
+mod join;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::auth::User;
+use crate::config::Config;
+use crate::metrics::Metrics;
+#[cfg(test)]
+use crate::presence::Snapshot;
+use crate::presence::{Applied, Envelope, JoinReply, Mirror, Store, StoreError, meta_json};
+use crate::protocol;
+use crate::redis::keys::{Keys, RoomKeys};
+use crate::rooms::RoomId;
+use crate::session::Outbox;
+
+/// An anonymous write whose seq is not known yet.
+const SEQ_UNKNOWN: u64 = u64::MAX;
+/// A failed presence write is re-asserted (sync) after this pause, not in a tight loop.
+const SYNC_RETRY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("room does not exist")]
+    NoRoom,
+    #[error("presence unavailable: {0}")]
+    Unavailable(String),
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl From<StoreError> for JoinError {
+    fn from(e: StoreError) -> Self {
+        JoinError::Unavailable(e.to_string())
+    }
+}
+
+enum SubCmd {
+    Subscribe(String, oneshot::Sender<bool>),
+    Unsubscribe(String),
+}
+
+/// One local member of a room: a socket's channel.
+struct Member {
+    out: Outbox,
+    join_ref: Arc<str>,
+    anonymous: bool,
+}
+
+/// Who is joining.
+pub struct Joiner<'a> {
+    /// The socket's number: one channel per topic per socket, so it identifies the member.
+    pub socket: u64,
+    /// `<node>.<socket>`: the presence field and `phx_ref`.
+    pub conn: &'a str,
+    pub user: Option<&'a User>,
+    pub join_ref: &'a str,
+    pub out: Outbox,
+    /// The `phx_reply` to queue first, under the room lock, so nothing overtakes it.
+    pub reply: Bytes,
+}
+
+pub struct Room {
+    pub id: RoomId,
+    topic: Arc<str>,
+    pub keys: RoomKeys,
+    state: Mutex<RoomState>,
+    wake: Notify,
+    /// Serialises the subscribe + first snapshot of a cold room.
+    init: tokio::sync::Mutex<()>,
+    /// The room was deleted: its channels got `phx_close`; pushes are refused.
+    deleted: AtomicBool,
+}
+
+impl Room {
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+struct RoomState {
+    members: HashMap<u64, Member>,
+    /// This node's anonymous viewers in the room (the truth).
+    anon_local: u64,
+    /// Anonymous joins minus leaves not yet written to Redis.
+    anon_unflushed: i64,
+    anon_unflushed_since: Option<Instant>,
+    /// Anonymous writes sent but not yet seen in the mirror: (seq, delta).
+    anon_inflight: Vec<(u64, i64)>,
+    /// An anonymous write (batch, heartbeat or sync) is under way: one at a time keeps them ordered.
+    anon_writing: bool,
+    /// This node's signed-in connections: conn → meta JSON (what `sync` re-asserts).
+    signed_local: HashMap<Arc<str>, String>,
+    /// Bumped on every change of `signed_local`: a sync that raced with one runs again.
+    signed_version: u64,
+    /// A failed sync is retried no earlier than this; the pause doubles per failure.
+    sync_retry_at: Option<Instant>,
+    sync_backoff: Duration,
+    /// An anonymous write failed and may or may not have landed: no more deltas until an
+    /// absolute write (the next heartbeat, or a sync) has set the count again.
+    anon_needs_absolute: bool,
+    /// Signed-in leaves whose script call is under way (teardown and drain wait for them).
+    pending_leaves: usize,
+    mirror: Mirror,
+    installed: bool,
+    subscribed: bool,
+    resnapshot: bool,
+    resnapshotting: bool,
+    needs_sync: bool,
+    syncing: bool,
+    last_diff: Option<Instant>,
+    last_count: Option<Instant>,
+    count_sent: (u64, usize, usize),
+    pending_joins: usize,
+    empty_since: Option<Instant>,
+    removed: bool,
+}
+
+impl RoomState {
+    /// The anonymous count to show: Redis's total plus what this node has not written or seen yet.
+    fn anon_display(&mut self) -> u64 {
+        let seen = self.mirror.seq();
+        self.anon_inflight
+            .retain(|(s, _)| *s == SEQ_UNKNOWN || *s > seen);
+        let pending: i64 =
+            self.anon_unflushed + self.anon_inflight.iter().map(|(_, d)| d).sum::<i64>();
+        (self.mirror.anon() as i64 + pending).max(0) as u64
+    }
+
+    fn counts(&mut self) -> (u64, usize, usize) {
+        let anon = self.anon_display();
+        (
+            anon,
+            self.mirror.users(),
+            self.mirror.connections() + anon as usize,
+        )
+    }
+
+    /// Starts an absolute anonymous write (heartbeat, sync): None if another write is under way.
+    fn begin_anon_absolute(&mut self) -> Option<u64> {
+        if self.anon_writing {
+            return None;
+        }
+        if self.anon_unflushed != 0 {
+            self.anon_inflight.push((SEQ_UNKNOWN, self.anon_unflushed));
+            self.anon_unflushed = 0;
+            self.anon_unflushed_since = None;
+        }
+        self.anon_writing = true;
+        Some(self.anon_local)
+    }
+
+    /// Starts a batched delta write: None if nothing to write or another write is under way.
+    fn begin_anon_delta(&mut self) -> Option<i64> {
+        if self.anon_writing || self.anon_unflushed == 0 || self.anon_needs_absolute {
+            return None;
+        }
+        let d = self.anon_unflushed;
+        self.anon_inflight.push((SEQ_UNKNOWN, d));
+        self.anon_unflushed = 0;
+        self.anon_unflushed_since = None;
+        self.anon_writing = true;
+        Some(d)
+    }
+
+    /// An absolute write (heartbeat, sync) is done: deltas may flow again.
+    fn end_anon_absolute(&mut self, seq: u64) {
+        self.end_anon_write(seq);
+        self.anon_needs_absolute = false;
+    }
+
+    /// The write is done; `seq` is the change it published (0: nothing changed).
+    fn end_anon_write(&mut self, seq: u64) {
+        for e in &mut self.anon_inflight {
+            if e.0 == SEQ_UNKNOWN {
+                e.0 = seq;
+            }
+        }
+        self.anon_inflight.retain(|(s, _)| *s != 0);
+        self.anon_writing = false;
+    }
+
+    /// The write failed or timed out, so it may or may not have been applied: its delta stays
+    /// shown, and no delta is sent again (it could count twice) until an absolute write — the
+    /// next heartbeat, or a sync — has set the count.
+    fn fail_anon_write(&mut self) {
+        let d: i64 = self
+            .anon_inflight
+            .iter()
+            .filter(|(s, _)| *s == SEQ_UNKNOWN)
+            .map(|(_, d)| d)
+            .sum();
+        self.anon_inflight.retain(|(s, _)| *s != SEQ_UNKNOWN);
+        self.anon_unflushed += d;
+        self.anon_writing = false;
+        self.anon_needs_absolute = true;
+    }
+
+    /// Schedules a sync, not sooner than the current back-off (doubling per failure, up to
+    /// `max`, with jitter so that many rooms do not retry in step).
+    fn retry_sync(&mut self, failed: bool, max: Duration) {
+        self.needs_sync = true;
+        if failed {
+            self.sync_backoff = (self.sync_backoff * 2).clamp(SYNC_RETRY, max.max(SYNC_RETRY));
+        }
+        let pause = self.sync_backoff.max(SYNC_RETRY);
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (pause.as_millis() as u64 / 4 + 1));
+        self.sync_retry_at = Some(Instant::now() + pause + jitter);
+    }
+
+    /// Records a signed-in connection of this node in the room (None: it left).
+    fn set_signed(&mut self, conn: &str, meta: Option<String>) -> bool {
+        self.signed_version += 1;
+        match meta {
+            Some(m) => self.signed_local.insert(Arc::from(conn), m).is_some(),
+            None => self.signed_local.remove(conn).is_some(),
+        }
+    }
+
+    fn send_all(&self, frame: &Bytes) -> usize {
+        let mut n = 0;
+        for m in self.members.values() {
+            if m.out.send(frame.clone()) {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// The node's rooms and its pub/sub connection.
+pub struct Hub {
+    cfg: Arc<Config>,
+    keys: Keys,
+    node: Arc<str>,
+    store: Store,
+    metrics: Metrics,
+    rooms: Mutex<HashMap<RoomId, Arc<Room>>>,
+    sub_tx: mpsc::UnboundedSender<SubCmd>,
+    sub_rx: Mutex<Option<mpsc::UnboundedReceiver<SubCmd>>>,
+    pubsub_up: AtomicBool,
+    shutting_down: AtomicBool,
+    /// Held while a heartbeat pipeline is in flight, so the shutdown release lands after it.
+    heartbeat_lock: tokio::sync::Mutex<()>,
+    /// Nanoseconds (since `epoch`) the last probe was published, and whether it came back.
+    probe_sent: AtomicU64,
+    probe_seen: AtomicBool,
+    /// `<p>:node:<node>:probe`, named once: it is compared with every pub/sub message.
+    probe_channel: String,
+    epoch: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere while holding it; the data is still usable for us.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    pub fn new(
+        cfg: Arc<Config>,
+        keys: Keys,
+        node: Arc<str>,
+        store: Store,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let (sub_tx, sub_rx) = mpsc::unbounded_channel();
+        let probe_channel = keys.probe(&node);
+        Arc::new(Self {
+            cfg,
+            keys,
+            node,
+            store,
+            metrics,
+            rooms: Mutex::new(HashMap::new()),
+            sub_tx,
+            sub_rx: Mutex::new(Some(sub_rx)),
+            pubsub_up: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            heartbeat_lock: tokio::sync::Mutex::new(()),
+            probe_sent: AtomicU64::new(0),
+            probe_seen: AtomicBool::new(true),
+            probe_channel,
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn pubsub_up(&self) -> bool {
+        self.pubsub_up.load(Ordering::Relaxed)
+    }
+
+    pub fn room_count(&self) -> usize {
+        lock(&self.rooms).len()
+    }
+
+    fn presence_cap(&self) -> u64 {
+        self.cfg.presence.anonymous_list_max
+    }
+}
+
+fn count_payload((anon, users, conns): (u64, usize, usize)) -> Value {
+    json!({"anonymous": anon, "users": users, "connections": conns})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_delta_is_never_resent_as_a_delta() {
+        let mut st = RoomState {
+            anon_local: 4,
+            anon_unflushed: 4,
+            ..Default::default()
+        };
+        assert_eq!(st.begin_anon_delta(), Some(4));
+        st.fail_anon_write(); // timed out: it may have landed
+        assert_eq!(st.anon_display(), 4, "still shown");
+        assert_eq!(
+            st.begin_anon_delta(),
+            None,
+            "no second delta that could count twice"
+        );
+        assert_eq!(
+            st.begin_anon_absolute(),
+            Some(4),
+            "the heartbeat sets the count instead"
+        );
+        st.end_anon_absolute(9);
+        st.anon_local = 5;
+        st.anon_unflushed = 1;
+        assert_eq!(st.begin_anon_delta(), Some(1), "deltas flow again");
+    }
+
+    #[test]
+    fn failed_syncs_back_off() {
+        let mut st = RoomState::default();
+        let max = Duration::from_secs(5);
+        st.retry_sync(true, max);
+        let first = st.sync_backoff;
+        st.retry_sync(true, max);
+        st.retry_sync(true, max);
+        assert!(st.sync_backoff > first);
+        for _ in 0..10 {
+            st.retry_sync(true, max);
+        }
+        assert_eq!(st.sync_backoff, max);
+        assert!(st.needs_sync && st.sync_retry_at.is_some());
+    }
+
+    #[test]
+    fn anonymous_accounting_survives_batches_and_failures() {
+        let mut st = RoomState {
+            anon_local: 3,
+            anon_unflushed: 3,
+            ..Default::default()
+        };
+        assert_eq!(st.anon_display(), 3);
+        let d = st.begin_anon_delta().unwrap();
+        assert_eq!(d, 3);
+        assert_eq!(st.anon_display(), 3, "in flight still counts");
+        assert!(st.begin_anon_absolute().is_none(), "one write at a time");
+        st.fail_anon_write();
+        assert_eq!(st.anon_unflushed, 3);
+        assert_eq!(st.anon_display(), 3);
+        assert_eq!(
+            st.begin_anon_absolute(),
+            Some(3),
+            "after a failure the count is re-asserted"
+        );
+        st.end_anon_absolute(7);
+        // until the mirror has seen seq 7, the delta is shown on top of it
+        assert_eq!(st.anon_display(), 3);
+        st.mirror.install(Snapshot {
+            seq: 7,
+            anon: 3,
+            metas: HashMap::new(),
+        });
+        assert_eq!(st.anon_display(), 3);
+        assert!(st.anon_inflight.is_empty());
+        // heartbeat absorbs unflushed deltas into an absolute write
+        st.anon_local = 2;
+        st.anon_unflushed = -1;
+        assert_eq!(st.begin_anon_absolute(), Some(2));
+        assert_eq!(st.anon_display(), 2);
+        st.end_anon_write(8);
+        assert_eq!(st.anon_display(), 2);
+        st.mirror.apply(Envelope {
+            seq: 8,
+            anon: 2,
+            joins: HashMap::new(),
+            leaves: vec![],
+        });
+        assert_eq!(st.anon_display(), 2);
+        assert!(st.anon_inflight.is_empty());
+    }
+}
