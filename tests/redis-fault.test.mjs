@@ -1,6 +1,8 @@
-// Redis unavailable, then back empty (a restart without persistence): open sockets stay open, joins
-// and pushes get an error reply instead of hanging, readiness turns red; when Redis returns the node
-// re-subscribes, re-asserts its presence and turns ready again.
+// Redis unavailable, then back without this node's presence (a restart from an older snapshot): open
+// sockets stay open, joins and pushes get an error reply instead of hanging, readiness turns red; when
+// Redis returns the node re-subscribes, re-asserts its presence and turns ready again. Redis back
+// empty (no persistence): the rooms are gone, so their channels close and nothing of them is
+// written back.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -25,8 +27,15 @@ after(async () => {
 
 const ready = async () => (await fetch(`${gw.adminUrl}/health/ready`)).status;
 
-test('Redis down: sockets stay, joins and pushes fail fast; Redis back empty: presence re-asserted, ready again', { timeout: 60000 }, async (t) => {
+const restartRedis = (args = []) => {
+  restarted = spawn('redis-server', ['--port', String(redis.port), '--save', '', '--appendonly', 'no', '--bind', '127.0.0.1', ...args], { stdio: 'ignore' });
+  return waitFor(() => { try { return redis.cli('PING') === 'PONG'; } catch { return false; } }, 5000, 'redis back');
+};
+
+test('Redis down: sockets stay, joins and pushes fail fast; Redis back without our presence: presence re-asserted, ready again', { timeout: 60000 }, async (t) => {
   createRoom(redis, 'flt', 'hall');
+  // the snapshot Redis comes back from: the room record, none of the presence written below
+  redis.cli('SAVE');
   const token = hs256({ sub: '5', username: 'five', exp: Math.floor(Date.now() / 1000) + 600 });
   const user = await rawConnect(`${gw.publicUrl}/websocket?vsn=2.0.0&token=${token}`);
   const anon = await rawConnect(`${gw.publicUrl}/websocket?vsn=2.0.0`);
@@ -55,19 +64,19 @@ test('Redis down: sockets stay, joins and pushes fail fast; Redis back empty: pr
   assert.equal(user.closeInfo, null);
   assert.equal(anon.closeInfo, null);
 
-  // Redis comes back on the same port, empty
-  restarted = spawn('redis-server', ['--port', String(redis.port), '--save', '', '--appendonly', 'no', '--bind', '127.0.0.1'], { stdio: 'ignore' });
-  await waitFor(() => { try { return redis.cli('PING') === 'PONG'; } catch { return false; } }, 5000, 'redis back');
+  // Redis comes back on the same port from the snapshot: the room exists, our presence does not
+  await restartRedis(['--dir', redis.dir]);
+  assert.equal(redis.cli('EXISTS', 'flt:room:{hall}'), '1');
+  assert.equal(redis.cli('EXISTS', 'flt:room:{hall}:presence'), '0');
   t0 = Date.now();
   await waitFor(async () => (await ready()) === 200, 10000, 'readiness to turn green again');
-  // the node re-asserts its presence (sync) into the empty Redis: the user's meta and the anonymous count
+  // the node re-asserts its presence (sync): the user's meta and the anonymous count
   await waitFor(() => redis.lines('HKEYS', 'flt:room:{hall}:presence').some((k) => k.startsWith(`${gw.node}.`))
     && redis.cli('HGET', 'flt:room:{hall}:anon', gw.node) === '1'
     && redis.cli('ZSCORE', 'flt:room:{hall}:nodes', gw.node) !== '', 10000, 'presence re-asserted');
   t.diagnostic(`ready and presence re-asserted ${Date.now() - t0} ms after Redis returned`);
 
-  // the room record was lost with the restart; once re-created, messages flow again
-  createRoom(redis, 'flt', 'hall');
+  // messages flow again
   await waitFor(async () => {
     const ref = String(Math.floor(Math.random() * 1e9));
     user.send(['1', ref, 'rooms:hall', 'new_msg', { body: 'back' }]);
@@ -75,5 +84,34 @@ test('Redis down: sockets stay, joins and pushes fail fast; Redis back empty: pr
   }, 10000, 'pushes to work again');
   await anon.next((f) => f[3] === 'new_msg' && f[4].body === 'back', 5000);
   await sleep(100);
+  assert.equal(user.closeInfo, null);
+});
+
+test('Redis back empty: the room is gone, its channels close and nothing of it is written back', { timeout: 60000 }, async () => {
+  restarted?.kill('SIGKILL');
+  await waitFor(() => { try { redis.cli('PING'); return false; } catch { return true; } }, 5000, 'previous redis gone');
+  await restartRedis();
+  await waitFor(async () => (await ready()) === 200, 10000, 'ready');
+  createRoom(redis, 'flt', 'gone');
+  const token = hs256({ sub: '6', username: 'six', exp: Math.floor(Date.now() / 1000) + 600 });
+  const user = await rawConnect(`${gw.publicUrl}/websocket?vsn=2.0.0&token=${token}`);
+  const anon = await rawConnect(`${gw.publicUrl}/websocket?vsn=2.0.0`);
+  assert.equal((await user.join('rooms:gone', '7'))[4].status, 'ok');
+  assert.equal((await anon.join('rooms:gone', '8'))[4].status, 'ok');
+  await waitFor(() => redis.cli('HGET', 'flt:room:{gone}:anon', gw.node) === '1', 5000, 'anonymous count written');
+
+  restarted.kill('SIGKILL');
+  await waitFor(async () => (await ready()) === 503, 5000, 'readiness to turn red');
+  await restartRedis();
+  // the node finds the room record gone (sync, heartbeat or snapshot): as if it had been deleted
+  await user.next((f) => f[3] === 'phx_close' && f[2] === 'rooms:gone', 10000);
+  await anon.next((f) => f[3] === 'phx_close' && f[2] === 'rooms:gone', 5000);
+  await waitFor(async () => (await ready()) === 200, 10000, 'ready again');
+  // several heartbeats later, no key of the room exists: nothing was written back into it
+  await sleep(1500);
+  assert.deepEqual(redis.scanAll('flt:room:{gone}*'), []);
+  // and the room stays gone for joins
+  const again = await user.join('rooms:gone', '9');
+  assert.deepEqual(again[4], { status: 'error', response: { reason: 'Room does not exist' } });
   assert.equal(user.closeInfo, null);
 });

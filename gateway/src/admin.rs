@@ -148,10 +148,11 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 Err(r) => return *r,
             };
             let name = body.get("name").and_then(Value::as_str);
-            catalog
-                .create(&id, name)
-                .await
-                .map(|r| json_response(StatusCode::CREATED, &json!(r)))
+            catalog.create(&id, name).await.map(|r| {
+                // joinable here at once, even if this node found the id missing a moment ago
+                app.hub.forget_missing(&id);
+                json_response(StatusCode::CREATED, &json!(r))
+            })
         }
         (m, ["rooms", id, rest @ ..]) => {
             let id = match room_id(id) {

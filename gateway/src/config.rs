@@ -59,6 +59,10 @@ pub struct ServerConfig {
     pub max_channels_per_socket: usize,
     /// Open sockets at most; the upgrade answers 503 past it (protects memory and fds).
     pub max_connections: usize,
+    /// Refused joins (a room that does not exist, an invalid topic) one socket may make per
+    /// minute; one more closes it with 4009. phoenix.js retries a refused join at most ~6 times a
+    /// minute per channel, so only a client looping over room ids gets there.
+    pub max_refused_joins_per_min: u32,
     /// How long a SIGTERM drain may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
     /// Sockets closed per drain batch, so clients do not all reconnect in the same millisecond.
@@ -155,6 +159,7 @@ impl Default for ServerConfig {
             write_timeout_ms: 10_000,
             max_channels_per_socket: 100,
             max_connections: 100_000,
+            max_refused_joins_per_min: 30,
             shutdown_timeout_ms: 10_000,
             drain_batch: 500,
             drain_grace_ms: 0,

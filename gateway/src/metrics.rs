@@ -289,6 +289,7 @@ fn close_label(code: u16) -> &'static str {
         close::RESTART => "1012",
         close::IDLE_TIMEOUT => "4000",
         close::SLOW_CONSUMER => "4008",
+        close::REFUSED_JOINS => "4009",
         _ => "other",
     }
 }

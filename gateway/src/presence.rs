@@ -337,6 +337,9 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within the deadline")]
     Timeout,
+    /// One failure shared by several calls (a pipeline that failed as a whole).
+    #[error("redis: {0}")]
+    Shared(String),
     #[error("unexpected reply from a presence script: {0}")]
     Reply(String),
 }
@@ -362,7 +365,34 @@ pub struct LeaveReply {
     pub anon: u64,
     /// The call found this node's own lease lapsed and swept its entries: re-assert (sync).
     pub lost: bool,
+    /// false: the room record is gone (the script wrote nothing and removed this node's entries).
+    pub exists: bool,
 }
+
+/// Result of `sync.lua`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReply {
+    /// The seq of the published change, 0 if nothing changed.
+    pub seq: u64,
+    pub anon: u64,
+    /// false: the room record is gone (nothing was written back into it).
+    pub exists: bool,
+}
+
+/// Result of `heartbeat.lua` for one room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// false: this node's lease had lapsed (its entries may be gone): re-assert with sync.
+    pub had_lease: bool,
+    /// The seq of the published change, 0 if nothing changed.
+    pub seq: u64,
+    /// false: the room record is gone (the lease was not renewed).
+    pub exists: bool,
+}
+
+/// Rooms per heartbeat pipeline: each chunk has its own deadline, so one slow batch does not
+/// fail every room of the node.
+const HEARTBEAT_CHUNK: usize = 200;
 
 /// Timings every script call carries.
 #[derive(Debug, Clone)]
@@ -512,6 +542,7 @@ impl Store {
             seq: int_at(&v, 0)?,
             anon: int_at(&v, 1)?,
             lost: int_at(&v, 2)? == 1,
+            exists: flag_at(&v, 3)?,
         })
     }
 
@@ -539,7 +570,7 @@ impl Store {
         anon: Option<u64>,
         release: bool,
         metas: &[(String, String)],
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<SyncReply, StoreError> {
         let mut inv = self.scripts.sync.prepare_invoke();
         Self::with_keys(&mut inv, keys);
         inv.arg(&self.lease.node)
@@ -551,22 +582,48 @@ impl Store {
             inv.arg(c).arg(m);
         }
         let v: Flat = self.run("sync", inv).await?;
-        Ok((int_at(&v, 0)?, int_at(&v, 1)?))
+        Ok(SyncReply {
+            seq: int_at(&v, 0)?,
+            anon: int_at(&v, 1)?,
+            exists: flag_at(&v, 2)?,
+        })
     }
 
-    /// `heartbeat.lua` for many rooms in one pipeline (one round trip for all of this node's rooms).
-    /// Each entry: room keys and the anonymous count to re-assert (None: leave it alone).
-    /// Returns per room (had lease, seq or 0, anonymous total).
+    /// `heartbeat.lua` for many rooms, pipelined in chunks of [`HEARTBEAT_CHUNK`] that run side by
+    /// side, each with its own deadline. Each entry: room keys and the anonymous count to re-assert
+    /// (None: leave it alone). Returns one result per room, in order: a script error (`WRONGTYPE`
+    /// on one room's keys) or a chunk's timeout fails only those rooms.
     pub async fn heartbeat(
         &self,
         rooms: &[(RoomKeys, Option<u64>)],
-    ) -> Result<Vec<(bool, u64, u64)>, StoreError> {
-        if rooms.is_empty() {
-            return Ok(Vec::new());
+    ) -> Vec<Result<HeartbeatReply, StoreError>> {
+        let timer = self.metrics.script_timer("heartbeat");
+        let chunks = rooms
+            .chunks(HEARTBEAT_CHUNK)
+            .map(|chunk| self.heartbeat_chunk(chunk));
+        let out: Vec<_> = futures_util::future::join_all(chunks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        timer.observe_duration();
+        for r in &out {
+            if r.is_err() {
+                self.metrics.redis_error("heartbeat");
+            }
         }
-        let build = || {
+        out
+    }
+
+    async fn heartbeat_chunk(
+        &self,
+        rooms: &[(RoomKeys, Option<u64>)],
+    ) -> Vec<Result<HeartbeatReply, StoreError>> {
+        let pipe = |idx: &[usize]| {
             let mut pipe = redis::pipe();
-            for (keys, anon) in rooms {
+            pipe.ignore_errors();
+            for &i in idx {
+                let (keys, anon) = &rooms[i];
                 let mut inv = self.scripts.heartbeat.prepare_invoke();
                 Self::with_keys(&mut inv, keys);
                 inv.arg(&self.lease.node)
@@ -577,32 +634,64 @@ impl Store {
             }
             pipe
         };
-        let mut conn = self.conn.clone();
-        let timer = self.metrics.script_timer("heartbeat");
-        let mut res: Result<Vec<Flat>, redis::RedisError> =
-            match tokio::time::timeout(self.timeout, build().query_async(&mut conn)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    self.metrics.redis_error("heartbeat");
-                    return Err(StoreError::Timeout);
+        let mut out: Vec<Result<HeartbeatReply, StoreError>> =
+            (0..rooms.len()).map(|_| Err(StoreError::Timeout)).collect();
+        let mut todo: Vec<usize> = (0..rooms.len()).collect();
+        // a second round only for the scripts Redis did not know (restart, SCRIPT FLUSH,
+        // a freshly promoted replica)
+        for round in 0..2 {
+            let mut conn = self.conn.clone();
+            let replies: Vec<redis::RedisResult<Flat>> = match tokio::time::timeout(
+                self.timeout,
+                pipe(&todo).query_async(&mut conn),
+            )
+            .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    let msg = e.to_string();
+                    for &i in &todo {
+                        out[i] = Err(StoreError::Shared(msg.clone()));
+                    }
+                    return out;
                 }
+                Err(_) => return out,
             };
-        if let Err(e) = &res
-            && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-        {
-            // Redis restarted or SCRIPT FLUSH: load and retry once
-            self.scripts.load_all(&mut conn).await?;
-            res = match tokio::time::timeout(self.timeout, build().query_async(&mut conn)).await {
-                Ok(r) => r,
-                Err(_) => return Err(StoreError::Timeout),
-            };
+            let mut again = Vec::new();
+            for (&i, r) in todo.iter().zip(replies) {
+                match r {
+                    Err(e)
+                        if round == 0
+                            && e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        again.push(i)
+                    }
+                    Err(e) => out[i] = Err(e.into()),
+                    Ok(v) => {
+                        out[i] = (|| {
+                            Ok(HeartbeatReply {
+                                had_lease: int_at(&v, 0)? == 1,
+                                seq: int_at(&v, 1)?,
+                                exists: flag_at(&v, 3)?,
+                            })
+                        })()
+                    }
+                }
+            }
+            if again.is_empty() {
+                break;
+            }
+            if let Err(e) = self.scripts.load_all(&mut conn).await {
+                let msg = e.to_string();
+                for &i in &again {
+                    out[i] = Err(StoreError::Shared(msg.clone()));
+                }
+                break;
+            }
+            todo = again;
         }
-        timer.observe_duration();
-        let replies = res.inspect_err(|_| self.metrics.redis_error("heartbeat"))?;
-        replies
-            .iter()
-            .map(|v| Ok((int_at(v, 0)? == 1, int_at(v, 1)?, int_at(v, 2)?)))
-            .collect()
+        out
     }
 }
 
@@ -613,6 +702,14 @@ fn int_at(v: &[redis::Value], i: usize) -> Result<u64, StoreError> {
             "expected an integer at {i}, got {other:?}"
         ))),
     }
+}
+
+/// A 1/0 flag a script appends to its reply; absent means 1 (a reply from before the flag).
+fn flag_at(v: &[redis::Value], i: usize) -> Result<bool, StoreError> {
+    if v.len() <= i {
+        return Ok(true);
+    }
+    Ok(int_at(v, i)? == 1)
 }
 
 fn metas_at(v: &[redis::Value], i: usize) -> Result<HashMap<String, Meta>, StoreError> {

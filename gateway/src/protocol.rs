@@ -25,6 +25,9 @@ pub mod close {
     pub const IDLE_TIMEOUT: u16 = 4000;
     /// The socket's outbound queue overflowed: it cannot keep up with its rooms.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// More than `server.max_refused_joins_per_min` joins refused (rooms that do not exist,
+    /// invalid topics) within a minute: a client looping over random room ids.
+    pub const REFUSED_JOINS: u16 = 4009;
 }
 
 /// Reply reasons, in one place so tests and clients can rely on the exact strings.

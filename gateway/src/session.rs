@@ -159,6 +159,9 @@ struct Session {
     auth_error: Option<AuthError>,
     channels: HashMap<String, Channel>,
     out: Outbox,
+    /// Joins refused in the current minute (see `server.max_refused_joins_per_min`).
+    refused_joins: u32,
+    refused_since: tokio::time::Instant,
 }
 
 /// Why the reader stopped.
@@ -192,6 +195,8 @@ pub async fn run<R, W>(
         auth_error,
         channels: HashMap::new(),
         out: out.clone(),
+        refused_joins: 0,
+        refused_since: tokio::time::Instant::now(),
     };
     let mut ws = fastwebsockets::after_handshake_split(
         read,
@@ -367,12 +372,14 @@ impl Session {
         let app = self.app.clone();
         let Payload::Json(params) = &f.payload else {
             app.metrics.join(join_result::INVALID);
+            self.refused_join();
             return self.reply_error(&f, reason::INVALID_PAYLOAD);
         };
         let id = match RoomId::from_topic(&f.topic) {
             Ok(id) => id,
             Err(e) => {
                 app.metrics.join(join_result::INVALID);
+                self.refused_join();
                 return self.reply_error(&f, e.reason());
             }
         };
@@ -457,12 +464,31 @@ impl Session {
                 }
                 app.metrics.join(label);
                 self.reply_error(&f, why);
+                if let JoinError::NoRoom = e {
+                    self.refused_join();
+                }
             }
         }
         if let Some(old) = previous
             && *old.join_ref != *join_ref
         {
             self.out.send(protocol::phx_close(&old.join_ref, &f.topic));
+        }
+    }
+
+    /// Counts a join refused for the client's own fault; past the per-minute limit the socket is
+    /// closed (after the refusal's reply) with 4009, so a client looping over random room ids
+    /// cannot keep the node busy.
+    fn refused_join(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.refused_since) >= Duration::from_secs(60) {
+            self.refused_since = now;
+            self.refused_joins = 0;
+        }
+        self.refused_joins += 1;
+        if self.refused_joins > self.app.cfg.server.max_refused_joins_per_min {
+            tracing::debug!(socket = self.socket, "too many refused joins; closing");
+            self.out.close(close::REFUSED_JOINS);
         }
     }
 

@@ -187,6 +187,8 @@ export async function startRedis() {
     return {
       port,
       url: `redis://127.0.0.1:${port}`,
+      /** The server's --dir (where SAVE writes dump.rdb). */
+      dir,
       proc,
       cli,
       lines,

@@ -70,8 +70,16 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                     soonest(due);
                 }
             }
-            if st.resnapshot && !st.resnapshotting && st.installed {
+            let resnapshot_due = st.resnapshot_at.is_none_or(|t| now >= t);
+            if st.resnapshot
+                && !resnapshot_due
+                && let Some(t) = st.resnapshot_at
+            {
+                soonest(t);
+            }
+            if st.resnapshot && resnapshot_due && !st.resnapshotting && st.installed {
                 st.resnapshot = false;
+                st.resnapshot_at = None;
                 st.resnapshotting = true;
                 st.mirror.begin_resync();
                 tokio::spawn(resnapshot(hub.clone(), room.clone()));
@@ -148,7 +156,9 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
 }
 
 /// Takes the room out of the map if it is still empty; queues the UNSUBSCRIBE under the map lock
-/// so a new subscription of the same room is always ordered after it.
+/// so a new subscription of the same room is always ordered after it. The UNSUBSCRIBE is queued
+/// even when no subscription was confirmed to this room (one may have landed after its joiner
+/// gave up); the subscriber ignores it for a channel it does not hold.
 pub(super) fn remove_room(hub: &Hub, room: &Arc<Room>) -> bool {
     let mut rooms = lock(&hub.rooms);
     let mut st = lock(&room.state);
@@ -156,16 +166,15 @@ pub(super) fn remove_room(hub: &Hub, room: &Arc<Room>) -> bool {
         return false;
     }
     st.removed = true;
-    let subscribed = st.subscribed;
     drop(st);
     let unsubscribe = match rooms.get(&room.id) {
         Some(r) if Arc::ptr_eq(r, room) => {
             rooms.remove(&room.id);
-            subscribed
+            true
         }
         // replaced after a deletion: the channel belongs to the room object that replaced it
         Some(_) => false,
-        None => subscribed,
+        None => true,
     };
     if unsubscribe {
         let _ = hub
@@ -182,18 +191,23 @@ pub(super) async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
             .join(&room.keys, "", &delta.to_string(), false)
             .await
             .map(|j| match j {
-                JoinReply::Joined { seq, lost, .. } => (seq, lost),
-                JoinReply::NoRoom => (0, false),
+                JoinReply::Joined { seq, lost, .. } => (seq, lost, true),
+                JoinReply::NoRoom => (0, false, false),
             })
     } else {
         hub.store
             .leave(&room.keys, "", delta.unsigned_abs(), false)
             .await
-            .map(|r| (r.seq, r.lost))
+            .map(|r| (r.seq, r.lost, r.exists))
     };
+    if let Ok((_, _, false)) = r {
+        lock(&room.state).end_anon_write(0);
+        hub.mark_deleted(&room);
+        return;
+    }
     let mut st = lock(&room.state);
     match r {
-        Ok((seq, lost)) => {
+        Ok((seq, lost, _)) => {
             st.end_anon_write(seq);
             if lost {
                 st.needs_sync = true;
@@ -210,29 +224,35 @@ pub(super) async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
 
 pub(super) async fn resnapshot(hub: Arc<Hub>, room: Arc<Room>) {
     let r = hub.store.snapshot(&room.keys).await;
-    let again = {
+    let max = hub.cfg.presence.heartbeat_interval();
+    let gone = {
         let mut st = lock(&room.state);
         st.resnapshotting = false;
         match r {
             Ok(Some(snap)) => {
-                if st.mirror.install(snap) == Applied::Gap {
-                    st.resnapshot = true;
-                }
+                st.resnapshot_backoff = Duration::ZERO;
+                hub.install_snapshot(&mut st, snap);
+                false
             }
             Ok(None) => {
-                // the room record is gone; keep the last known presence until the room's deletion
-                // closes its channels, instead of re-snapshotting forever
+                // the room record is gone: exactly as if its `deleted` message had arrived
                 st.mirror.abandon_resync();
+                true
             }
             Err(e) => {
-                tracing::warn!(room = %room.id, error = %e, "re-snapshot failed; retrying");
-                st.resnapshot = true;
+                // the first failure of a streak is worth a warning, the retries are not
+                if st.resnapshot_backoff.is_zero() {
+                    tracing::warn!(room = %room.id, error = %e, "re-snapshot failed; retrying with back-off");
+                } else {
+                    tracing::debug!(room = %room.id, error = %e, "re-snapshot failed again");
+                }
+                st.retry_resnapshot(max);
+                false
             }
         }
-        st.resnapshot
     };
-    if again {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if gone {
+        hub.mark_deleted(&room);
     }
     room.wake.notify_one();
 }
@@ -249,8 +269,14 @@ pub(super) async fn sync_room(
     let mut st = lock(&room.state);
     st.syncing = false;
     match r {
-        Ok((seq, _)) => {
-            st.end_anon_absolute(seq);
+        Ok(reply) if !reply.exists => {
+            st.end_anon_absolute(0);
+            drop(st);
+            hub.mark_deleted(&room);
+            return;
+        }
+        Ok(reply) => {
+            st.end_anon_absolute(reply.seq);
             st.sync_backoff = Duration::ZERO;
             // a signed-in join or leave written while this sync was under way may have been
             // undone by it: sync again with the new truth (after a pause, so churn cannot turn

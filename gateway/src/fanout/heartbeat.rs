@@ -4,8 +4,9 @@
 use super::*;
 
 impl Hub {
-    /// Renews this node's leases in all its rooms, one pipelined round trip, every
-    /// `presence.heartbeat_interval_ms`.
+    /// Renews this node's leases in all its rooms every `presence.heartbeat_interval_ms`: one
+    /// pipelined script call per room (in chunks, each with its own deadline), one outcome per
+    /// room.
     pub async fn run_heartbeat(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.cfg.presence.heartbeat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -34,29 +35,38 @@ impl Hub {
             if live.is_empty() {
                 continue;
             }
-            match self.store.heartbeat(&batch).await {
-                Ok(replies) => {
-                    for ((r, (had, seq, _total)), abs) in live.iter().zip(replies).zip(&absolute) {
+            let replies = self.store.heartbeat(&batch).await;
+            let mut failed = 0usize;
+            let mut first_error = None;
+            for ((r, reply), abs) in live.iter().zip(replies).zip(&absolute) {
+                match reply {
+                    Ok(h) if !h.exists => {
+                        if *abs {
+                            lock(&r.state).end_anon_absolute(0);
+                        }
+                        self.mark_deleted(r);
+                    }
+                    Ok(h) => {
                         let mut st = lock(&r.state);
                         if *abs {
-                            st.end_anon_absolute(seq);
+                            st.end_anon_absolute(h.seq);
                         }
-                        if !had {
+                        if !h.had_lease {
                             st.needs_sync = true;
                         }
-                        drop(st);
-                        r.wake.notify_one();
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, rooms = live.len(), "presence heartbeat failed");
-                    for (r, abs) in live.iter().zip(&absolute) {
+                    Err(e) => {
+                        failed += 1;
+                        first_error.get_or_insert(e);
                         if *abs {
                             lock(&r.state).fail_anon_write();
                         }
-                        r.wake.notify_one();
                     }
                 }
+                r.wake.notify_one();
+            }
+            if let Some(e) = first_error {
+                tracing::warn!(error = %e, failed, rooms = live.len(), "presence heartbeat failed for some rooms");
             }
         }
     }

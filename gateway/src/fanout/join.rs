@@ -15,8 +15,16 @@ impl Hub {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(JoinError::ShuttingDown);
         }
+        // one deadline for the whole join, waiting for a cold room's install included
+        let until = Instant::now() + self.join_deadline();
+        let known = lock(&self.rooms).get(id).is_some_and(|r| !r.is_deleted());
+        if !known {
+            // a cold room: check it exists before any room object, task or subscription is made
+            // for it (anonymous clients can ask for any id)
+            self.check_exists(id).await?;
+        }
         let room = self.acquire(id);
-        let r = Box::pin(self.join_inner(&room, &j)).await;
+        let r = Box::pin(self.join_inner(&room, &j, until)).await;
         let mut st = lock(&room.state);
         st.pending_joins -= 1;
         if let Err(e) = r {
@@ -83,7 +91,6 @@ impl Hub {
                     keys: self.keys.room(id),
                     state: Mutex::new(RoomState::default()),
                     wake: Notify::new(),
-                    init: tokio::sync::Mutex::new(()),
                     deleted: AtomicBool::new(false),
                 });
                 tokio::spawn(drive(self.clone(), room.clone()));
@@ -95,46 +102,116 @@ impl Hub {
         room
     }
 
+    /// How long a join may take, a cold room's subscribe and first snapshot included: two command
+    /// deadlines (phoenix.js gives up on a join after 10 s and sends it again).
+    fn join_deadline(&self) -> Duration {
+        self.cfg.redis.command_timeout() * 2
+    }
+
+    /// `EXISTS` on the room record, answered from memory for an id found missing a moment ago.
+    async fn check_exists(&self, id: &RoomId) -> Result<(), JoinError> {
+        if self.known_missing(id) {
+            return Err(JoinError::NoRoom);
+        }
+        let cmd = redis::cmd("EXISTS").arg(self.keys.room(id).room).clone();
+        if self.store.command::<i64>("exists", &cmd).await? == 0 {
+            self.remember_missing(id);
+            return Err(JoinError::NoRoom);
+        }
+        Ok(())
+    }
+
     async fn join_inner(
         self: &Arc<Self>,
         room: &Arc<Room>,
         j: &Joiner<'_>,
+        until: Instant,
     ) -> Result<(), JoinError> {
         let meta = j
             .user
             .map(|u| meta_json(&u.id, &u.username, crate::unix_ms(), &self.node));
         let mut joined = false;
-        {
-            let _init = room.init.lock().await;
-            let (subscribed, installed) = {
-                let st = lock(&room.state);
-                (st.subscribed, st.installed)
-            };
-            if !subscribed {
-                self.subscribe(&room.keys.events).await?;
-                lock(&room.state).subscribed = true;
-            }
-            if !installed {
-                // A cold room: one call checks the room, (for a signed-in joiner) writes the
-                // presence, and returns the snapshot the mirror starts from.
-                let snap = match &meta {
-                    Some(meta) => {
-                        joined = true;
-                        self.write_join(room, j.conn, meta, true).await?
-                    }
-                    None => self.store.snapshot(&room.keys).await?,
-                }
-                .ok_or(JoinError::NoRoom)?;
+        loop {
+            // a cold room is installed once: the first joiner does it, every joiner arriving
+            // meanwhile waits for that outcome (and fails with it), within its own deadline
+            let wait = {
                 let mut st = lock(&room.state);
-                if st.mirror.install(snap) == Applied::Gap {
-                    st.resnapshot = true;
+                if st.installed {
+                    break;
                 }
-                st.installed = true;
+                match &st.installing {
+                    Some(rx) => Err(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        st.installing = Some(rx);
+                        Ok(tx)
+                    }
+                }
+            };
+            let wait = match wait {
+                Ok(tx) => {
+                    let r = self.install(room, j.conn, meta.as_deref(), until).await;
+                    joined = r.is_ok() && meta.is_some();
+                    lock(&room.state).installing = None;
+                    let _ = tx.send(Some(r.clone()));
+                    r?;
+                    break;
+                }
+                Err(rx) => Some(rx),
+            };
+            if let Some(mut rx) = wait {
+                match tokio::time::timeout_at(until, rx.wait_for(Option::is_some)).await {
+                    Ok(Ok(outcome)) => {
+                        if let Some(Err(e)) = &*outcome {
+                            return Err(e.clone());
+                        }
+                    }
+                    // the installer's channel closed without an outcome: look again
+                    Ok(Err(_)) => {}
+                    Err(_) => {
+                        return Err(JoinError::Unavailable(
+                            "timed out waiting for the room's first snapshot".into(),
+                        ));
+                    }
+                }
             }
         }
         if let (Some(meta), false) = (meta, joined) {
+            if Instant::now() >= until {
+                return Err(JoinError::Unavailable("join deadline passed".into()));
+            }
             self.write_join(room, j.conn, &meta, false).await?;
         }
+        Ok(())
+    }
+
+    /// A cold room: subscribe, then one call that checks the room, (for a signed-in joiner)
+    /// writes its presence, and returns the snapshot the mirror starts from.
+    async fn install(
+        &self,
+        room: &Arc<Room>,
+        conn: &str,
+        meta: Option<&str>,
+        until: Instant,
+    ) -> Result<(), JoinError> {
+        if !lock(&room.state).subscribed {
+            self.subscribe(&room.keys.events, until).await?;
+            lock(&room.state).subscribed = true;
+        }
+        if Instant::now() >= until {
+            return Err(JoinError::Unavailable("join deadline passed".into()));
+        }
+        let snap = match meta {
+            Some(meta) => self.write_join(room, conn, meta, true).await?,
+            None => self.store.snapshot(&room.keys).await?,
+        };
+        let Some(snap) = snap else {
+            self.remember_missing(&room.id);
+            return Err(JoinError::NoRoom);
+        };
+        let mut st = lock(&room.state);
+        self.install_snapshot(&mut st, snap);
+        st.installed = true;
         Ok(())
     }
 
@@ -142,7 +219,7 @@ impl Hub {
     /// in step: a call that failed may still have run, so a failure re-syncs the room.
     async fn write_join(
         &self,
-        room: &Room,
+        room: &Arc<Room>,
         conn: &str,
         meta: &str,
         want_snapshot: bool,
@@ -166,10 +243,38 @@ impl Hub {
             Err(e) => {
                 st.set_signed(conn, None);
                 st.needs_sync = true;
+                st.pending_leaves += 1;
                 drop(st);
-                room.wake.notify_one();
+                // The call may still run after its deadline (Redis slow, not gone): an idempotent
+                // leave, queued behind it on the same connection, removes what it wrote, whether
+                // or not the room gets installed (a sync needs an installed room).
+                let (store, room, conn) = (self.store.clone(), room.clone(), conn.to_string());
+                tokio::spawn(async move {
+                    if let Err(e) = store.leave(&room.keys, &conn, 0, false).await {
+                        tracing::debug!(room = %room.id, error = %e, "undoing a failed join failed; the next install or sync removes it");
+                    }
+                    lock(&room.state).pending_leaves -= 1;
+                    room.wake.notify_one();
+                });
                 Err(e.into())
             }
+        }
+    }
+
+    /// Installs a (first or new) snapshot into the room's mirror. A connection of this node that
+    /// the node does not know (a join whose reply was lost, written after its deadline) would be
+    /// kept alive by this node's heartbeats for as long as it holds the room: a sync removes it.
+    pub(super) fn install_snapshot(&self, st: &mut RoomState, snap: crate::presence::Snapshot) {
+        let prefix = format!("{}.", self.node);
+        if snap
+            .metas
+            .keys()
+            .any(|c| c.starts_with(&prefix) && !st.signed_local.contains_key(c.as_str()))
+        {
+            st.needs_sync = true;
+        }
+        if st.mirror.install(snap) == Applied::Gap {
+            st.resnapshot = true;
         }
     }
 
@@ -202,6 +307,10 @@ impl Hub {
             return;
         }
         let lost = match Box::pin(self.store.leave(&room.keys, conn, 0, false)).await {
+            Ok(r) if !r.exists => {
+                self.mark_deleted(room);
+                false
+            }
             Ok(r) => r.lost,
             Err(e) => {
                 tracing::warn!(room = %room.id, error = %e, "leave failed; the room will be re-synced");
@@ -226,12 +335,26 @@ impl Hub {
         self.store.command::<i64>("publish", &cmd).await.map(|_| ())
     }
 
-    async fn subscribe(&self, channel: &str) -> Result<(), JoinError> {
+    /// Asks the subscriber for the room's channel and waits for its answer until `until` (and no
+    /// longer than a command deadline). Refused at once when too many requests already wait.
+    async fn subscribe(&self, channel: &str, until: Instant) -> Result<(), JoinError> {
+        if self.sub_pending.fetch_add(1, Ordering::AcqRel) >= SUBSCRIBE_QUEUE_MAX {
+            self.sub_pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(JoinError::Unavailable(
+                "too many subscriptions pending".into(),
+            ));
+        }
         let (tx, rx) = oneshot::channel();
-        self.sub_tx
+        if self
+            .sub_tx
             .send(SubCmd::Subscribe(channel.to_string(), tx))
-            .map_err(|_| JoinError::Unavailable("subscriber stopped".into()))?;
-        match tokio::time::timeout(self.cfg.redis.command_timeout(), rx).await {
+            .is_err()
+        {
+            self.sub_pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(JoinError::Unavailable("subscriber stopped".into()));
+        }
+        let until = until.min(Instant::now() + self.cfg.redis.command_timeout());
+        match tokio::time::timeout_at(until, rx).await {
             Ok(Ok(true)) => Ok(()),
             _ => Err(JoinError::Unavailable("pub/sub subscribe failed".into())),
         }

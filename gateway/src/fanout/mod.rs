@@ -38,7 +38,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::auth::User;
@@ -57,7 +57,7 @@ const SEQ_UNKNOWN: u64 = u64::MAX;
 /// A failed presence write is re-asserted (sync) after this pause, not in a tight loop.
 const SYNC_RETRY: Duration = Duration::from_millis(500);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JoinError {
     #[error("room does not exist")]
     NoRoom,
@@ -73,10 +73,25 @@ impl From<StoreError> for JoinError {
     }
 }
 
+/// A request to the subscriber task, which owns the set of subscribed channels (so a reconnect
+/// re-subscribes exactly what it had, whatever the joiners saw of it). One queue keeps a room's
+/// UNSUBSCRIBE ordered before a later SUBSCRIBE of the same channel.
 enum SubCmd {
+    /// Subscribe and answer on the sender; skipped when the joiner stopped waiting.
     Subscribe(String, oneshot::Sender<bool>),
+    /// Unsubscribe if subscribed (a room that never got its subscription confirmed still sends
+    /// it, so a subscription that landed after its joiner gave up is not left behind).
     Unsubscribe(String),
 }
+
+/// At most this many subscribe requests wait for the subscriber: past it a cold join is refused
+/// as unavailable instead of queueing without bound behind a slow Redis.
+const SUBSCRIBE_QUEUE_MAX: usize = 1024;
+/// A room id found missing is answered from memory for this long: a flood of joins to rooms that
+/// do not exist costs one `EXISTS` per id and second, not one per join.
+const MISSING_ROOM_TTL: Duration = Duration::from_secs(1);
+/// At most this many missing ids are remembered (a bounded cache, cleared when full).
+const MISSING_ROOMS_MAX: usize = 10_000;
 
 /// One local member of a room: a socket's channel.
 struct Member {
@@ -104,8 +119,6 @@ pub struct Room {
     pub keys: RoomKeys,
     state: Mutex<RoomState>,
     wake: Notify,
-    /// Serialises the subscribe + first snapshot of a cold room.
-    init: tokio::sync::Mutex<()>,
     /// The room was deleted: its channels got `phx_close`; pushes are refused.
     deleted: AtomicBool,
 }
@@ -138,6 +151,12 @@ struct RoomState {
     /// An anonymous write failed and may or may not have landed: no more deltas until an
     /// absolute write (the next heartbeat, or a sync) has set the count again.
     anon_needs_absolute: bool,
+    /// The install (subscribe + first snapshot) of a cold room under way: every joiner that
+    /// arrives meanwhile waits for its outcome instead of trying again on its own.
+    installing: Option<watch::Receiver<Option<Result<(), JoinError>>>>,
+    /// When a failed re-snapshot may run again; the pause doubles per failure, with jitter.
+    resnapshot_at: Option<Instant>,
+    resnapshot_backoff: Duration,
     /// Signed-in leaves whose script call is under way (teardown and drain wait for them).
     pending_leaves: usize,
     mirror: Mirror,
@@ -239,13 +258,13 @@ impl RoomState {
     /// `max`, with jitter so that many rooms do not retry in step).
     fn retry_sync(&mut self, failed: bool, max: Duration) {
         self.needs_sync = true;
-        if failed {
-            self.sync_backoff = (self.sync_backoff * 2).clamp(SYNC_RETRY, max.max(SYNC_RETRY));
-        }
-        let pause = self.sync_backoff.max(SYNC_RETRY);
-        let jitter =
-            Duration::from_millis(rand::random::<u64>() % (pause.as_millis() as u64 / 4 + 1));
-        self.sync_retry_at = Some(Instant::now() + pause + jitter);
+        self.sync_retry_at = Some(back_off(&mut self.sync_backoff, failed, max));
+    }
+
+    /// Schedules another re-snapshot after a failed one, on the same back-off as syncs.
+    fn retry_resnapshot(&mut self, max: Duration) {
+        self.resnapshot = true;
+        self.resnapshot_at = Some(back_off(&mut self.resnapshot_backoff, true, max));
     }
 
     /// Records a signed-in connection of this node in the room (None: it left).
@@ -278,6 +297,11 @@ pub struct Hub {
     rooms: Mutex<HashMap<RoomId, Arc<Room>>>,
     sub_tx: mpsc::UnboundedSender<SubCmd>,
     sub_rx: Mutex<Option<mpsc::UnboundedReceiver<SubCmd>>>,
+    /// Subscribe requests queued and not yet taken by the subscriber (bounded by
+    /// [`SUBSCRIBE_QUEUE_MAX`]).
+    sub_pending: std::sync::atomic::AtomicUsize,
+    /// Room ids recently found not to exist, with when.
+    missing: Mutex<HashMap<RoomId, Instant>>,
     pubsub_up: AtomicBool,
     shutting_down: AtomicBool,
     /// Held while a heartbeat pipeline is in flight, so the shutdown release lands after it.
@@ -288,6 +312,18 @@ pub struct Hub {
     /// `<p>:node:<node>:probe`, named once: it is compared with every pub/sub message.
     probe_channel: String,
     epoch: Instant,
+}
+
+/// The next retry time of a failed Redis write or read: the pause doubles per failure from
+/// [`SYNC_RETRY`] up to `max`, plus up to a quarter of jitter so that many rooms do not retry in
+/// step.
+fn back_off(backoff: &mut Duration, failed: bool, max: Duration) -> Instant {
+    if failed {
+        *backoff = (*backoff * 2).clamp(SYNC_RETRY, max.max(SYNC_RETRY));
+    }
+    let pause = (*backoff).max(SYNC_RETRY);
+    let jitter = Duration::from_millis(rand::random::<u64>() % (pause.as_millis() as u64 / 4 + 1));
+    Instant::now() + pause + jitter
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -314,6 +350,8 @@ impl Hub {
             rooms: Mutex::new(HashMap::new()),
             sub_tx,
             sub_rx: Mutex::new(Some(sub_rx)),
+            sub_pending: Default::default(),
+            missing: Mutex::new(HashMap::new()),
             pubsub_up: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             heartbeat_lock: tokio::sync::Mutex::new(()),
@@ -338,6 +376,54 @@ impl Hub {
 
     fn presence_cap(&self) -> u64 {
         self.cfg.presence.anonymous_list_max
+    }
+
+    /// Whether `id` was found missing within [`MISSING_ROOM_TTL`].
+    fn known_missing(&self, id: &RoomId) -> bool {
+        lock(&self.missing)
+            .get(id)
+            .is_some_and(|t| t.elapsed() < MISSING_ROOM_TTL)
+    }
+
+    fn remember_missing(&self, id: &RoomId) {
+        let mut m = lock(&self.missing);
+        if m.len() >= MISSING_ROOMS_MAX {
+            m.retain(|_, t| t.elapsed() < MISSING_ROOM_TTL);
+            if m.len() >= MISSING_ROOMS_MAX {
+                m.clear();
+            }
+        }
+        m.insert(id.clone(), Instant::now());
+    }
+
+    /// A room created on this node (admin API) is joinable at once, not after the cache lapses.
+    pub fn forget_missing(&self, id: &RoomId) {
+        lock(&self.missing).remove(id);
+    }
+
+    /// The room's record is gone (the `deleted` message, or a script or snapshot that found no
+    /// room): its channels get `phx_close` like Phoenix sends when a channel stops normally
+    /// (clients do not rejoin), and the members are forgotten so nothing of this node writes the
+    /// room's keys again.
+    fn mark_deleted(&self, room: &Room) {
+        if room.deleted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.remember_missing(&room.id);
+        let mut st = lock(&room.state);
+        for m in st.members.values() {
+            m.out.send(protocol::phx_close(&m.join_ref, &room.topic));
+        }
+        tracing::info!(room = %room.id, members = st.members.len(), "room deleted; channels closed");
+        st.members.clear();
+        st.signed_local.clear();
+        st.anon_local = 0;
+        st.anon_unflushed = 0;
+        st.needs_sync = false;
+        st.resnapshot = false;
+        st.empty_since = Some(Instant::now());
+        drop(st);
+        room.wake.notify_one();
     }
 }
 

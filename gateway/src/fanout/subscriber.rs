@@ -2,7 +2,12 @@
 //! dispatch of every message (room frames, presence envelopes, deletions, probes), the liveness
 //! probe, and the rebuild after a lost or silent connection.
 
+use std::collections::HashSet;
+
 use super::*;
+
+/// Queued requests applied in one go: one SUBSCRIBE for many rooms, not a round trip each.
+const SUBSCRIBE_BATCH: usize = 256;
 
 impl Hub {
     fn dispatch(&self, channel: &str, payload: &[u8]) {
@@ -32,24 +37,8 @@ impl Hub {
                 let n = lock(&room.state).send_all(&frame);
                 self.metrics.fanout(n);
             }
-            Some(b'{') if payload.starts_with(br#"{"deleted""#) => {
-                // the room was deleted (admin API / CLI): close its channels like Phoenix does
-                // when a channel stops normally (clients do not rejoin), and forget the members so
-                // nothing of this node writes the room's keys again
-                room.deleted.store(true, Ordering::Relaxed);
-                let mut st = lock(&room.state);
-                for m in st.members.values() {
-                    m.out.send(protocol::phx_close(&m.join_ref, &room.topic));
-                }
-                tracing::info!(room = %id, members = st.members.len(), "room deleted; channels closed");
-                st.members.clear();
-                st.signed_local.clear();
-                st.anon_local = 0;
-                st.anon_unflushed = 0;
-                st.empty_since = Some(Instant::now());
-                drop(st);
-                room.wake.notify_one();
-            }
+            // the room was deleted (admin API / CLI)
+            Some(b'{') if payload.starts_with(br#"{"deleted""#) => self.mark_deleted(&room),
             Some(b'{') => match serde_json::from_slice::<Envelope>(payload) {
                 Ok(env) => {
                     let mut st = lock(&room.state);
@@ -83,6 +72,8 @@ impl Hub {
         let sub_name = format!("{}-sub-{}", self.keys.prefix(), self.node);
         let mut first = true;
         let mut backoff = Duration::from_millis(50);
+        // the channels this task has subscribed: what a new connection subscribes again
+        let mut subscribed: HashSet<String> = HashSet::new();
         loop {
             let ps = match tokio::time::timeout(
                 self.cfg.redis.connect_timeout(),
@@ -105,8 +96,7 @@ impl Hub {
                         tokio::select! {
                             _ = &mut deadline => break,
                             c = cmds.recv() => match c {
-                                Some(SubCmd::Subscribe(_, tx)) => { let _ = tx.send(false); }
-                                Some(SubCmd::Unsubscribe(_)) => {}
+                                Some(c) => self.refuse(c, &mut subscribed),
                                 None => return,
                             },
                         }
@@ -117,11 +107,7 @@ impl Hub {
             };
             backoff = Duration::from_millis(50);
             let (mut sink, mut stream) = ps.split();
-            let channels: Vec<String> = lock(&self.rooms)
-                .values()
-                .filter(|r| lock(&r.state).subscribed)
-                .map(|r| r.keys.events.clone())
-                .collect();
+            let channels: Vec<String> = subscribed.iter().cloned().collect();
             let t = self.cfg.redis.command_timeout();
             let mut ok = matches!(
                 tokio::time::timeout(t, sink.subscribe(&probe_channel)).await,
@@ -176,21 +162,21 @@ impl Hub {
                         Some(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
                         None => { tracing::warn!("pub/sub connection lost"); break; }
                     },
-                    c = cmds.recv() => match c {
-                        Some(SubCmd::Subscribe(ch, tx)) => {
-                            let r = tokio::time::timeout(t, sink.subscribe(&ch)).await;
-                            let ok = matches!(r, Ok(Ok(())));
-                            let _ = tx.send(ok);
-                            if !ok { tracing::warn!("SUBSCRIBE failed; reconnecting"); break; }
-                        }
-                        Some(SubCmd::Unsubscribe(ch)) => {
-                            if !matches!(tokio::time::timeout(t, sink.unsubscribe(&ch)).await, Ok(Ok(()))) {
-                                tracing::warn!("UNSUBSCRIBE failed; reconnecting");
-                                break;
+                    c = cmds.recv() => {
+                        let Some(c) = c else { return };
+                        // everything queued meanwhile goes out together, in order
+                        let mut batch = vec![c];
+                        while batch.len() < SUBSCRIBE_BATCH {
+                            match cmds.try_recv() {
+                                Ok(c) => batch.push(c),
+                                Err(_) => break,
                             }
                         }
-                        None => return,
-                    },
+                        if !self.apply(&mut sink, &mut subscribed, batch, t).await {
+                            tracing::warn!("SUBSCRIBE or UNSUBSCRIBE failed; reconnecting");
+                            break;
+                        }
+                    }
                     _ = probe.tick() => {
                         if let Some(d) = probe_deadline && !self.probe_seen.load(Ordering::Relaxed) && Instant::now() > d {
                             tracing::warn!("pub/sub probe did not come back; rebuilding the connection");
@@ -204,6 +190,85 @@ impl Hub {
             self.pubsub_up.store(false, Ordering::Relaxed);
             self.metrics.redis_error("pubsub");
         }
+    }
+
+    /// Answers a request while there is no connection: no subscription now (the joiner gets an
+    /// error); an unsubscribe just leaves the set.
+    fn refuse(&self, c: SubCmd, subscribed: &mut HashSet<String>) {
+        match c {
+            SubCmd::Subscribe(_, tx) => {
+                self.sub_pending.fetch_sub(1, Ordering::AcqRel);
+                let _ = tx.send(false);
+            }
+            SubCmd::Unsubscribe(ch) => {
+                subscribed.remove(&ch);
+            }
+        }
+    }
+
+    /// Applies requests in order, each run of subscribes (or unsubscribes) as one command. A
+    /// subscribe whose joiner stopped waiting is skipped; one of a channel already subscribed is
+    /// answered at once. Returns false when the connection failed; the requests after the failure
+    /// are answered as while disconnected.
+    async fn apply(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        subscribed: &mut HashSet<String>,
+        batch: Vec<SubCmd>,
+        t: Duration,
+    ) -> bool {
+        let mut ok = true;
+        let mut it = batch.into_iter().peekable();
+        while let Some(c) = it.next() {
+            if !ok {
+                self.refuse(c, subscribed);
+                continue;
+            }
+            match c {
+                SubCmd::Subscribe(ch, tx) => {
+                    let mut group = vec![(ch, tx)];
+                    while let Some(SubCmd::Subscribe(..)) = it.peek() {
+                        if let Some(SubCmd::Subscribe(ch, tx)) = it.next() {
+                            group.push((ch, tx));
+                        }
+                    }
+                    self.sub_pending.fetch_sub(group.len(), Ordering::AcqRel);
+                    group.retain(|(_, tx)| !tx.is_closed());
+                    let mut new: Vec<&str> = Vec::new();
+                    for (ch, _) in &group {
+                        if !subscribed.contains(ch) && !new.contains(&ch.as_str()) {
+                            new.push(ch);
+                        }
+                    }
+                    ok = new.is_empty()
+                        || matches!(
+                            tokio::time::timeout(t, sink.subscribe(&new)).await,
+                            Ok(Ok(()))
+                        );
+                    if ok {
+                        subscribed.extend(new.into_iter().map(String::from));
+                    }
+                    for (_, tx) in group {
+                        let _ = tx.send(ok);
+                    }
+                }
+                SubCmd::Unsubscribe(ch) => {
+                    let mut gone: Vec<String> = Vec::new();
+                    gone.extend(subscribed.take(&ch));
+                    while let Some(SubCmd::Unsubscribe(_)) = it.peek() {
+                        if let Some(SubCmd::Unsubscribe(ch)) = it.next() {
+                            gone.extend(subscribed.take(&ch));
+                        }
+                    }
+                    ok = gone.is_empty()
+                        || matches!(
+                            tokio::time::timeout(t, sink.unsubscribe(&gone)).await,
+                            Ok(Ok(()))
+                        );
+                }
+            }
+        }
+        ok
     }
 
     fn send_probe(self: &Arc<Self>) {
