@@ -86,7 +86,8 @@ local function renew(node, now, lease_ms)
   return had ~= false and had ~= nil
 end
 
--- Presence keys of an abandoned room vanish by themselves once no node refreshes them.
+-- Presence keys of an abandoned room vanish by themselves once no node refreshes them. Called
+-- after every lease renew (a ZADD may re-create the lease set, which must not live forever).
 local function touch(key_ttl_ms)
   redis.call('PEXPIRE', K_PRESENCE, key_ttl_ms)
   redis.call('PEXPIRE', K_ANON, key_ttl_ms)

@@ -1,6 +1,7 @@
 -- leave.lua — a viewer leaves a room (or a node's batched anonymous leaves arrive).
 -- Idempotent: a meta is removed only if present, a count decremented only above zero, so a retry
--- changes nothing; nothing is published when nothing changed.
+-- changes nothing; nothing is published when nothing changed. The lease is renewed (and every
+-- presence key's TTL refreshed) either way.
 -- KEYS: the six room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
@@ -38,9 +39,9 @@ if ARGV[6] == '1' and (redis.call('HGET', K_ANON, node) or '0') == '0' then
     redis.call('ZREM', K_NODES, node)
   end
 end
+touch(key_ttl)
 local total = anon_total()
 if not changed then return { 0, total, lost } end
 local seq = next_seq(key_ttl)
 publish(seq, total, {}, leaves)
-touch(key_ttl)
 return { seq, total, lost }

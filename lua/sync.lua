@@ -1,6 +1,8 @@
 -- sync.lua — replace everything one node holds in a room with the node's local truth, in one step.
 -- Used after a Redis reconnect or restart, when a heartbeat finds the lease gone, and with
 -- release = 1 at shutdown (then the local truth is empty and the lease is dropped too).
+-- The lease is renewed (or released) and every presence key's TTL refreshed even when nothing
+-- changed.
 -- KEYS: the six room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
@@ -40,9 +42,9 @@ if release then
 else
   renew(node, now, lease)
 end
+touch(key_ttl)
 local total = anon_total()
 if not changed then return { 0, total } end
 local seq = next_seq(key_ttl)
 publish(seq, total, joins, leaves)
-touch(key_ttl)
 return { seq, total }

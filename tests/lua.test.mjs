@@ -1,7 +1,7 @@
 // The presence scripts themselves, run with EVAL against a real redis-server exactly as the
 // gateway loads them (lua/common.lua prepended): sweeps, seq, idempotent leaves, the "leave the
-// anonymous count alone" heartbeat, release-if-idle, and that a snapshot of a missing room writes
-// nothing.
+// anonymous count alone" heartbeat, release-if-idle, that a snapshot of a missing room writes
+// nothing, and that every renewed lease keeps a TTL.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -99,4 +99,28 @@ test('sync replaces a node\'s entries in one step and can release everything', (
   assert.deepEqual(redis.lines('HKEYS', `${room}:presence`), []);
   assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '');
   assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
+});
+
+test('every call that renews a lease leaves the lease set and the other presence keys with a TTL', () => {
+  const R = 'ttl1';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  // leave with nothing to change still renews the lease: the re-created :nodes key must expire
+  assert.equal(run('leave', R, 'A', '60000', '120000', 'A.9', '0', '0')[0], '0', 'nothing changed');
+  assert.ok(Number(redis.cli('PTTL', k[3])) > 0, `leave: PTTL of :nodes is ${redis.cli('PTTL', k[3])}`);
+  redis.cli('DEL', k[3]);
+  assert.equal(run('sync', R, 'A', '60000', '120000', '', '0')[0], '0', 'nothing changed');
+  assert.ok(Number(redis.cli('PTTL', k[3])) > 0, `sync: PTTL of :nodes is ${redis.cli('PTTL', k[3])}`);
+  // keys that lost their TTL get it back from the next renew, changed or not
+  run('join', R, 'A', '60000', '120000', '', '2', '0');
+  redis.cli('PERSIST', k[2]);
+  redis.cli('PERSIST', k[3]);
+  assert.equal(run('leave', R, 'A', '60000', '120000', '', '0', '0')[0], '0', 'nothing changed');
+  assert.ok(Number(redis.cli('PTTL', k[2])) > 0, 'leave: :anon has a TTL');
+  assert.ok(Number(redis.cli('PTTL', k[3])) > 0, 'leave: :nodes has a TTL');
+  redis.cli('PERSIST', k[2]);
+  redis.cli('PERSIST', k[3]);
+  assert.equal(run('sync', R, 'A', '60000', '120000', '2', '0')[0], '0', 'nothing changed');
+  assert.ok(Number(redis.cli('PTTL', k[2])) > 0, 'sync: :anon has a TTL');
+  assert.ok(Number(redis.cli('PTTL', k[3])) > 0, 'sync: :nodes has a TTL');
 });
