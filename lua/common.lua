@@ -10,6 +10,8 @@
 --   KEYS[5] <p>:room:{R}:seq        STRING presence change counter
 --   KEYS[6] <p>:room:{R}:events     channel for room events and presence changes
 --
+-- Nothing is written to a room whose record KEYS[1] is gone.
+--
 -- A change is published on KEYS[6] as one JSON envelope with absolute values where possible:
 --   {"seq":S,"anon":<anonymous total>,"joins":{"<conn>":<meta>,...},"leaves":["<conn>",...]}
 -- seq grows by exactly one per published change, so a gap tells a node it missed something.
@@ -93,6 +95,25 @@ local function touch(key_ttl_ms)
   redis.call('PEXPIRE', K_ANON, key_ttl_ms)
   redis.call('PEXPIRE', K_NODES, key_ttl_ms)
   redis.call('PEXPIRE', K_SEQ, key_ttl_ms)
+end
+
+-- Whether the room exists: its record is the room.
+local function room_exists()
+  return redis.call('EXISTS', K_ROOM) == 1
+end
+
+-- For a room whose record is gone (deleted; the caller missed the 'deleted' message): writes
+-- nothing (no lease, no field, no TTL, no seq, no publish: the room's channels are closed) but
+-- removes what the calling node still holds there, its presence fields '<node>.*' (and conn, if
+-- given), its anonymous count and its lease, so nothing of the deleted room lingers.
+local function drop_own(node, conn)
+  if conn and conn ~= '' then redis.call('HDEL', K_PRESENCE, conn) end
+  local prefix = node .. '.'
+  for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
+    if string.sub(f, 1, #prefix) == prefix then redis.call('HDEL', K_PRESENCE, f) end
+  end
+  redis.call('HDEL', K_ANON, node)
+  redis.call('ZREM', K_NODES, node)
 end
 
 -- joins: flat list conn1, meta1, conn2, meta2 ... (metas are JSON written by the gateway)

@@ -2,7 +2,7 @@
 -- Used after a Redis reconnect or restart, when a heartbeat finds the lease gone, and with
 -- release = 1 at shutdown (then the local truth is empty and the lease is dropped too).
 -- The lease is renewed (or released) and every presence key's TTL refreshed even when nothing
--- changed.
+-- changed. A room whose record is gone gets nothing written: the node's leftovers there are removed.
 -- KEYS: the six room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
@@ -10,10 +10,15 @@
 -- ARGV[4] the node's anonymous viewers in the room, or '' to leave the count alone
 -- ARGV[5] '1' to release the lease (clean exit), '0' to renew it
 -- ARGV[6..] conn1, meta1, conn2, meta2, ... : the node's signed-in connections in the room
--- Reply: {seq of the published change or 0, anonymous total}
+-- Reply: {seq of the published change or 0, anonymous total, exists (1)}
+--        {0, 0, 0} when the room does not exist (deleted).
 
 local node, lease, key_ttl, anon, release =
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
+if not room_exists() then
+  drop_own(node)
+  return { 0, 0, 0 }
+end
 local now = now_ms()
 local leaves, changed = sweep(now)
 local want = {}
@@ -44,7 +49,7 @@ else
 end
 touch(key_ttl)
 local total = anon_total()
-if not changed then return { 0, total } end
+if not changed then return { 0, total, 1 } end
 local seq = next_seq(key_ttl)
 publish(seq, total, joins, leaves)
-return { seq, total }
+return { seq, total, 1 }

@@ -1,7 +1,7 @@
 // The presence scripts themselves, run with EVAL against a real redis-server exactly as the
 // gateway loads them (lua/common.lua prepended): sweeps, seq, idempotent leaves, the "leave the
 // anonymous count alone" heartbeat, release-if-idle, that a snapshot of a missing room writes
-// nothing, and that every renewed lease keeps a TTL.
+// nothing, that a deleted room is never written back, and that every renewed lease keeps a TTL.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -20,6 +20,12 @@ const keys = (room) => {
   return [b, `${b}:presence`, `${b}:anon`, `${b}:nodes`, `${b}:seq`, `${b}:events`];
 };
 const run = (name, room, ...argv) => redis.lines('EVAL', script(name), '6', ...keys(room), ...argv);
+// What `gateway rooms delete` removes (gateway/src/catalog.rs): the record, presence, anon and
+// nodes keys; the seq counter is left to expire by itself.
+const adminDelete = (room) => {
+  const k = keys(room);
+  redis.cli('DEL', k[0], k[1], k[2], k[3]);
+};
 const meta = (user) => JSON.stringify({ user_id: user, username: `n-${user}`, online_at: 1, node: 'x' });
 
 test('snapshot of a room that does not exist writes nothing', () => {
@@ -99,6 +105,65 @@ test('sync replaces a node\'s entries in one step and can release everything', (
   assert.deepEqual(redis.lines('HKEYS', `${room}:presence`), []);
   assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '');
   assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
+});
+
+test('a deleted room is not written back by a node that missed the delete: heartbeat, sync and leave write nothing', () => {
+  const R = 'gone1';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  run('join', R, 'A', '60000', '120000', 'A.1', meta('u1'), '0');
+  run('join', R, 'A', '60000', '120000', '', '3', '0');
+  adminDelete(R);
+  redis.cli('PEXPIRE', k[4], '30000');
+  const seq = redis.cli('GET', k[4]);
+  const left = () => redis.scanAll(`lt:room:{${R}}*`);
+  assert.deepEqual(left(), [k[4]], 'the admin delete leaves only the seq counter, which expires by itself');
+  // node A missed the 'deleted' message: it heartbeats, re-syncs its local truth, and leaves
+  const calls = [
+    ['heartbeat', ['A', '60000', '120000', '3']],
+    ['heartbeat', ['A', '60000', '120000', '']],
+    ['sync', ['A', '60000', '120000', '3', '0', 'A.1', meta('u1')]],
+    ['leave', ['A', '60000', '120000', 'A.1', '0', '0']],
+    ['leave', ['A', '60000', '120000', '', '3', '1']],
+    ['sync', ['A', '60000', '120000', '0', '1']],
+  ];
+  const gone = { heartbeat: ['0', '0', '0', '0'], sync: ['0', '0', '0'], leave: ['0', '0', '0', '0'] };
+  for (const [name, argv] of calls) {
+    const r = run(name, R, ...argv);
+    assert.deepEqual(left(), [k[4]], `${name} ${argv.slice(3).join(' ')}: no presence key written back`);
+    assert.equal(redis.cli('GET', k[4]), seq, `${name}: seq not bumped`);
+    assert.ok(Number(redis.cli('PTTL', k[4])) <= 30000, `${name}: seq TTL not refreshed`);
+    assert.deepEqual(r, gone[name], `${name} reports the room gone`);
+  }
+  // once the counter has expired too, nothing of the room is left at all
+  redis.cli('DEL', k[4]);
+  run('heartbeat', R, 'A', '60000', '120000', '3');
+  run('sync', R, 'A', '60000', '120000', '3', '0', 'A.1', meta('u1'));
+  run('leave', R, 'A', '60000', '120000', 'A.1', '0', '0');
+  assert.deepEqual(left(), []);
+});
+
+test('in a deleted room, heartbeat, sync and leave remove the calling node\'s leftovers and touch nothing else', () => {
+  const R = 'gone2';
+  const k = keys(R);
+  const left = () => redis.scanAll(`lt:room:{${R}}*`);
+  // leftovers of nodes A, B, C, D in a room whose record is gone (written back by an older gateway)
+  const far = String(Date.now() + 600000);
+  redis.cli('HSET', k[1], 'A.1', meta('u1'), 'A.2', meta('u2'), 'B.1', meta('u3'), 'C.1', meta('u4'), 'D.1', meta('u5'));
+  redis.cli('HSET', k[2], 'A', '3', 'B', '2', 'C', '1', 'D', '4');
+  redis.cli('ZADD', k[3], far, 'A', far, 'B', far, 'C', far, 'D');
+  const hb = run('heartbeat', R, 'A', '60000', '120000', '3');
+  assert.deepEqual(redis.lines('HKEYS', k[1]).sort(), ['B.1', 'C.1', 'D.1'], 'A\'s fields removed, no one else\'s');
+  assert.equal(redis.cli('HGET', k[2], 'A'), '');
+  assert.equal(redis.cli('ZSCORE', k[3], 'A'), '');
+  assert.equal(redis.cli('HGET', k[2], 'B'), '2');
+  assert.equal(redis.cli('PTTL', k[1]), '-1', 'no TTL refreshed');
+  assert.equal(redis.cli('PTTL', k[3]), '-1', 'no TTL refreshed');
+  assert.deepEqual(hb, ['0', '0', '0', '0']);
+  assert.deepEqual(run('leave', R, 'B', '60000', '120000', 'B.1', '0', '0'), ['0', '0', '0', '0']);
+  assert.deepEqual(run('sync', R, 'C', '60000', '120000', '1', '0', 'C.1', meta('u4')), ['0', '0', '0']);
+  assert.deepEqual(run('sync', R, 'D', '60000', '120000', '0', '1'), ['0', '0', '0']);
+  assert.deepEqual(left(), [], 'nothing of the deleted room lingers');
 });
 
 test('every call that renews a lease leaves the lease set and the other presence keys with a TTL', () => {
