@@ -1,7 +1,8 @@
 -- heartbeat.lua — one node renews its lease in one room. Sent every presence.heartbeat_interval_ms
 -- per (node, room), pipelined: the cost grows with rooms per node, never with sockets.
 -- It also re-asserts the node's true anonymous count (healing any drift from lost batches) and
--- sweeps lapsed leases of other nodes, publishing their viewers' leaves.
+-- sweeps the entries of nodes without a live lease, publishing their viewers' leaves. The live node
+-- with the smallest id also checks every presence field for one without a lease (see sweep).
 -- A room whose record is gone gets nothing written: the node's own leftovers there are removed.
 -- KEYS: the six room keys, see common.lua
 -- ARGV[1] node id
@@ -20,7 +21,7 @@ if not room_exists() then
   return { 0, 0, 0, 0 }
 end
 local now = now_ms()
-local leaves, changed = sweep(now)
+local leaves, changed = sweep(now, node, 'first')
 local had = renew(node, now, lease)
 if anon and set_anon(node, anon) then changed = true end
 touch(key_ttl)

@@ -13,7 +13,8 @@
 -- ARGV[6] '1' when the node is leaving the room altogether: its lease is dropped too, but only if
 --         it holds nothing in the room any more (a concurrent join of the same node keeps it)
 -- Reply: {seq of the published change or 0 if nothing changed, anonymous total, lost, exists (1)}
---        lost = 1 when this call found the caller's own lease lapsed and swept its entries.
+--        lost = 1 when this call found the caller without a live lease (lapsed, or gone while it
+--        still had entries) and swept its entries: the caller re-asserts them with sync.
 --        {0, 0, 0, 0} when the room does not exist (deleted).
 
 local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
@@ -22,7 +23,7 @@ if not room_exists() then
   return { 0, 0, 0, 0 }
 end
 local now = now_ms()
-local leaves, changed, swept = sweep(now)
+local leaves, changed, swept = sweep(now, node)
 local lost = swept[node] and 1 or 0
 renew(node, now, lease)
 if conn ~= '' then

@@ -8,7 +8,8 @@
 -- ARGV[2] lease ms
 -- ARGV[3] key ttl ms
 -- ARGV[4] the node's anonymous viewers in the room, or '' to leave the count alone
--- ARGV[5] '1' to release the lease (clean exit), '0' to renew it
+-- ARGV[5] '1' to release the lease (clean exit), '0' to renew it. A released node holds nothing:
+--         its anonymous count goes whatever ARGV[4] says, and ARGV[6..] must be empty
 -- ARGV[6..] conn1, meta1, conn2, meta2, ... : the node's signed-in connections in the room
 -- Reply: {seq of the published change or 0, anonymous total, exists (1)}
 --        {0, 0, 0} when the room does not exist (deleted).
@@ -19,8 +20,9 @@ if not room_exists() then
   drop_own(node)
   return { 0, 0, 0 }
 end
+if release then anon = 0 end
 local now = now_ms()
-local leaves, changed = sweep(now)
+local leaves, changed = sweep(now, node)
 local want = {}
 for i = 6, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
 local prefix = node .. '.'

@@ -1,12 +1,14 @@
 // The presence scripts themselves, run with EVAL against a real redis-server exactly as the
 // gateway loads them (lua/common.lua prepended): sweeps, seq, idempotent leaves, the "leave the
 // anonymous count alone" heartbeat, release-if-idle, that a snapshot of a missing room writes
-// nothing, that a deleted room is never written back, and that every renewed lease keeps a TTL.
+// nothing, that a deleted room is never written back, that entries without a live lease are swept
+// even when the lease set itself is gone, and that every renewed lease keeps a TTL.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { REPO_ROOT, sleep, startRedis, test } from './lib/harness.mjs';
+import { REPO_ROOT, sleep, startRedis, test, waitFor } from './lib/harness.mjs';
 
 let redis;
 before(async () => { redis = await startRedis(); });
@@ -25,6 +27,29 @@ const run = (name, room, ...argv) => redis.lines('EVAL', script(name), '6', ...k
 const adminDelete = (room) => {
   const k = keys(room);
   redis.cli('DEL', k[0], k[1], k[2], k[3]);
+};
+// The presence envelopes published on a room's channel, collected by a redis-cli SUBSCRIBE.
+async function subscribe(room) {
+  const channel = keys(room)[5];
+  const proc = spawn('redis-cli', ['-h', '127.0.0.1', '-p', String(redis.port), '--raw', 'SUBSCRIBE', channel],
+    { stdio: ['ignore', 'pipe', 'ignore'] });
+  let out = '';
+  proc.stdout.on('data', (d) => { out += d; });
+  await waitFor(() => redis.numsub(channel)[channel] >= 1, 5000, 'the subscriber');
+  const envelopes = () => out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+  return {
+    envelopes,
+    async next(n) {
+      await waitFor(() => envelopes().length >= n, 5000, `${n} envelopes on ${channel}`);
+      return envelopes()[n - 1];
+    },
+    stop() { proc.kill(); },
+  };
+}
+// How often Redis ran a command since the last CONFIG RESETSTAT (commands of scripts included).
+const calls = (cmd) => {
+  const m = redis.cli('INFO', 'commandstats').match(new RegExp(`^cmdstat_${cmd}:calls=(\\d+)`, 'm'));
+  return m ? Number(m[1]) : 0;
 };
 const meta = (user) => JSON.stringify({ user_id: user, username: `n-${user}`, online_at: 1, node: 'x' });
 
@@ -164,6 +189,116 @@ test('in a deleted room, heartbeat, sync and leave remove the calling node\'s le
   assert.deepEqual(run('sync', R, 'C', '60000', '120000', '1', '0', 'C.1', meta('u4')), ['0', '0', '0']);
   assert.deepEqual(run('sync', R, 'D', '60000', '120000', '0', '1'), ['0', '0', '0']);
   assert.deepEqual(left(), [], 'nothing of the deleted room lingers');
+});
+
+test('when the lease set is lost (eviction), every entry without a live lease is swept and its leave published', async () => {
+  const R = 'orph1';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  run('join', R, 'a', '60000', '120000', 'a.1', meta('u1'), '0');
+  run('join', R, 'a', '60000', '120000', '', '3', '0');
+  run('join', R, 'b', '60000', '120000', 'b.1', meta('u2'), '0');
+  run('join', R, 'b', '60000', '120000', '', '2', '0');
+  const sub = await subscribe(R);
+  try {
+    redis.cli('DEL', k[3]); // evicted
+    // b's next heartbeat: nobody holds a lease, so every field is an orphan (b's own too: it had no
+    // lease either, reports had = 0 and re-asserts its entries with sync)
+    const hb = run('heartbeat', R, 'b', '60000', '120000', '2');
+    assert.equal(hb[0], '0', 'b had no lease');
+    assert.deepEqual(redis.lines('HKEYS', k[1]), []);
+    assert.equal(redis.cli('HGET', k[2], 'a'), '', 'a\'s anonymous count is gone');
+    assert.equal(redis.cli('HGET', k[2], 'b'), '2', 'b re-asserted its count');
+    assert.equal(hb[2], '2', 'the anonymous total counts only b');
+    const env = await sub.next(1);
+    assert.equal(String(env.seq), hb[1]);
+    assert.equal(env.anon, 2);
+    assert.deepEqual(env.leaves.sort(), ['a.1', 'b.1']);
+    // b answers had = 0 with sync; a snapshot then holds b only
+    const s = run('sync', R, 'b', '60000', '120000', '2', '0', 'b.1', meta('u2'));
+    assert.deepEqual(Object.keys((await sub.next(2)).joins), ['b.1']);
+    const snap = run('snapshot', R, '120000');
+    assert.equal(snap[1], s[0]);
+    assert.equal(snap[2], '2');
+    assert.deepEqual(snap.slice(3).filter((_, i) => i % 2 === 0), ['b.1']);
+    // a is dead: its heartbeat, if it ever comes back, finds no lease
+    assert.equal(run('heartbeat', R, 'a', '60000', '120000', '3')[0], '0');
+  } finally {
+    sub.stop();
+  }
+});
+
+test('an anonymous count or presence field whose node has no lease is swept by the next script, and the node learns it', async () => {
+  const R = 'orph2';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  run('join', R, 'c', '60000', '120000', 'c.1', meta('u1'), '0');
+  run('join', R, 'a', '60000', '120000', 'a.1', meta('u2'), '0');
+  run('join', R, 'a', '60000', '120000', '', '4', '0');
+  redis.cli('ZREM', k[3], 'a'); // a's lease alone is lost
+  const sub = await subscribe(R);
+  try {
+    const j = run('join', R, 'c', '60000', '120000', '', '1', '0');
+    assert.equal(j[2], '1', 'the anonymous total counts only nodes with a live lease');
+    assert.equal(j[4], '0', 'c lost nothing');
+    assert.equal(redis.cli('HGET', k[2], 'a'), '');
+    assert.deepEqual(redis.lines('HKEYS', k[1]), ['c.1'], 'a dead node\'s presence goes with its count');
+    const env = await sub.next(1);
+    assert.equal(String(env.seq), j[1]);
+    assert.deepEqual(env.leaves, ['a.1']);
+    // a's own entries orphaned: its next join or leave reports lost = 1
+    redis.cli('HSET', k[2], 'a', '2');
+    const ja = run('join', R, 'a', '60000', '120000', 'a.2', meta('u2'), '0');
+    assert.equal(ja[4], '1', 'a\'s own entries had no lease: it must re-sync');
+    assert.equal(ja[2], '1');
+    redis.cli('ZREM', k[3], 'a');
+    const la = run('leave', R, 'a', '60000', '120000', 'a.2', '0', '0');
+    assert.equal(la[2], '1');
+    assert.deepEqual(redis.lines('HKEYS', k[1]), ['c.1']);
+  } finally {
+    sub.stop();
+  }
+});
+
+test('presence fields without a lease are swept by the smallest live node\'s heartbeat and by snapshot, not by every heartbeat', async () => {
+  const R = 'orph3';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  run('join', R, 'b', '60000', '120000', 'b.1', meta('u1'), '0');
+  run('join', R, 'c', '60000', '120000', 'c.1', meta('u2'), '0');
+  run('join', R, 'a', '60000', '120000', 'a.1', meta('u3'), '0');
+  redis.cli('ZREM', k[3], 'a'); // no anonymous field betrays a: only a scan finds a.1
+  const sub = await subscribe(R);
+  try {
+    // c is not the smallest live id: its heartbeat stays cheap (no scan of the presence hash)
+    redis.cli('CONFIG', 'RESETSTAT');
+    const hc = run('heartbeat', R, 'c', '60000', '120000', '0');
+    assert.deepEqual(hc.slice(0, 3), ['1', '0', '0']);
+    const hkeys = calls('hkeys');
+    assert.ok(redis.lines('HKEYS', k[1]).includes('a.1'));
+    assert.ok(hkeys <= 1, `at most one HKEYS (of the anonymous fields), none of the presence hash: ${hkeys}`);
+    // b is ('a' has no lease, so it does not count)
+    redis.cli('CONFIG', 'RESETSTAT');
+    const hb = run('heartbeat', R, 'b', '60000', '120000', '0');
+    const hkeysB = calls('hkeys');
+    assert.deepEqual(redis.lines('HKEYS', k[1]).sort(), ['b.1', 'c.1']);
+    assert.equal(hkeysB, 2, 'b scans the presence hash');
+    assert.equal(hb[0], '1');
+    assert.ok(Number(hb[1]) > 0);
+    assert.deepEqual([hc[3], hb[3]], ['1', '1'], 'the room exists');
+    const env = await sub.next(1);
+    assert.equal(String(env.seq), hb[1]);
+    assert.deepEqual(env.leaves, ['a.1']);
+    // a snapshot always checks every field
+    redis.cli('HSET', k[1], 'z.1', meta('u9'));
+    const snap = run('snapshot', R, '120000');
+    assert.deepEqual(snap.slice(3).filter((_, i) => i % 2 === 0).sort(), ['b.1', 'c.1']);
+    const env2 = await sub.next(2);
+    assert.equal(String(env2.seq), snap[1]);
+    assert.deepEqual(env2.leaves, ['z.1']);
+  } finally {
+    sub.stop();
+  }
 });
 
 test('every call that renews a lease leaves the lease set and the other presence keys with a TTL', () => {
