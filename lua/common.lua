@@ -67,7 +67,7 @@ local function leases(now)
   local live, lapsed, first = {}, {}, nil
   for i = 1, #flat, 2 do
     local n = flat[i]
-    if tonumber(flat[i + 1]) > now then
+    if (tonumber(flat[i + 1]) or 0) > now then
       live[n] = true
       if first == nil or n < first then first = n end
     else

@@ -132,6 +132,18 @@ test('sync replaces a node\'s entries in one step and can release everything', (
   assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
 });
 
+test('a released node keeps no anonymous count, even when sync was told to leave the count alone', () => {
+  const [room] = keys('r5');
+  redis.cli('HSET', room, 'name', 'r5');
+  run('join', 'r5', 'A', '60000', '60000', '', '4', '0');
+  run('join', 'r5', 'B', '60000', '60000', '', '1', '0');
+  const r = run('sync', 'r5', 'A', '60000', '60000', '', '1');
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '', 'a count without a lease is not live');
+  assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
+  assert.deepEqual(r.slice(1), ['1', '1']);
+  assert.ok(Number(r[0]) > 0, 'the change is published');
+});
+
 test('a deleted room is not written back by a node that missed the delete: heartbeat, sync and leave write nothing', () => {
   const R = 'gone1';
   const k = keys(R);
