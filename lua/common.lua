@@ -10,6 +10,10 @@
 --   KEYS[5] <p>:room:{R}:seq        STRING presence change counter
 --   KEYS[6] <p>:room:{R}:events     channel for room events and presence changes
 --
+-- A node's presence fields and anonymous count are live only while its lease in KEYS[4] is; every
+-- script sweeps the entries of nodes without one (see sweep). Nothing is written to a room whose
+-- record KEYS[1] is gone.
+--
 -- A change is published on KEYS[6] as one JSON envelope with absolute values where possible:
 --   {"seq":S,"anon":<anonymous total>,"joins":{"<conn>":<meta>,...},"leaves":["<conn>",...]}
 -- seq grows by exactly one per published change, so a gap tells a node it missed something.
@@ -46,7 +50,7 @@ local function next_seq(key_ttl_ms)
   return redis.call('INCR', K_SEQ)
 end
 
--- Sum of the live nodes' anonymous counts (call after sweep: dead nodes' fields are gone).
+-- Sum of the live nodes' anonymous counts (call after sweep: only live nodes' fields are left).
 local function anon_total()
   local n = 0
   for _, v in ipairs(redis.call('HVALS', K_ANON)) do
@@ -56,27 +60,68 @@ local function anon_total()
   return n
 end
 
--- Removes every node whose lease lapsed: its presence fields, its anon field, its lease.
--- Returns the connection ids removed, whether anything changed, and the set of nodes removed
--- (a caller finding itself there lost its entries and must re-assert them with sync).
-local function sweep(now)
-  local dead = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', now)
-  local deadset = {}
-  if #dead == 0 then return {}, false, deadset end
-  for _, n in ipairs(dead) do
-    deadset[n] = true
-    redis.call('HDEL', K_ANON, n)
-  end
-  local left = {}
-  for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
-    local node = string.match(f, '^(.*)%.[^.]*$')
-    if node and deadset[node] then
-      redis.call('HDEL', K_PRESENCE, f)
-      left[#left + 1] = f
+-- The room's leases, read once: the set of nodes whose lease is live (expiry after now), the list
+-- of lapsed ones, the smallest live node id, and whether the lease set exists at all. O(nodes).
+local function leases(now)
+  local flat = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '+inf', 'WITHSCORES')
+  local live, lapsed, first = {}, {}, nil
+  for i = 1, #flat, 2 do
+    local n = flat[i]
+    if (tonumber(flat[i + 1]) or 0) > now then
+      live[n] = true
+      if first == nil or n < first then first = n end
+    else
+      lapsed[#lapsed + 1] = n
     end
   end
-  redis.call('ZREM', K_NODES, unpack(dead))
-  return left, true, deadset
+  return live, lapsed, first, #flat > 0
+end
+
+-- Removes the entries of every node without a live lease: its lease lapsed, or it has none at all
+-- (the lease set was evicted or expired, a lease went while a field stayed behind). Such entries
+-- are dead: they would otherwise be counted and listed forever.
+-- Cheap on the common path (O(nodes)): the leases and the anonymous fields (one per node) are
+-- always checked; the presence hash (one field per signed-in connection) is scanned only when
+--   - a dead node was found that way (a lapsed lease, an anonymous count without a lease), or
+--   - the lease set does not exist at all (then every field is an orphan), or
+--   - the caller has no live lease (it may hold orphans itself: a node's first call in a room), or
+--   - scan = 'all' (snapshot: it reads the whole hash anyway), or
+--   - scan = 'first' and the caller is the live node with the smallest id (heartbeat: about one
+--     scan per room per heartbeat interval across all nodes, not one per node).
+-- Liveness is decided before the caller renews its own lease: a caller without a live lease finds
+-- its own entries swept like anyone's and re-asserts them with sync.
+-- Returns the connection ids removed, whether anything changed, and the set of nodes whose lease
+-- or entries were removed (a caller finding itself there lost its entries).
+local function sweep(now, caller, scan)
+  local live, lapsed, first, has_leases = leases(now)
+  local dead = {}
+  local changed = false
+  for _, n in ipairs(lapsed) do
+    dead[n] = true
+    redis.call('ZREM', K_NODES, n)
+    changed = true
+  end
+  for _, n in ipairs(redis.call('HKEYS', K_ANON)) do
+    if not live[n] then
+      dead[n] = true
+      redis.call('HDEL', K_ANON, n)
+      changed = true
+    end
+  end
+  local left = {}
+  if next(dead) ~= nil or not has_leases or scan == 'all' or (caller and not live[caller])
+      or (scan == 'first' and caller == first) then
+    for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
+      local node = string.match(f, '^(.*)%.[^.]*$')
+      if node and not live[node] then
+        dead[node] = true
+        redis.call('HDEL', K_PRESENCE, f)
+        left[#left + 1] = f
+        changed = true
+      end
+    end
+  end
+  return left, changed, dead
 end
 
 -- Renews the caller's lease; returns true if it still had one (false: new, lapsed or swept).
@@ -86,12 +131,32 @@ local function renew(node, now, lease_ms)
   return had ~= false and had ~= nil
 end
 
--- Presence keys of an abandoned room vanish by themselves once no node refreshes them.
+-- Presence keys of an abandoned room vanish by themselves once no node refreshes them. Called
+-- after every lease renew (a ZADD may re-create the lease set, which must not live forever).
 local function touch(key_ttl_ms)
   redis.call('PEXPIRE', K_PRESENCE, key_ttl_ms)
   redis.call('PEXPIRE', K_ANON, key_ttl_ms)
   redis.call('PEXPIRE', K_NODES, key_ttl_ms)
   redis.call('PEXPIRE', K_SEQ, key_ttl_ms)
+end
+
+-- Whether the room exists: its record is the room.
+local function room_exists()
+  return redis.call('EXISTS', K_ROOM) == 1
+end
+
+-- For a room whose record is gone (deleted; the caller missed the 'deleted' message): writes
+-- nothing (no lease, no field, no TTL, no seq, no publish: the room's channels are closed) but
+-- removes what the calling node still holds there, its presence fields '<node>.*' (and conn, if
+-- given), its anonymous count and its lease, so nothing of the deleted room lingers.
+local function drop_own(node, conn)
+  if conn and conn ~= '' then redis.call('HDEL', K_PRESENCE, conn) end
+  local prefix = node .. '.'
+  for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
+    if string.sub(f, 1, #prefix) == prefix then redis.call('HDEL', K_PRESENCE, f) end
+  end
+  redis.call('HDEL', K_ANON, node)
+  redis.call('ZREM', K_NODES, node)
 end
 
 -- joins: flat list conn1, meta1, conn2, meta2 ... (metas are JSON written by the gateway)

@@ -1,20 +1,27 @@
 -- heartbeat.lua — one node renews its lease in one room. Sent every presence.heartbeat_interval_ms
 -- per (node, room), pipelined: the cost grows with rooms per node, never with sockets.
 -- It also re-asserts the node's true anonymous count (healing any drift from lost batches) and
--- sweeps lapsed leases of other nodes, publishing their viewers' leaves.
+-- sweeps the entries of nodes without a live lease, publishing their viewers' leaves. The live node
+-- with the smallest id also checks every presence field for one without a lease (see sweep).
+-- A room whose record is gone gets nothing written: the node's own leftovers there are removed.
 -- KEYS: the six room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
 -- ARGV[3] key ttl ms
 -- ARGV[4] the node's anonymous viewers in the room right now, or '' to leave the count alone
 --         (an anonymous batch of the node is in flight and will land after this call)
--- Reply: {had lease (1/0), seq of the published change or 0, anonymous total}
+-- Reply: {had lease (1/0), seq of the published change or 0, anonymous total, exists (1)}
 --        had lease = 0 means this node's entries may be gone (lapsed, swept, Redis restarted):
 --        the node answers with sync.lua.
+--        {0, 0, 0, 0} when the room does not exist (deleted): the node drops the room.
 
 local node, lease, key_ttl, anon = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if not room_exists() then
+  drop_own(node)
+  return { 0, 0, 0, 0 }
+end
 local now = now_ms()
-local leaves, changed = sweep(now)
+local leaves, changed = sweep(now, node, 'first')
 local had = renew(node, now, lease)
 if anon and set_anon(node, anon) then changed = true end
 touch(key_ttl)
@@ -24,4 +31,4 @@ if changed then
   seq = next_seq(key_ttl)
   publish(seq, total, {}, leaves)
 end
-return { had and 1 or 0, seq, total }
+return { had and 1 or 0, seq, total, 1 }

@@ -9,13 +9,13 @@
 -- Reply: {0} when the room does not exist (nothing is written);
 --        else {1, seq, anonymous total, {conn, meta, ...} when ARGV[6] = '1' else {}, lost}
 --        where seq is the seq of this change (its envelope is published with it) and lost = 1
---        when this call found the caller's own lease lapsed and swept its entries (the caller
---        re-asserts them with sync).
+--        when this call found the caller without a live lease (lapsed, or gone while it still had
+--        entries) and swept its entries (the caller re-asserts them with sync).
 
 if redis.call('EXISTS', K_ROOM) == 0 then return { 0 } end
 local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
-local leaves, _, swept = sweep(now)
+local leaves, _, swept = sweep(now, node)
 local lost = swept[node] and 1 or 0
 renew(node, now, lease)
 local joins = {}

@@ -1,6 +1,9 @@
 -- leave.lua — a viewer leaves a room (or a node's batched anonymous leaves arrive).
 -- Idempotent: a meta is removed only if present, a count decremented only above zero, so a retry
--- changes nothing; nothing is published when nothing changed.
+-- changes nothing; nothing is published when nothing changed. The lease is renewed (and every
+-- presence key's TTL refreshed) either way.
+-- A room whose record is gone gets nothing written: the connection and the node's other leftovers
+-- there are removed.
 -- KEYS: the six room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
@@ -9,12 +12,18 @@
 -- ARGV[5] number of anonymous viewers leaving (anonymous)
 -- ARGV[6] '1' when the node is leaving the room altogether: its lease is dropped too, but only if
 --         it holds nothing in the room any more (a concurrent join of the same node keeps it)
--- Reply: {seq of the published change or 0 if nothing changed, anonymous total, lost}
---        lost = 1 when this call found the caller's own lease lapsed and swept its entries.
+-- Reply: {seq of the published change or 0 if nothing changed, anonymous total, lost, exists (1)}
+--        lost = 1 when this call found the caller without a live lease (lapsed, or gone while it
+--        still had entries) and swept its entries: the caller re-asserts them with sync.
+--        {0, 0, 0, 0} when the room does not exist (deleted).
 
 local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+if not room_exists() then
+  drop_own(node, conn)
+  return { 0, 0, 0, 0 }
+end
 local now = now_ms()
-local leaves, changed, swept = sweep(now)
+local leaves, changed, swept = sweep(now, node)
 local lost = swept[node] and 1 or 0
 renew(node, now, lease)
 if conn ~= '' then
@@ -38,9 +47,9 @@ if ARGV[6] == '1' and (redis.call('HGET', K_ANON, node) or '0') == '0' then
     redis.call('ZREM', K_NODES, node)
   end
 end
+touch(key_ttl)
 local total = anon_total()
-if not changed then return { 0, total, lost } end
+if not changed then return { 0, total, lost, 1 } end
 local seq = next_seq(key_ttl)
 publish(seq, total, {}, leaves)
-touch(key_ttl)
-return { seq, total, lost }
+return { seq, total, lost, 1 }

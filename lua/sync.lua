@@ -1,19 +1,28 @@
 -- sync.lua — replace everything one node holds in a room with the node's local truth, in one step.
 -- Used after a Redis reconnect or restart, when a heartbeat finds the lease gone, and with
 -- release = 1 at shutdown (then the local truth is empty and the lease is dropped too).
+-- The lease is renewed (or released) and every presence key's TTL refreshed even when nothing
+-- changed. A room whose record is gone gets nothing written: the node's leftovers there are removed.
 -- KEYS: the six room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
 -- ARGV[3] key ttl ms
 -- ARGV[4] the node's anonymous viewers in the room, or '' to leave the count alone
--- ARGV[5] '1' to release the lease (clean exit), '0' to renew it
+-- ARGV[5] '1' to release the lease (clean exit), '0' to renew it. A released node holds nothing:
+--         its anonymous count goes whatever ARGV[4] says, and ARGV[6..] must be empty
 -- ARGV[6..] conn1, meta1, conn2, meta2, ... : the node's signed-in connections in the room
--- Reply: {seq of the published change or 0, anonymous total}
+-- Reply: {seq of the published change or 0, anonymous total, exists (1)}
+--        {0, 0, 0} when the room does not exist (deleted).
 
 local node, lease, key_ttl, anon, release =
   ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
+if not room_exists() then
+  drop_own(node)
+  return { 0, 0, 0 }
+end
+if release then anon = 0 end
 local now = now_ms()
-local leaves, changed = sweep(now)
+local leaves, changed = sweep(now, node)
 local want = {}
 for i = 6, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
 local prefix = node .. '.'
@@ -40,9 +49,9 @@ if release then
 else
   renew(node, now, lease)
 end
+touch(key_ttl)
 local total = anon_total()
-if not changed then return { 0, total } end
+if not changed then return { 0, total, 1 } end
 local seq = next_seq(key_ttl)
 publish(seq, total, joins, leaves)
-touch(key_ttl)
-return { seq, total }
+return { seq, total, 1 }

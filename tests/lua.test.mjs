@@ -1,12 +1,14 @@
 // The presence scripts themselves, run with EVAL against a real redis-server exactly as the
 // gateway loads them (lua/common.lua prepended): sweeps, seq, idempotent leaves, the "leave the
-// anonymous count alone" heartbeat, release-if-idle, and that a snapshot of a missing room writes
-// nothing.
+// anonymous count alone" heartbeat, release-if-idle, that a snapshot of a missing room writes
+// nothing, that a deleted room is never written back, that entries without a live lease are swept
+// even when the lease set itself is gone, and that every renewed lease keeps a TTL.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { REPO_ROOT, sleep, startRedis, test } from './lib/harness.mjs';
+import { REPO_ROOT, sleep, startRedis, test, waitFor } from './lib/harness.mjs';
 
 let redis;
 before(async () => { redis = await startRedis(); });
@@ -20,6 +22,35 @@ const keys = (room) => {
   return [b, `${b}:presence`, `${b}:anon`, `${b}:nodes`, `${b}:seq`, `${b}:events`];
 };
 const run = (name, room, ...argv) => redis.lines('EVAL', script(name), '6', ...keys(room), ...argv);
+// What `gateway rooms delete` removes (gateway/src/catalog.rs): the record, presence, anon and
+// nodes keys; the seq counter is left to expire by itself.
+const adminDelete = (room) => {
+  const k = keys(room);
+  redis.cli('DEL', k[0], k[1], k[2], k[3]);
+};
+// The presence envelopes published on a room's channel, collected by a redis-cli SUBSCRIBE.
+async function subscribe(room) {
+  const channel = keys(room)[5];
+  const proc = spawn('redis-cli', ['-h', '127.0.0.1', '-p', String(redis.port), '--raw', 'SUBSCRIBE', channel],
+    { stdio: ['ignore', 'pipe', 'ignore'] });
+  let out = '';
+  proc.stdout.on('data', (d) => { out += d; });
+  await waitFor(() => redis.numsub(channel)[channel] >= 1, 5000, 'the subscriber');
+  const envelopes = () => out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+  return {
+    envelopes,
+    async next(n) {
+      await waitFor(() => envelopes().length >= n, 5000, `${n} envelopes on ${channel}`);
+      return envelopes()[n - 1];
+    },
+    stop() { proc.kill(); },
+  };
+}
+// How often Redis ran a command since the last CONFIG RESETSTAT (commands of scripts included).
+const calls = (cmd) => {
+  const m = redis.cli('INFO', 'commandstats').match(new RegExp(`^cmdstat_${cmd}:calls=(\\d+)`, 'm'));
+  return m ? Number(m[1]) : 0;
+};
 const meta = (user) => JSON.stringify({ user_id: user, username: `n-${user}`, online_at: 1, node: 'x' });
 
 test('snapshot of a room that does not exist writes nothing', () => {
@@ -99,4 +130,209 @@ test('sync replaces a node\'s entries in one step and can release everything', (
   assert.deepEqual(redis.lines('HKEYS', `${room}:presence`), []);
   assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '');
   assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
+});
+
+test('a released node keeps no anonymous count, even when sync was told to leave the count alone', () => {
+  const [room] = keys('r5');
+  redis.cli('HSET', room, 'name', 'r5');
+  run('join', 'r5', 'A', '60000', '60000', '', '4', '0');
+  run('join', 'r5', 'B', '60000', '60000', '', '1', '0');
+  const r = run('sync', 'r5', 'A', '60000', '60000', '', '1');
+  assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '', 'a count without a lease is not live');
+  assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
+  assert.deepEqual(r.slice(1), ['1', '1']);
+  assert.ok(Number(r[0]) > 0, 'the change is published');
+});
+
+test('a deleted room is not written back by a node that missed the delete: heartbeat, sync and leave write nothing', () => {
+  const R = 'gone1';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  run('join', R, 'A', '60000', '120000', 'A.1', meta('u1'), '0');
+  run('join', R, 'A', '60000', '120000', '', '3', '0');
+  adminDelete(R);
+  redis.cli('PEXPIRE', k[4], '30000');
+  const seq = redis.cli('GET', k[4]);
+  const left = () => redis.scanAll(`lt:room:{${R}}*`);
+  assert.deepEqual(left(), [k[4]], 'the admin delete leaves only the seq counter, which expires by itself');
+  // node A missed the 'deleted' message: it heartbeats, re-syncs its local truth, and leaves
+  const calls = [
+    ['heartbeat', ['A', '60000', '120000', '3']],
+    ['heartbeat', ['A', '60000', '120000', '']],
+    ['sync', ['A', '60000', '120000', '3', '0', 'A.1', meta('u1')]],
+    ['leave', ['A', '60000', '120000', 'A.1', '0', '0']],
+    ['leave', ['A', '60000', '120000', '', '3', '1']],
+    ['sync', ['A', '60000', '120000', '0', '1']],
+  ];
+  const gone = { heartbeat: ['0', '0', '0', '0'], sync: ['0', '0', '0'], leave: ['0', '0', '0', '0'] };
+  for (const [name, argv] of calls) {
+    const r = run(name, R, ...argv);
+    assert.deepEqual(left(), [k[4]], `${name} ${argv.slice(3).join(' ')}: no presence key written back`);
+    assert.equal(redis.cli('GET', k[4]), seq, `${name}: seq not bumped`);
+    assert.ok(Number(redis.cli('PTTL', k[4])) <= 30000, `${name}: seq TTL not refreshed`);
+    assert.deepEqual(r, gone[name], `${name} reports the room gone`);
+  }
+  // once the counter has expired too, nothing of the room is left at all
+  redis.cli('DEL', k[4]);
+  run('heartbeat', R, 'A', '60000', '120000', '3');
+  run('sync', R, 'A', '60000', '120000', '3', '0', 'A.1', meta('u1'));
+  run('leave', R, 'A', '60000', '120000', 'A.1', '0', '0');
+  assert.deepEqual(left(), []);
+});
+
+test('in a deleted room, heartbeat, sync and leave remove the calling node\'s leftovers and touch nothing else', () => {
+  const R = 'gone2';
+  const k = keys(R);
+  const left = () => redis.scanAll(`lt:room:{${R}}*`);
+  // leftovers of nodes A, B, C, D in a room whose record is gone (written back by an older gateway)
+  const far = String(Date.now() + 600000);
+  redis.cli('HSET', k[1], 'A.1', meta('u1'), 'A.2', meta('u2'), 'B.1', meta('u3'), 'C.1', meta('u4'), 'D.1', meta('u5'));
+  redis.cli('HSET', k[2], 'A', '3', 'B', '2', 'C', '1', 'D', '4');
+  redis.cli('ZADD', k[3], far, 'A', far, 'B', far, 'C', far, 'D');
+  const hb = run('heartbeat', R, 'A', '60000', '120000', '3');
+  assert.deepEqual(redis.lines('HKEYS', k[1]).sort(), ['B.1', 'C.1', 'D.1'], 'A\'s fields removed, no one else\'s');
+  assert.equal(redis.cli('HGET', k[2], 'A'), '');
+  assert.equal(redis.cli('ZSCORE', k[3], 'A'), '');
+  assert.equal(redis.cli('HGET', k[2], 'B'), '2');
+  assert.equal(redis.cli('PTTL', k[1]), '-1', 'no TTL refreshed');
+  assert.equal(redis.cli('PTTL', k[3]), '-1', 'no TTL refreshed');
+  assert.deepEqual(hb, ['0', '0', '0', '0']);
+  assert.deepEqual(run('leave', R, 'B', '60000', '120000', 'B.1', '0', '0'), ['0', '0', '0', '0']);
+  assert.deepEqual(run('sync', R, 'C', '60000', '120000', '1', '0', 'C.1', meta('u4')), ['0', '0', '0']);
+  assert.deepEqual(run('sync', R, 'D', '60000', '120000', '0', '1'), ['0', '0', '0']);
+  assert.deepEqual(left(), [], 'nothing of the deleted room lingers');
+});
+
+test('when the lease set is lost (eviction), every entry without a live lease is swept and its leave published', async () => {
+  const R = 'orph1';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  run('join', R, 'a', '60000', '120000', 'a.1', meta('u1'), '0');
+  run('join', R, 'a', '60000', '120000', '', '3', '0');
+  run('join', R, 'b', '60000', '120000', 'b.1', meta('u2'), '0');
+  run('join', R, 'b', '60000', '120000', '', '2', '0');
+  const sub = await subscribe(R);
+  try {
+    redis.cli('DEL', k[3]); // evicted
+    // b's next heartbeat: nobody holds a lease, so every field is an orphan (b's own too: it had no
+    // lease either, reports had = 0 and re-asserts its entries with sync)
+    const hb = run('heartbeat', R, 'b', '60000', '120000', '2');
+    assert.equal(hb[0], '0', 'b had no lease');
+    assert.deepEqual(redis.lines('HKEYS', k[1]), []);
+    assert.equal(redis.cli('HGET', k[2], 'a'), '', 'a\'s anonymous count is gone');
+    assert.equal(redis.cli('HGET', k[2], 'b'), '2', 'b re-asserted its count');
+    assert.equal(hb[2], '2', 'the anonymous total counts only b');
+    const env = await sub.next(1);
+    assert.equal(String(env.seq), hb[1]);
+    assert.equal(env.anon, 2);
+    assert.deepEqual(env.leaves.sort(), ['a.1', 'b.1']);
+    // b answers had = 0 with sync; a snapshot then holds b only
+    const s = run('sync', R, 'b', '60000', '120000', '2', '0', 'b.1', meta('u2'));
+    assert.deepEqual(Object.keys((await sub.next(2)).joins), ['b.1']);
+    const snap = run('snapshot', R, '120000');
+    assert.equal(snap[1], s[0]);
+    assert.equal(snap[2], '2');
+    assert.deepEqual(snap.slice(3).filter((_, i) => i % 2 === 0), ['b.1']);
+    // a is dead: its heartbeat, if it ever comes back, finds no lease
+    assert.equal(run('heartbeat', R, 'a', '60000', '120000', '3')[0], '0');
+  } finally {
+    sub.stop();
+  }
+});
+
+test('an anonymous count or presence field whose node has no lease is swept by the next script, and the node learns it', async () => {
+  const R = 'orph2';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  run('join', R, 'c', '60000', '120000', 'c.1', meta('u1'), '0');
+  run('join', R, 'a', '60000', '120000', 'a.1', meta('u2'), '0');
+  run('join', R, 'a', '60000', '120000', '', '4', '0');
+  redis.cli('ZREM', k[3], 'a'); // a's lease alone is lost
+  const sub = await subscribe(R);
+  try {
+    const j = run('join', R, 'c', '60000', '120000', '', '1', '0');
+    assert.equal(j[2], '1', 'the anonymous total counts only nodes with a live lease');
+    assert.equal(j[4], '0', 'c lost nothing');
+    assert.equal(redis.cli('HGET', k[2], 'a'), '');
+    assert.deepEqual(redis.lines('HKEYS', k[1]), ['c.1'], 'a dead node\'s presence goes with its count');
+    const env = await sub.next(1);
+    assert.equal(String(env.seq), j[1]);
+    assert.deepEqual(env.leaves, ['a.1']);
+    // a's own entries orphaned: its next join or leave reports lost = 1
+    redis.cli('HSET', k[2], 'a', '2');
+    const ja = run('join', R, 'a', '60000', '120000', 'a.2', meta('u2'), '0');
+    assert.equal(ja[4], '1', 'a\'s own entries had no lease: it must re-sync');
+    assert.equal(ja[2], '1');
+    redis.cli('ZREM', k[3], 'a');
+    const la = run('leave', R, 'a', '60000', '120000', 'a.2', '0', '0');
+    assert.equal(la[2], '1');
+    assert.deepEqual(redis.lines('HKEYS', k[1]), ['c.1']);
+  } finally {
+    sub.stop();
+  }
+});
+
+test('presence fields without a lease are swept by the smallest live node\'s heartbeat and by snapshot, not by every heartbeat', async () => {
+  const R = 'orph3';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  run('join', R, 'b', '60000', '120000', 'b.1', meta('u1'), '0');
+  run('join', R, 'c', '60000', '120000', 'c.1', meta('u2'), '0');
+  run('join', R, 'a', '60000', '120000', 'a.1', meta('u3'), '0');
+  redis.cli('ZREM', k[3], 'a'); // no anonymous field betrays a: only a scan finds a.1
+  const sub = await subscribe(R);
+  try {
+    // c is not the smallest live id: its heartbeat stays cheap (no scan of the presence hash)
+    redis.cli('CONFIG', 'RESETSTAT');
+    const hc = run('heartbeat', R, 'c', '60000', '120000', '0');
+    assert.deepEqual(hc.slice(0, 3), ['1', '0', '0']);
+    const hkeys = calls('hkeys');
+    assert.ok(redis.lines('HKEYS', k[1]).includes('a.1'));
+    assert.ok(hkeys <= 1, `at most one HKEYS (of the anonymous fields), none of the presence hash: ${hkeys}`);
+    // b is ('a' has no lease, so it does not count)
+    redis.cli('CONFIG', 'RESETSTAT');
+    const hb = run('heartbeat', R, 'b', '60000', '120000', '0');
+    const hkeysB = calls('hkeys');
+    assert.deepEqual(redis.lines('HKEYS', k[1]).sort(), ['b.1', 'c.1']);
+    assert.equal(hkeysB, 2, 'b scans the presence hash');
+    assert.equal(hb[0], '1');
+    assert.ok(Number(hb[1]) > 0);
+    assert.deepEqual([hc[3], hb[3]], ['1', '1'], 'the room exists');
+    const env = await sub.next(1);
+    assert.equal(String(env.seq), hb[1]);
+    assert.deepEqual(env.leaves, ['a.1']);
+    // a snapshot always checks every field
+    redis.cli('HSET', k[1], 'z.1', meta('u9'));
+    const snap = run('snapshot', R, '120000');
+    assert.deepEqual(snap.slice(3).filter((_, i) => i % 2 === 0).sort(), ['b.1', 'c.1']);
+    const env2 = await sub.next(2);
+    assert.equal(String(env2.seq), snap[1]);
+    assert.deepEqual(env2.leaves, ['z.1']);
+  } finally {
+    sub.stop();
+  }
+});
+
+test('every call that renews a lease leaves the lease set and the other presence keys with a TTL', () => {
+  const R = 'ttl1';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  // leave with nothing to change still renews the lease: the re-created :nodes key must expire
+  assert.equal(run('leave', R, 'A', '60000', '120000', 'A.9', '0', '0')[0], '0', 'nothing changed');
+  assert.ok(Number(redis.cli('PTTL', k[3])) > 0, `leave: PTTL of :nodes is ${redis.cli('PTTL', k[3])}`);
+  redis.cli('DEL', k[3]);
+  assert.equal(run('sync', R, 'A', '60000', '120000', '', '0')[0], '0', 'nothing changed');
+  assert.ok(Number(redis.cli('PTTL', k[3])) > 0, `sync: PTTL of :nodes is ${redis.cli('PTTL', k[3])}`);
+  // keys that lost their TTL get it back from the next renew, changed or not
+  run('join', R, 'A', '60000', '120000', '', '2', '0');
+  redis.cli('PERSIST', k[2]);
+  redis.cli('PERSIST', k[3]);
+  assert.equal(run('leave', R, 'A', '60000', '120000', '', '0', '0')[0], '0', 'nothing changed');
+  assert.ok(Number(redis.cli('PTTL', k[2])) > 0, 'leave: :anon has a TTL');
+  assert.ok(Number(redis.cli('PTTL', k[3])) > 0, 'leave: :nodes has a TTL');
+  redis.cli('PERSIST', k[2]);
+  redis.cli('PERSIST', k[3]);
+  assert.equal(run('sync', R, 'A', '60000', '120000', '2', '0')[0], '0', 'nothing changed');
+  assert.ok(Number(redis.cli('PTTL', k[2])) > 0, 'sync: :anon has a TTL');
+  assert.ok(Number(redis.cli('PTTL', k[3])) > 0, 'sync: :nodes has a TTL');
 });
