@@ -127,6 +127,7 @@ impl Catalog {
             .arg(&k.presence)
             .arg(&k.anon)
             .arg(&k.nodes)
+            .arg(&k.seq)
             .query_async(&mut c)
             .await?;
         let _: i64 = c.publish(&k.events, r#"{"deleted":true}"#).await?;
