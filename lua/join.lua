@@ -10,14 +10,17 @@
 --        else {1, seq, anonymous total, {conn, meta, ...} when ARGV[6] = '1' else {}, lost}
 --        where seq is the seq of this change (its envelope is published with it) and lost = 1
 --        when this call found the caller without a live lease (lapsed, or gone while it still had
---        entries) and swept its entries (the caller re-asserts them with sync).
+--        entries) and swept its entries (the caller re-asserts them with sync), and had = 1 when
+--        the caller's lease existed before this call (0: first call, or another node swept it —
+--        a caller that believes it holds entries here re-asserts them with sync):
+--        {1, seq, total, snapshot, lost, had}
 
 if redis.call('EXISTS', K_ROOM) == 0 then return { 0 } end
 local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
 local leaves, _, swept = sweep(now, node)
 local lost = swept[node] and 1 or 0
-renew(node, now, lease)
+local had = renew(node, now, lease)
 local joins = {}
 if conn ~= '' then
   redis.call('HSET', K_PRESENCE, conn, arg)
@@ -30,7 +33,7 @@ local seq = next_seq(key_ttl)
 local total = anon_total()
 publish(seq, total, joins, leaves)
 touch(key_ttl)
-local reply = { 1, seq, total, {}, lost }
+local reply = { 1, seq, total, {}, lost, had and 1 or 0 }
 if ARGV[6] == '1' then
   reply[4] = redis.call('HGETALL', K_PRESENCE)
 end

@@ -12,7 +12,8 @@
 -- ARGV[5] number of anonymous viewers leaving (anonymous)
 -- ARGV[6] '1' when the node is leaving the room altogether: its lease is dropped too, but only if
 --         it holds nothing in the room any more (a concurrent join of the same node keeps it)
--- Reply: {seq of the published change or 0 if nothing changed, anonymous total, lost, exists (1)}
+-- Reply: {seq of the published change or 0 if nothing changed, anonymous total, lost, exists (1),
+--         had} where had = 1 when the caller's lease existed before this call (see join.lua)
 --        lost = 1 when this call found the caller without a live lease (lapsed, or gone while it
 --        still had entries) and swept its entries: the caller re-asserts them with sync.
 --        {0, 0, 0, 0} when the room does not exist (deleted).
@@ -25,7 +26,7 @@ end
 local now = now_ms()
 local leaves, changed, swept = sweep(now, node)
 local lost = swept[node] and 1 or 0
-renew(node, now, lease)
+local had = renew(node, now, lease) and 1 or 0
 if conn ~= '' then
   if redis.call('HDEL', K_PRESENCE, conn) == 1 then
     leaves[#leaves + 1] = conn
@@ -49,7 +50,7 @@ if ARGV[6] == '1' and (redis.call('HGET', K_ANON, node) or '0') == '0' then
 end
 touch(key_ttl)
 local total = anon_total()
-if not changed then return { 0, total, lost, 1 } end
+if not changed then return { 0, total, lost, 1, had } end
 local seq = next_seq(key_ttl)
 publish(seq, total, {}, leaves)
-return { seq, total, lost, 1 }
+return { seq, total, lost, 1, had }

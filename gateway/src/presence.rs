@@ -354,6 +354,9 @@ pub enum JoinReply {
         snapshot: Option<Snapshot>,
         /// The call found this node's own lease lapsed and swept its entries: re-assert (sync).
         lost: bool,
+        /// This node's lease existed before the call (false: its first call in the room, or
+        /// another node swept it — then its other entries there are gone too).
+        had_lease: bool,
     },
 }
 
@@ -367,6 +370,8 @@ pub struct LeaveReply {
     pub lost: bool,
     /// false: the room record is gone (the script wrote nothing and removed this node's entries).
     pub exists: bool,
+    /// This node's lease existed before the call (see [`JoinReply::Joined::had_lease`]).
+    pub had_lease: bool,
 }
 
 /// Result of `sync.lua`.
@@ -517,6 +522,7 @@ impl Store {
             anon,
             snapshot,
             lost: int_at(&v, 4)? == 1,
+            had_lease: flag_at(&v, 5)?,
         })
     }
 
@@ -543,6 +549,7 @@ impl Store {
             anon: int_at(&v, 1)?,
             lost: int_at(&v, 2)? == 1,
             exists: flag_at(&v, 3)?,
+            had_lease: flag_at(&v, 4)?,
         })
     }
 

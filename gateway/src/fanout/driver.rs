@@ -191,27 +191,30 @@ pub(super) async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
             .join(&room.keys, "", &delta.to_string(), false)
             .await
             .map(|j| match j {
-                JoinReply::Joined { seq, lost, .. } => (seq, lost, true),
-                JoinReply::NoRoom => (0, false, false),
+                JoinReply::Joined {
+                    seq,
+                    lost,
+                    had_lease,
+                    ..
+                } => (seq, lost, true, had_lease),
+                JoinReply::NoRoom => (0, false, false, true),
             })
     } else {
         hub.store
             .leave(&room.keys, "", delta.unsigned_abs(), false)
             .await
-            .map(|r| (r.seq, r.lost, r.exists))
+            .map(|r| (r.seq, r.lost, r.exists, r.had_lease))
     };
-    if let Ok((_, _, false)) = r {
+    if let Ok((_, _, false, _)) = r {
         lock(&room.state).end_anon_write(0);
         hub.mark_deleted(&room);
         return;
     }
     let mut st = lock(&room.state);
     match r {
-        Ok((seq, lost, _)) => {
+        Ok((seq, lost, _, had_lease)) => {
             st.end_anon_write(seq);
-            if lost {
-                st.needs_sync = true;
-            }
+            st.lease_renewed(lost, had_lease);
         }
         Err(e) => {
             tracing::warn!(room = %room.id, error = %e, "anonymous count write failed; the next heartbeat re-asserts it");
@@ -277,6 +280,7 @@ pub(super) async fn sync_room(
         }
         Ok(reply) => {
             st.end_anon_absolute(reply.seq);
+            st.lease_held = true;
             st.sync_backoff = Duration::ZERO;
             // a signed-in join or leave written while this sync was under way may have been
             // undone by it: sync again with the new truth (after a pause, so churn cannot turn

@@ -54,6 +54,7 @@ impl Hub {
                         if !h.had_lease {
                             st.needs_sync = true;
                         }
+                        st.lease_held = true;
                     }
                     Err(e) => {
                         failed += 1;

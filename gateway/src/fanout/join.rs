@@ -228,10 +228,16 @@ impl Hub {
         let r = self.store.join(&room.keys, conn, meta, want_snapshot).await;
         let mut st = lock(&room.state);
         match r {
-            Ok(JoinReply::Joined { snapshot, lost, .. }) => {
-                if lost {
-                    st.needs_sync = true;
-                    drop(st);
+            Ok(JoinReply::Joined {
+                snapshot,
+                lost,
+                had_lease,
+                ..
+            }) => {
+                st.lease_renewed(lost, had_lease);
+                let wake = st.needs_sync;
+                drop(st);
+                if wake {
                     room.wake.notify_one();
                 }
                 Ok(snapshot)
@@ -311,7 +317,11 @@ impl Hub {
                 self.mark_deleted(room);
                 false
             }
-            Ok(r) => r.lost,
+            Ok(r) => {
+                let mut st = lock(&room.state);
+                st.lease_renewed(r.lost, r.had_lease);
+                false
+            }
             Err(e) => {
                 tracing::warn!(room = %room.id, error = %e, "leave failed; the room will be re-synced");
                 true

@@ -157,6 +157,9 @@ struct RoomState {
     /// When a failed re-snapshot may run again; the pause doubles per failure, with jitter.
     resnapshot_at: Option<Instant>,
     resnapshot_backoff: Duration,
+    /// A script call renewed this node's lease in the room: from then on, a call that finds no
+    /// lease of ours means another node swept our entries, and they are re-asserted.
+    lease_held: bool,
     /// Signed-in leaves whose script call is under way (teardown and drain wait for them).
     pending_leaves: usize,
     mirror: Mirror,
@@ -265,6 +268,16 @@ impl RoomState {
     fn retry_resnapshot(&mut self, max: Duration) {
         self.resnapshot = true;
         self.resnapshot_at = Some(back_off(&mut self.resnapshot_backoff, true, max));
+    }
+
+    /// A join or leave call renewed the lease: `lost` (it swept our own entries) or a lease that
+    /// was gone although we held one (another node swept it, and our entries with it) schedules
+    /// a sync.
+    fn lease_renewed(&mut self, lost: bool, had_lease: bool) {
+        if lost || (!had_lease && self.lease_held) {
+            self.needs_sync = true;
+        }
+        self.lease_held = true;
     }
 
     /// Records a signed-in connection of this node in the room (None: it left).
