@@ -10,11 +10,11 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::presence::{Lease, Store};
 use crate::redis::keys::Keys;
 use crate::redis::scripts::Scripts;
 use crate::rooms::PushPolicy;
-use crate::session::Outbox;
 
 pub struct App {
     pub cfg: Arc<Config>,

@@ -8,7 +8,8 @@
 //! |---|---|
 //! | [`config`] | TOML + `GATEWAY_<SECTION>_<KEY>` env → typed, validated settings |
 //! | [`server`] | public listener: HTTP/1, checks before the upgrade, hands sockets to `session` |
-//! | [`session`] | one connection: channels, join_refs, idle deadline, bounded queue, single writer |
+//! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit |
+//! | [`outbox`] | a socket's bounded outbound queue and its single writer (used by `session` and `fanout`) |
 //! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
 //! | [`auth`] | JWT → `Identity` |
 //! | [`rooms`] | room ids, topics, who may push what |
@@ -30,7 +31,9 @@ pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod fanout;
+
 pub mod metrics;
+pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod redis;

@@ -44,13 +44,13 @@ use tokio::time::Instant;
 use crate::auth::User;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 #[cfg(test)]
 use crate::presence::Snapshot;
 use crate::presence::{Applied, Envelope, JoinReply, Mirror, Store, StoreError, meta_json};
 use crate::protocol;
 use crate::redis::keys::{Keys, RoomKeys};
 use crate::rooms::RoomId;
-use crate::session::Outbox;
 
 /// An anonymous write whose seq is not known yet.
 const SEQ_UNKNOWN: u64 = u64::MAX;

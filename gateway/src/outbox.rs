@@ -1,0 +1,376 @@
+//! A socket's outbound side: its bounded queue and the single writer that empties it onto the
+//! socket. Every frame a socket gets (replies, room broadcasts, presence, pongs, the close frame)
+//! goes through the one queue, so per-socket order is the order of enqueueing. A queue that fills
+//! up closes the socket as a slow consumer (4008): a slow client never slows a room or grows
+//! memory. Used by `session` (replies), `fanout` (room frames) and the drain alike.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::protocol::close;
+
+/// What the writer sends.
+enum Out {
+    Text(Bytes),
+    Pong(Bytes),
+    /// A text frame `head ++ body ++ "]"`: a channel push around a payload shared by many
+    /// sockets (a room's `presence_state`), without a copy per socket.
+    Wrapped(Bytes, Bytes),
+}
+
+/// A socket's outbound queue and close request, shared by the reader, every room the socket is
+/// in (the hub), the drain, and the single writer that empties it.
+///
+/// The queue is a `VecDeque` that starts empty and gives its memory back when drained, so an idle
+/// socket holds no queue storage at all (a tokio channel would keep a 32-slot block per socket).
+pub struct Shared {
+    queue: std::sync::Mutex<VecDeque<Out>>,
+    cap: usize,
+    /// 0 = open; a close code; [`ABORT`] = stop without a close frame (the peer is gone).
+    code: AtomicU32,
+    notify: Notify,
+    /// Fired when the writer has stopped, so the reader stops too (at a frame boundary: a join
+    /// or leave under way always completes).
+    writer_done: Notify,
+    metrics: crate::metrics::Metrics,
+}
+
+const ABORT: u32 = u32::MAX;
+/// The client closed without a status code; the echo carries none either.
+pub(crate) const NO_STATUS: u16 = 1005;
+/// A drained queue keeps at most this many slots.
+const KEEP_SLOTS: usize = 8;
+
+/// The sending side of a socket; cloned into every room the socket is a member of.
+#[derive(Clone)]
+pub struct Outbox(Arc<Shared>);
+
+impl Outbox {
+    pub fn new(cap: usize, metrics: crate::metrics::Metrics) -> Self {
+        Outbox(Arc::new(Shared {
+            queue: std::sync::Mutex::new(VecDeque::new()),
+            cap,
+            code: AtomicU32::new(0),
+            notify: Notify::new(),
+            writer_done: Notify::new(),
+            metrics,
+        }))
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Out>> {
+        self.0.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a text frame. A full queue closes the socket as a slow consumer; a closing socket
+    /// takes nothing more. Returns whether the frame was queued.
+    pub fn send(&self, frame: Bytes) -> bool {
+        self.push(Out::Text(frame))
+    }
+
+    /// Queues the text frame `head ++ payload ++ "]"` (see [`crate::protocol::push_head`]).
+    pub fn send_wrapped(&self, head: Bytes, payload: Bytes) -> bool {
+        self.push(Out::Wrapped(head, payload))
+    }
+
+    fn push(&self, out: Out) -> bool {
+        if self.code() != 0 {
+            return false;
+        }
+        let mut q = self.queue();
+        if q.len() >= self.0.cap {
+            drop(q);
+            if self.code() == 0 {
+                self.0.metrics.slow_consumer();
+            }
+            self.close(close::SLOW_CONSUMER);
+            return false;
+        }
+        q.push_back(out);
+        drop(q);
+        self.0.notify.notify_one();
+        true
+    }
+
+    /// Asks the writer to send a close frame with `code` and stop. The first request wins.
+    pub fn close(&self, code: u16) {
+        self.set_code(u32::from(code));
+    }
+
+    /// Stops the writer without a close frame (the peer is gone).
+    pub fn abort(&self) {
+        self.set_code(ABORT);
+    }
+
+    fn set_code(&self, code: u32) {
+        if self
+            .0
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.0.notify.notify_one();
+        }
+    }
+
+    /// 0 while open; else the close requested.
+    pub(crate) fn code(&self) -> u32 {
+        self.0.code.load(Ordering::Acquire)
+    }
+
+    /// Takes up to `n` queued frames; a drained queue gives back its storage.
+    fn take(&self, n: usize, into: &mut Vec<Out>) {
+        let mut q = self.queue();
+        let k = q.len().min(n);
+        into.extend(q.drain(..k));
+        if q.is_empty() && q.capacity() > KEEP_SLOTS {
+            *q = VecDeque::new();
+        }
+    }
+}
+
+impl Outbox {
+    /// Queues a reply whose fate the caller does not need.
+    pub fn send_unit(&self, frame: Bytes) {
+        self.send(frame);
+    }
+
+    /// Queues the pong a client's ping obliges.
+    pub(crate) fn pong(&self, payload: Bytes) {
+        self.push(Out::Pong(payload));
+    }
+
+    /// Fired when the writer has stopped, so the reader stops too.
+    pub(crate) fn writer_done(&self) -> &Notify {
+        &self.0.writer_done
+    }
+
+    /// The close code the socket ended with: 1006 when it ended without a close frame.
+    pub(crate) fn closed_code(&self) -> u16 {
+        match self.code() {
+            ABORT | 0 => 1006,
+            c => c as u16,
+        }
+    }
+}
+
+/// Runs the socket's single writer to its end, then wakes the reader.
+pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(out: Outbox, w: W, write_timeout: Duration) {
+    write_loop(out.clone(), w, write_timeout).await;
+    out.0.writer_done.notify_one();
+}
+
+/// Frames per write: several queued frames go out in one syscall.
+const BATCH: usize = 64;
+/// A write buffer larger than this is released after use, so one burst does not pin memory on
+/// every idle socket.
+const KEEP_BUFFER: usize = 1024;
+/// Frames larger than this (a big `presence_state`) are written straight from the shared bytes
+/// instead of being copied into the write buffer.
+const COPY_LIMIT: usize = 2048;
+
+/// The single writer: drains the queue, frames text with a header written here (server frames
+/// are unmasked, so a shared `Bytes` body is written as is), and sends the close frame last.
+async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout: Duration) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut batch: Vec<Out> = Vec::new();
+    loop {
+        out.0.notify.notified().await;
+        loop {
+            if out.code() != 0 {
+                break;
+            }
+            out.take(BATCH, &mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            // a peer that does not read for write_timeout is dropped: the writer never hangs
+            let wrote = tokio::time::timeout(write_timeout, async {
+                for m in batch.drain(..) {
+                    write_out(&mut w, &mut buf, m).await?;
+                }
+                if !buf.is_empty() {
+                    w.write_all(&buf).await?;
+                }
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+            match wrote {
+                Ok(Ok(())) => buf.clear(),
+                Ok(Err(_)) => {
+                    out.abort();
+                    return;
+                }
+                Err(_) => {
+                    out.0.metrics.slow_consumer();
+                    out.abort();
+                    return;
+                }
+            }
+        }
+        // an idle socket keeps no write buffers beyond small ones
+        if buf.capacity() > KEEP_BUFFER {
+            buf = Vec::new();
+        }
+        if batch.capacity() > KEEP_SLOTS {
+            batch = Vec::new();
+        }
+        match out.code() {
+            0 => continue,
+            ABORT => return,
+            code => {
+                let code = code as u16;
+                let mut frame = vec![0x88u8];
+                if code == NO_STATUS {
+                    frame.push(0);
+                } else {
+                    frame.push(2);
+                    frame.extend_from_slice(&code.to_be_bytes());
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = w.write_all(&frame).await;
+                    let _ = w.flush().await;
+                    let _ = w.shutdown().await;
+                })
+                .await;
+                return;
+            }
+        }
+    }
+}
+
+/// Adds a frame to the batch; a large body is written directly from its shared bytes, after
+/// what is batched before it.
+async fn write_out<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    m: Out,
+) -> std::io::Result<()> {
+    let (head, body, tail): (&[u8], &[u8], &[u8]) = match &m {
+        Out::Text(b) | Out::Pong(b) => (&[], b, &[]),
+        Out::Wrapped(h, b) => (h, b, b"]"),
+    };
+    put_head(buf, &m, head.len() + body.len() + tail.len());
+    buf.extend_from_slice(head);
+    if body.len() <= COPY_LIMIT {
+        buf.extend_from_slice(body);
+    } else {
+        w.write_all(buf).await?;
+        buf.clear();
+        w.write_all(body).await?;
+    }
+    buf.extend_from_slice(tail);
+    Ok(())
+}
+
+/// The frame header: FIN + opcode, then the payload length (server frames are not masked).
+fn put_head(buf: &mut Vec<u8>, m: &Out, n: usize) {
+    buf.push(match m {
+        Out::Text(_) | Out::Wrapped(..) => 0x81u8,
+        Out::Pong(_) => 0x8Au8,
+    });
+    if n < 126 {
+        buf.push(n as u8);
+    } else if n <= u16::MAX as usize {
+        buf.push(126);
+        buf.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        buf.push(127);
+        buf.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn framed(m: Out) -> Vec<u8> {
+        let mut wire = Vec::new();
+        let mut buf = Vec::new();
+        write_out(&mut wire, &mut buf, m).await.unwrap();
+        wire.extend_from_slice(&buf);
+        wire
+    }
+
+    #[tokio::test]
+    async fn frames_text_with_the_right_header() {
+        assert_eq!(
+            framed(Out::Text(Bytes::from_static(b"hi"))).await,
+            vec![0x81, 2, b'h', b'i']
+        );
+        let b = framed(Out::Text(Bytes::from(vec![b'x'; 300]))).await;
+        assert_eq!(&b[..4], &[0x81, 126, 1, 44]);
+        assert_eq!(b.len(), 304);
+        let b = framed(Out::Text(Bytes::from(vec![b'x'; 70_000]))).await;
+        assert_eq!(&b[..2], &[0x81, 127]);
+        assert_eq!(u64::from_be_bytes(b[2..10].try_into().unwrap()), 70_000);
+        assert_eq!(b.len(), 70_010);
+        assert_eq!(
+            framed(Out::Pong(Bytes::from_static(b"p"))).await,
+            vec![0x8A, 1, b'p']
+        );
+    }
+
+    #[tokio::test]
+    async fn wraps_a_shared_payload_small_and_large() {
+        let b = framed(Out::Wrapped(
+            Bytes::from_static(b"[1,"),
+            Bytes::from_static(b"{}"),
+        ))
+        .await;
+        assert_eq!(b, b"\x81\x06[1,{}]".to_vec());
+        let big = format!("{{\"k\":\"{}\"}}", "y".repeat(5000));
+        let b = framed(Out::Wrapped(
+            Bytes::from_static(b"[\"3\",null,\"t\",\"e\","),
+            Bytes::from(big.clone()),
+        ))
+        .await;
+        let text = std::str::from_utf8(&b[4..]).unwrap();
+        assert_eq!(usize::from(u16::from_be_bytes([b[2], b[3]])), text.len());
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v[4]["k"].as_str().unwrap().len(), 5000);
+    }
+
+    #[test]
+    fn first_close_request_wins() {
+        let c = Outbox::new(4, crate::metrics::Metrics::new());
+        c.close(close::SLOW_CONSUMER);
+        c.close(close::RESTART);
+        assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
+        assert!(
+            !c.send(Bytes::from_static(b"x")),
+            "a closing socket takes nothing"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_closes_the_socket_as_slow() {
+        let c = Outbox::new(2, crate::metrics::Metrics::new());
+        assert!(c.send(Bytes::from_static(b"1")) && c.send(Bytes::from_static(b"2")));
+        assert!(!c.send(Bytes::from_static(b"3")));
+        assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
+        let mut got = Vec::new();
+        c.take(10, &mut got);
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_memory_back() {
+        let c = Outbox::new(100, crate::metrics::Metrics::new());
+        for _ in 0..40 {
+            assert!(c.send(Bytes::from_static(b"x")));
+        }
+        let mut got = Vec::new();
+        c.take(30, &mut got);
+        assert!(c.queue().capacity() >= 10, "not drained yet: storage kept");
+        c.take(30, &mut got);
+        assert_eq!(got.len(), 40);
+        let cap = c.queue().capacity();
+        assert_eq!(cap, 0);
+    }
+}
