@@ -68,7 +68,7 @@ test('CLI: rooms create/list/show/delete, token, nodes, check-config', async () 
   a.close();
 
   // check-config: effective settings, secrets masked, unknown keys are errors
-  const cfg = tempFile('gateway.toml', '[auth]\nhs256_secret = "very-secret"\n[presence]\nttl_ms = 9000\n');
+  const cfg = tempFile('gateway.toml', '[auth]\nhs256_secret = "very-secret-0123456789abcdef0123456789"\n[presence]\nttl_ms = 9000\n');
   const ok = cli(['check-config', '--config', cfg], { GATEWAY_AUTH_HS256_SECRET: undefined });
   assert.equal(ok.code, 0, ok.out);
   assert.match(ok.out, /ttl_ms = 9000/);
