@@ -345,3 +345,26 @@ test('an HS256 secret shorter than 32 bytes stops the gateway unless auth.allow_
     }
   }
 });
+
+test('RS256 / ES256 without auth.audience: one warning at start; HS256, or an audience set, none', async () => {
+  const warning = /WARN.*auth\.audience.*not set[^\n]*/g;
+  for (const [gw, alg] of [[rs, 'RS256'], [es, 'ES256']]) {
+    const found = gw.stderr().match(warning) || [];
+    assert.equal(found.length, 1, `${alg} gateway stderr must warn once about auth.audience:\n${gw.stderr()}`);
+    assert.match(found[0], new RegExp(alg));
+  }
+  assert.doesNotMatch(hs.stderr(), warning, 'no audience warning with HS256');
+  const withAud = await startGateway({
+    redisPort: redis.port, prefix: PREFIX, name: 'rs256-aud',
+    env: { GATEWAY_AUTH_ALGORITHM: 'RS256', GATEWAY_AUTH_PUBLIC_KEY_FILE: tempFile('rsa.pub.pem', rsaPem), GATEWAY_AUTH_HS256_SECRET: undefined, GATEWAY_AUTH_AUDIENCE: 'gateway' },
+  });
+  try {
+    assert.doesNotMatch(withAud.stderr(), warning, 'no audience warning when one is set');
+    const topic = newRoom();
+    assertSignedIn(await tryToken(withAud, topic, rs256(claims('u-aud', 'aud', { aud: 'gateway' }), rsa.privateKey)), 'u-aud', 'aud', 'RS256 with the right aud');
+    const other = await tryToken(withAud, topic, rs256(claims('u-aud', 'aud', { aud: 'billing' }), rsa.privateKey));
+    assert.equal(other.join.response.auth, 'anonymous', 'a token for another service is refused');
+  } finally {
+    await withAud.stop();
+  }
+});

@@ -97,6 +97,9 @@ impl App {
                 "no auth.hs256_secret (GATEWAY_AUTH_HS256_SECRET): every token is refused and every socket is anonymous"
             );
         }
+        if let Some(w) = crate::auth::missing_audience_warning(&cfg.auth) {
+            tracing::warn!("{w}");
+        }
         let keys = Keys::new(&cfg.redis.prefix);
         let metrics = Metrics::new();
         let redis_client = redis::Client::open(cfg.redis.url.as_str())?;

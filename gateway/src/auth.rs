@@ -12,7 +12,7 @@ use std::sync::Arc;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
-use crate::config::Config;
+use crate::config::{AuthConfig, Config};
 
 /// Who is behind a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +84,21 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     username: Option<String>,
+}
+
+/// The start-up warning for a public-key algorithm without `auth.audience`, if it applies. Such a
+/// key is usually an identity provider's, shared by every service it signs tokens for: without an
+/// `aud` check, a token minted for any of them signs in here. Still accepted (set on purpose, an
+/// audience-less deployment is the operator's call), but said once at start.
+pub fn missing_audience_warning(auth: &AuthConfig) -> Option<String> {
+    match (auth.algorithm.as_str(), &auth.audience) {
+        (alg @ ("RS256" | "ES256"), None) => Some(format!(
+            "auth.audience (GATEWAY_AUTH_AUDIENCE) is not set with {alg}: a token this key signed \
+             for any other service is accepted too; set it to the aud your issuer puts in tokens \
+             for this gateway"
+        )),
+        _ => None,
+    }
 }
 
 /// Verifies tokens with the configured key and rules.
@@ -350,5 +365,19 @@ mod tests {
             }
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn warns_about_a_missing_audience_only_with_public_key_algorithms() {
+        let mut a = AuthConfig::default();
+        assert_eq!(missing_audience_warning(&a), None, "HS256");
+        for alg in ["RS256", "ES256"] {
+            a.algorithm = alg.into();
+            a.audience = None;
+            let w = missing_audience_warning(&a).expect("warning");
+            assert!(w.contains("auth.audience") && w.contains(alg), "{w}");
+            a.audience = Some("gateway".into());
+            assert_eq!(missing_audience_warning(&a), None, "{alg} with audience");
+        }
     }
 }

@@ -118,7 +118,8 @@ pub struct AuthConfig {
     pub public_key_file: Option<PathBuf>,
     /// Clock skew tolerated on `exp` / `nbf`, in seconds.
     pub leeway_s: u64,
-    /// Required `aud` claim, if set.
+    /// Required `aud` claim, if set. Unset with RS256/ES256 a start-up warning is logged: a
+    /// shared identity provider's tokens for any other service would be accepted too.
     pub audience: Option<String>,
     /// Required `iss` claim, if set.
     pub issuer: Option<String>,

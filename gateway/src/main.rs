@@ -110,6 +110,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig => {
             gateway::auth::Verifier::from_config(&cfg)?;
             cfg.admin_token()?;
+            if let Some(w) = gateway::auth::missing_audience_warning(&cfg.auth) {
+                eprintln!("warning: {w}");
+            }
             print!("{}", cfg.to_masked_toml());
             eprintln!("configuration is valid");
             Ok(())
