@@ -151,7 +151,8 @@ pub struct RoomsConfig {
     pub client_events: Vec<String>,
     /// A node keeps a room subscribed this long after its last local member leaves (no flapping).
     pub unsubscribe_delay_ms: u64,
-    /// Longest `body` of a `new_msg`, in bytes.
+    /// Largest `body` of a push, in bytes: a `new_msg`'s string, another event's body as JSON.
+    /// The broadcast carries nothing else of the client's, so this bounds what a push fans out.
     pub max_body_bytes: usize,
 }
 
