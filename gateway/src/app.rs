@@ -66,25 +66,34 @@ impl Sessions {
     }
 }
 
-/// A node id: the host name (sanitised, shortened) and a random suffix.
+/// A node id: the host name (sanitised, shortened) and 64 random bits.
+///
+/// The random part is what makes ids unique: pods of one ReplicaSet share a host prefix, and two
+/// processes with the same id would renew and erase each other's presence. 64 bits keep a
+/// collision negligible across any number of restarts (32 bits reach even odds after ~77,000
+/// starts of same-prefixed pods). The id holds only `[A-Za-z0-9_-]`: connection ids are
+/// `<node>.<n>` and the Lua scripts split them on the last dot.
 pub fn new_node_id() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .unwrap_or_else(|| "gw".into());
+        .unwrap_or_default();
+    node_id(&host, rand::random())
+}
+
+/// Longest host prefix kept in a node id (a Kubernetes pod name's deployment and ReplicaSet
+/// part), so ids stay short in every presence field and lease.
+const NODE_HOST_CHARS: usize = 24;
+
+fn node_id(host: &str, random: u64) -> String {
     let host: String = host
         .trim()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(24)
+        .take(NODE_HOST_CHARS)
         .collect();
-    let host = if host.is_empty() {
-        "gw".to_string()
-    } else {
-        host
-    };
-    let suffix: u32 = rand::random();
-    format!("{host}-{suffix:08x}")
+    let host = if host.is_empty() { "gw" } else { &host };
+    format!("{host}-{random:016x}")
 }
 
 impl App {
@@ -208,4 +217,36 @@ async fn node_record(app: Arc<App>) {
 /// `redis://user:pass@host` → `redis://user:***@host` for logs.
 pub fn redact(url: &str) -> String {
     crate::config::redact_url(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_carry_64_random_bits_and_never_a_dot() {
+        let a = new_node_id();
+        let b = new_node_id();
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            let (_, random) = id.rsplit_once('-').expect("host-random");
+            assert_eq!(random.len(), 16, "{id}: 64 bits as 16 hex digits");
+            assert!(random.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert_eq!(
+            node_id("pod-1.example.com\n", 1),
+            "pod-1examplecom-0000000000000001"
+        );
+        assert_eq!(node_id("", u64::MAX), "gw-ffffffffffffffff");
+        assert_eq!(node_id("...", 0), "gw-0000000000000000");
+        let long = node_id(&"h".repeat(100), 7);
+        assert_eq!(long.len(), NODE_HOST_CHARS + 1 + 16);
+        for id in [a, b, long, node_id("a b/c:{d}.e", 3)] {
+            assert!(
+                id.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "{id}: only [A-Za-z0-9_-], so `<node>.<n>` splits on its last dot"
+            );
+        }
+    }
 }
