@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::fanout::Hub;
@@ -33,9 +35,13 @@ pub struct App {
     /// `gateway dev` only: demo users and their tokens, served to the demo page.
     pub demo_tokens: std::sync::OnceLock<Vec<(String, String)>>,
     next_socket: AtomicU64,
+    /// One permit per allowed socket (`server.max_connections`), taken before the upgrade is
+    /// answered and held until the session ends. Counting registered sessions instead let a
+    /// burst through: a session registers only after its 101 has gone out.
+    connection_permits: Arc<Semaphore>,
 }
 
-/// Open sockets, for the drain and the connection limit.
+/// Open sockets, for the drain and the node record (the limit is [`App::admit`]'s).
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<u64, Outbox>>,
@@ -149,6 +155,9 @@ impl App {
             metrics.clone(),
         );
         let pool = crate::redis::pool(&cfg.redis)?;
+        let connection_permits = Arc::new(Semaphore::new(
+            cfg.server.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
         Ok(Arc::new(App {
             policy: PushPolicy::new(&cfg.rooms.client_events),
             cfg,
@@ -163,6 +172,7 @@ impl App {
             draining: AtomicBool::new(false),
             demo_tokens: std::sync::OnceLock::new(),
             next_socket: AtomicU64::new(1),
+            connection_permits,
         }))
     }
 
@@ -171,6 +181,12 @@ impl App {
         tokio::spawn(self.hub.clone().run_subscriber(self.redis_client.clone()));
         tokio::spawn(self.hub.clone().run_heartbeat());
         tokio::spawn(node_record(self.clone()));
+    }
+
+    /// A place for one more socket, or `None` at `server.max_connections`. The socket holds the
+    /// permit for its whole life; dropping it frees the place.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.connection_permits.clone().try_acquire_owned().ok()
     }
 
     pub fn next_socket(&self) -> u64 {

@@ -64,7 +64,8 @@ pub struct ServerConfig {
     pub write_timeout_ms: u64,
     /// Phoenix's own limit of channels per connection.
     pub max_channels_per_socket: usize,
-    /// Open sockets at most; the upgrade answers 503 past it (protects memory and fds).
+    /// Open sockets (upgrades in flight included) at most; the upgrade answers 503 past it
+    /// (protects memory and fds).
     pub max_connections: usize,
     /// How long a SIGTERM drain may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
