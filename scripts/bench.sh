@@ -25,8 +25,10 @@ redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$w
 pids+=($!)
 for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
+# 32+ bytes: shorter HS256 secrets are refused at start
+secret=bench-hs256-secret-0123456789abcdef
 export GATEWAY_REDIS_URL="redis://127.0.0.1:$port" GATEWAY_REDIS_PREFIX=bench \
-  GATEWAY_AUTH_HS256_SECRET=bench-secret GATEWAY_SERVER_LISTEN=127.0.0.1:0 GATEWAY_ADMIN_LISTEN=127.0.0.1:0 \
+  GATEWAY_AUTH_HS256_SECRET="$secret" GATEWAY_SERVER_LISTEN=127.0.0.1:0 GATEWAY_ADMIN_LISTEN=127.0.0.1:0 \
   GATEWAY_LOG=warn
 start_gateway() {
   local out="$work/gw$1.out"
@@ -50,7 +52,7 @@ for i in $(seq "$RUNS"); do
   target/release/bench --gateway "$gw1" --gateway "$gw2" joins --viewers "$SUBSCRIBERS" | grep -v '^machine'
   sleep 3
   target/release/bench --gateway "$gw1" --gateway "$gw2" fanout --subscribers "$SUBSCRIBERS" \
-    --messages "$MESSAGES" --rate "$RATE" --secret bench-secret | grep -v '^machine'
+    --messages "$MESSAGES" --rate "$RATE" --secret "$secret" | grep -v '^machine'
   stop_gateways
   sleep 1
 done

@@ -3,11 +3,12 @@
 // algorithm confusion.
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import {
   test, startRedis, startGateway, createRoom, teardown, connect, join, push,
   hs256, rs256, es256, algNone, claims, rsaKeyPair, ecKeyPair, publicPem, tempFile,
-  uid, rawConnect, tryUpgrade, httpUpgrade, wsUrl, DEFAULT_SECRET,
+  uid, rawConnect, tryUpgrade, httpUpgrade, wsUrl, withTimeout, DEFAULT_SECRET, GATEWAY_BIN,
 } from './lib/harness.mjs';
 
 const PREFIX = 'au';
@@ -267,4 +268,103 @@ test('phoenix.js against the RS256 gateway with authToken', async () => {
   const ch = s.channel(topic);
   assert.deepEqual(await join(ch), { status: 'ok', response: { auth: 'user', user: { id: 'u-rsp', username: 'rsa-phx' } } });
   assert.deepEqual(await push(ch, 'new_msg', { body: 'signed by RSA' }), { status: 'ok', response: {} });
+});
+
+/**
+ * `gateway serve` with `env` over the usual test settings, expected to refuse to start: resolves
+ * {code, stdout, stderr} once it exits (or is killed after `ms`, if it started after all).
+ */
+async function serveExpectingRefusal(env, ms = 8000) {
+  const full = {
+    PATH: process.env.PATH,
+    NO_COLOR: '1',
+    GATEWAY_SERVER_LISTEN: '127.0.0.1:0',
+    GATEWAY_ADMIN_LISTEN: '127.0.0.1:0',
+    GATEWAY_REDIS_URL: redis.url,
+    GATEWAY_REDIS_PREFIX: PREFIX,
+    ...env,
+  };
+  for (const [k, v] of Object.entries(full)) if (v === undefined) delete full[k];
+  const proc = spawn(GATEWAY_BIN, ['serve'], { env: full, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  proc.stdout.on('data', (d) => { stdout += d; });
+  proc.stderr.on('data', (d) => { stderr += d; });
+  // 'close', not 'exit': the process may exit before its stderr has been read to the end
+  const exited = new Promise((resolve) => proc.on('close', (code) => resolve(code)));
+  let code;
+  try {
+    code = await withTimeout(exited, ms, 'gateway to refuse to start');
+  } catch {
+    proc.kill('SIGKILL');
+    code = `still running after ${ms} ms`;
+  }
+  return { code, stdout, stderr };
+}
+
+function assertRefused(r, pattern, what) {
+  assert.ok(typeof r.code === 'number' && r.code !== 0, `${what}: must exit non-zero at start, got ${r.code}; stdout ${r.stdout}; stderr ${r.stderr}`);
+  assert.ok(!r.stdout.includes('"listening"'), `${what}: must not listen`);
+  assert.match(r.stderr, pattern, `${what}: the error must name the setting`);
+}
+
+test('a blank HS256 secret or admin token stops the gateway at start, whether inline, env or file', async () => {
+  const cases = {
+    'empty secret file': [{ GATEWAY_AUTH_HS256_SECRET_FILE: tempFile('empty-secret', '') }, /auth\.hs256_secret_file.*empty/],
+    'secret file with a line end only': [{ GATEWAY_AUTH_HS256_SECRET_FILE: tempFile('nl-secret', '\r\n') }, /auth\.hs256_secret_file.*empty/],
+    'whitespace secret file': [{ GATEWAY_AUTH_HS256_SECRET_FILE: tempFile('ws-secret', '   \n') }, /auth\.hs256_secret_file.*empty/],
+    'empty secret by env': [{ GATEWAY_AUTH_HS256_SECRET: '' }, /auth\.hs256_secret.*empty/],
+    'empty secret in the config file': [{ GATEWAY_CONFIG: tempFile('gw.toml', '[auth]\nhs256_secret = ""\n') }, /auth\.hs256_secret.*empty/],
+    'empty admin token file': [{ GATEWAY_AUTH_HS256_SECRET: DEFAULT_SECRET, GATEWAY_ADMIN_TOKEN_FILE: tempFile('admin-token', '\n') }, /admin\.token_file.*empty/],
+    'empty admin token by env': [{ GATEWAY_AUTH_HS256_SECRET: DEFAULT_SECRET, GATEWAY_ADMIN_TOKEN: ' ' }, /admin\.token.*empty/],
+  };
+  const runs = await Promise.all(Object.values(cases).map(([env]) => serveExpectingRefusal(env)));
+  Object.keys(cases).forEach((what, i) => assertRefused(runs[i], cases[what][1], what));
+});
+
+test('an HS256 secret shorter than 32 bytes stops the gateway unless auth.allow_short_hs256_secret', async () => {
+  const short = '0123456789'; // 10 bytes
+  const file = tempFile('short-secret', `${short}\n`);
+  for (const [what, env, pattern] of [
+    ['10-byte secret by env', { GATEWAY_AUTH_HS256_SECRET: short }, /auth\.hs256_secret.*10 bytes.*allow_short_hs256_secret/],
+    ['10-byte secret file', { GATEWAY_AUTH_HS256_SECRET_FILE: file }, /auth\.hs256_secret_file.*10 bytes.*allow_short_hs256_secret/],
+  ]) {
+    assertRefused(await serveExpectingRefusal(env), pattern, what);
+  }
+  // with the opt-in, the same secrets start, and a token signed with them signs in
+  const topic = newRoom();
+  for (const env of [
+    { GATEWAY_AUTH_HS256_SECRET: short },
+    { GATEWAY_AUTH_HS256_SECRET: undefined, GATEWAY_AUTH_HS256_SECRET_FILE: file },
+  ]) {
+    const gw = await startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'short-secret', env: { ...env, GATEWAY_AUTH_ALLOW_SHORT_HS256_SECRET: 'true' } });
+    try {
+      assertSignedIn(await tryToken(gw, topic, hs256(claims('u-short', 'short'), short)), 'u-short', 'short', `opted-in short secret ${JSON.stringify(env)}`);
+    } finally {
+      await gw.stop();
+    }
+  }
+});
+
+test('RS256 / ES256 without auth.audience: one warning at start; HS256, or an audience set, none', async () => {
+  const warning = /WARN.*auth\.audience.*not set[^\n]*/g;
+  for (const [gw, alg] of [[rs, 'RS256'], [es, 'ES256']]) {
+    const found = gw.stderr().match(warning) || [];
+    assert.equal(found.length, 1, `${alg} gateway stderr must warn once about auth.audience:\n${gw.stderr()}`);
+    assert.match(found[0], new RegExp(alg));
+  }
+  assert.doesNotMatch(hs.stderr(), warning, 'no audience warning with HS256');
+  const withAud = await startGateway({
+    redisPort: redis.port, prefix: PREFIX, name: 'rs256-aud',
+    env: { GATEWAY_AUTH_ALGORITHM: 'RS256', GATEWAY_AUTH_PUBLIC_KEY_FILE: tempFile('rsa.pub.pem', rsaPem), GATEWAY_AUTH_HS256_SECRET: undefined, GATEWAY_AUTH_AUDIENCE: 'gateway' },
+  });
+  try {
+    assert.doesNotMatch(withAud.stderr(), warning, 'no audience warning when one is set');
+    const topic = newRoom();
+    assertSignedIn(await tryToken(withAud, topic, rs256(claims('u-aud', 'aud', { aud: 'gateway' }), rsa.privateKey)), 'u-aud', 'aud', 'RS256 with the right aud');
+    const other = await tryToken(withAud, topic, rs256(claims('u-aud', 'aud', { aud: 'billing' }), rsa.privateKey));
+    assert.equal(other.join.response.auth, 'anonymous', 'a token for another service is refused');
+  } finally {
+    await withAud.stop();
+  }
 });

@@ -3,8 +3,10 @@
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import net from 'node:net';
 import { respClient } from './lib/presence.mjs';
-import { GATEWAY_BIN, DEFAULT_SECRET, createRoom, hs256, rawConnect, startGateway, startRedis, tempFile, teardown, test, waitFor } from './lib/harness.mjs';
+import { GATEWAY_BIN, DEFAULT_SECRET, createRoom, hs256, rawConnect, startGateway, startRedis, tempFile, sleep, teardown, test, waitFor, withTimeout } from './lib/harness.mjs';
 
 const ADMIN_TOKEN = 'admin-token-for-tests';
 let redis;
@@ -68,7 +70,7 @@ test('CLI: rooms create/list/show/delete, token, nodes, check-config', async () 
   a.close();
 
   // check-config: effective settings, secrets masked, unknown keys are errors
-  const cfg = tempFile('gateway.toml', '[auth]\nhs256_secret = "very-secret"\n[presence]\nttl_ms = 9000\n');
+  const cfg = tempFile('gateway.toml', '[auth]\nhs256_secret = "very-secret-0123456789abcdef0123456789"\n[presence]\nttl_ms = 9000\n');
   const ok = cli(['check-config', '--config', cfg], { GATEWAY_AUTH_HS256_SECRET: undefined });
   assert.equal(ok.code, 0, ok.out);
   assert.match(ok.out, /ttl_ms = 9000/);
@@ -80,6 +82,73 @@ test('CLI: rooms create/list/show/delete, token, nodes, check-config', async () 
   const envTypo = cli(['check-config'], { GATEWAY_PRESENCE_TTL: '5' });
   assert.notEqual(envTypo.code, 0);
   assert.match(envTypo.out, /ttl/);
+});
+
+/**
+ * Opens `n` TCP connections to `addr` (host:port), then writes a WebSocket upgrade request on every
+ * one in the same tick, so the requests reach the gateway together rather than one after another.
+ * `stall`: each request also declares a 1-byte body it never sends, which delays hyper's hand-over
+ * of the connection and so widens the window between the limit check and the session's start
+ * (against the pre-fix gateway: over the limit in about half of such bursts, against about one in
+ * ten plain ones). Resolves {sockets, statuses}: each socket (still open) and its HTTP status.
+ */
+async function upgradeBurst(addr, n, { stall = false } = {}) {
+  const i = addr.lastIndexOf(':');
+  const [host, port] = [addr.slice(0, i), Number(addr.slice(i + 1))];
+  const sockets = await Promise.all(Array.from({ length: n }, () => new Promise((resolve, reject) => {
+    const s = net.connect(port, host, () => resolve(s));
+    s.on('error', reject);
+  })));
+  const statuses = sockets.map((s) => new Promise((resolve) => {
+    let head = '';
+    s.on('data', (d) => {
+      head += d.toString('latin1');
+      const m = /^HTTP\/1\.1 (\d{3})/.exec(head);
+      if (m) resolve(Number(m[1]));
+    });
+    s.on('close', () => resolve(`closed without a status: ${JSON.stringify(head)}`));
+    s.on('error', () => { /* reported through close */ });
+  }));
+  for (const s of sockets) {
+    s.write(`GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: ${addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n`
+      + `Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${crypto.randomBytes(16).toString('base64')}\r\n`
+      + `${stall ? 'Content-Length: 1\r\n' : ''}\r\n`);
+  }
+  return { sockets, statuses: await withTimeout(Promise.all(statuses), 10000, 'answers to the upgrade burst') };
+}
+
+test('server.max_connections holds under bursts: 30 concurrent upgrades, limit 5 → at most 5 open, the rest 503; closing frees the places', async () => {
+  const gw = await startGateway({ redisPort: redis.port, prefix: 'lim', env: { GATEWAY_SERVER_MAX_CONNECTIONS: '5' } });
+  gws.push(gw);
+  const url = `${gw.publicUrl}/websocket?vsn=2.0.0`;
+  // Several bursts: whether upgrades in flight overlap the limit check is a matter of scheduling,
+  // so one burst alone could pass by luck; every other one stalls its upgrades to widen the window.
+  for (let round = 0; round < 12; round++) {
+    const stall = round % 2 === 1;
+    const { sockets, statuses } = await upgradeBurst(gw.publicAddr, 30, { stall });
+    const admitted = statuses.filter((s) => s === 101).length;
+    try {
+      assert.ok(admitted <= 5, `round ${round}${stall ? ' (stalled upgrades)' : ''}: at most 5 of 30 concurrent upgrades may succeed, ${admitted} did: ${statuses}`);
+      if (round === 0) assert.equal(admitted, 5, `a fresh gateway admits exactly 5: ${statuses}`);
+      assert.deepEqual(statuses.filter((s) => s !== 101), Array(30 - admitted).fill(503), 'the others are refused with 503');
+      if (round === 0) await assert.rejects(rawConnect(url), (e) => e.statusCode === 503, 'still full');
+    } finally {
+      for (const s of sockets) s.destroy();
+    }
+    await sleep(150); // let the closed sockets' sessions end
+  }
+
+  // the places come back when the sockets close (once each session has ended)
+  const again = [];
+  for (let i = 0; i < 5; i++) {
+    again.push(await waitFor(() => rawConnect(url), 5000, `place ${i + 1} of 5 to come back`));
+  }
+  for (const c of again) {
+    c.send([null, 'hb', 'phoenix', 'heartbeat', {}]);
+    assert.equal((await c.reply('hb'))[4].status, 'ok', 'the admitted sockets work');
+  }
+  await assert.rejects(rawConnect(url), (e) => e.statusCode === 503, 'full again with 5 new sockets');
+  for (const c of again) c.close();
 });
 
 test('admin API: auth, rooms, presence, broadcast, and delete closes channels on every node', async () => {

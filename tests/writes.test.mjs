@@ -1,6 +1,7 @@
 // Acceptance 2: who may write. Anonymous pushes are refused with "Not signed in";
 // reserved / unknown events from signed-in users are refused with "unknown event";
-// nothing refused is ever broadcast (checked on a second gateway too).
+// nothing refused is ever broadcast (checked on a second gateway too); what is broadcast carries
+// only the pushed body, the sender from the token and the time.
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
@@ -13,9 +14,11 @@ let redis; let A; let B;
 
 before(async () => {
   redis = await startRedis();
+  // `typing` is allowed too, to check the body rules of events other than new_msg
+  const env = { GATEWAY_ROOMS_CLIENT_EVENTS: '["new_msg","typing"]' };
   [A, B] = await Promise.all([
-    startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'A' }),
-    startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'B' }),
+    startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'A', env }),
+    startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'B', env }),
   ]);
 });
 after(() => teardown({ gateways: [A, B], redis }));
@@ -127,4 +130,42 @@ test('phoenix.js signed-in client: forged presence_diff is refused and the peer 
   await sleep(500);
   const leaked = gotPeer.filter((m) => JSON.stringify(m.payload || {}).includes('fake'));
   assert.deepEqual(leaked, [], 'forged presence reached a peer');
+});
+
+test('a push broadcasts only {body, user, at}: extra fields (id, system, user, a huge x) are dropped; every event\'s body is bounded', async () => {
+  const { topic, user, all } = await setup();
+  const sender = { id: 'sub-writer', username: 'writer' };
+  const huge = 'x'.repeat(10000); // > rooms.max_body_bytes (4096), well under the frame limit
+  const extras = { id: 'forged-id', system: true, user: { id: 'admin', username: 'root' }, x: huge };
+  const assertOnly = (f, body, what) => {
+    assert.deepEqual(Object.keys(f[4]).sort(), ['at', 'body', 'user'], `${what}: ${JSON.stringify(f).slice(0, 300)}`);
+    assert.deepEqual(f[4].body, body, what);
+    assert.deepEqual(f[4].user, sender, `${what}: the sender comes from the token`);
+    assert.ok(Number.isInteger(f[4].at), what);
+  };
+
+  user.send(['1', '20', topic, 'new_msg', { body: 'hello', ...extras }]);
+  assert.deepEqual(await user.reply('20'), ['1', '20', topic, 'phx_reply', { status: 'ok', response: {} }]);
+  for (const [i, c] of all.entries()) {
+    assertOnly(await c.next(isBroadcast(topic, 'new_msg'), 3000, 'new_msg broadcast'), 'hello', `new_msg to client ${i}`);
+  }
+
+  user.send(['1', '21', topic, 'typing', { body: { state: 'on' }, ...extras }]);
+  assert.deepEqual(await user.reply('21'), ['1', '21', topic, 'phx_reply', { status: 'ok', response: {} }]);
+  for (const [i, c] of all.entries()) {
+    assertOnly(await c.next(isBroadcast(topic, 'typing'), 3000, 'typing broadcast'), { state: 'on' }, `typing to client ${i}`);
+  }
+
+  // another allowed event gets no way around max_body_bytes, and a body is required
+  const refused = (ref) => ['1', ref, topic, 'phx_reply', { status: 'error', response: { reason: 'invalid payload' } }];
+  user.send(['1', '22', topic, 'typing', { body: huge }]);
+  assert.deepEqual(await user.reply('22'), refused('22'));
+  user.send(['1', '23', topic, 'typing', { state: 'on', x: huge }]);
+  assert.deepEqual(await user.reply('23'), refused('23'));
+  await sleep(500);
+  for (const c of all) {
+    const typing = c.frames.filter((f) => isBroadcast(topic, 'typing')(f));
+    assert.equal(typing.length, 1, `only the accepted typing push is broadcast: ${JSON.stringify(typing).slice(0, 300)}`);
+    assert.ok(!c.raw.some((t) => typeof t === 'string' && t.includes('forged-id')), 'a forged id reached a client');
+  }
 });

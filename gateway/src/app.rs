@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::fanout::Hub;
@@ -33,9 +35,13 @@ pub struct App {
     /// `gateway dev` only: demo users and their tokens, served to the demo page.
     pub demo_tokens: std::sync::OnceLock<Vec<(String, String)>>,
     next_socket: AtomicU64,
+    /// One permit per allowed socket (`server.max_connections`), taken before the upgrade is
+    /// answered and held until the session ends. Counting registered sessions instead let a
+    /// burst through: a session registers only after its 101 has gone out.
+    connection_permits: Arc<Semaphore>,
 }
 
-/// Open sockets, for the drain and the connection limit.
+/// Open sockets, for the drain and the node record (the limit is [`App::admit`]'s).
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<u64, Outbox>>,
@@ -66,25 +72,34 @@ impl Sessions {
     }
 }
 
-/// A node id: the host name (sanitised, shortened) and a random suffix.
+/// A node id: the host name (sanitised, shortened) and 64 random bits.
+///
+/// The random part is what makes ids unique: pods of one ReplicaSet share a host prefix, and two
+/// processes with the same id would renew and erase each other's presence. 64 bits keep a
+/// collision negligible across any number of restarts (32 bits reach even odds after ~77,000
+/// starts of same-prefixed pods). The id holds only `[A-Za-z0-9_-]`: connection ids are
+/// `<node>.<n>` and the Lua scripts split them on the last dot.
 pub fn new_node_id() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .unwrap_or_else(|| "gw".into());
+        .unwrap_or_default();
+    node_id(&host, rand::random())
+}
+
+/// Longest host prefix kept in a node id (a Kubernetes pod name's deployment and ReplicaSet
+/// part), so ids stay short in every presence field and lease.
+const NODE_HOST_CHARS: usize = 24;
+
+fn node_id(host: &str, random: u64) -> String {
     let host: String = host
         .trim()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(24)
+        .take(NODE_HOST_CHARS)
         .collect();
-    let host = if host.is_empty() {
-        "gw".to_string()
-    } else {
-        host
-    };
-    let suffix: u32 = rand::random();
-    format!("{host}-{suffix:08x}")
+    let host = if host.is_empty() { "gw" } else { &host };
+    format!("{host}-{random:016x}")
 }
 
 impl App {
@@ -96,6 +111,9 @@ impl App {
             tracing::warn!(
                 "no auth.hs256_secret (GATEWAY_AUTH_HS256_SECRET): every token is refused and every socket is anonymous"
             );
+        }
+        if let Some(w) = crate::auth::missing_audience_warning(&cfg.auth) {
+            tracing::warn!("{w}");
         }
         let keys = Keys::new(&cfg.redis.prefix);
         let metrics = Metrics::new();
@@ -137,6 +155,9 @@ impl App {
             metrics.clone(),
         );
         let pool = crate::redis::pool(&cfg.redis)?;
+        let connection_permits = Arc::new(Semaphore::new(
+            cfg.server.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
         Ok(Arc::new(App {
             policy: PushPolicy::new(&cfg.rooms.client_events),
             cfg,
@@ -151,6 +172,7 @@ impl App {
             draining: AtomicBool::new(false),
             demo_tokens: std::sync::OnceLock::new(),
             next_socket: AtomicU64::new(1),
+            connection_permits,
         }))
     }
 
@@ -159,6 +181,12 @@ impl App {
         tokio::spawn(self.hub.clone().run_subscriber(self.redis_client.clone()));
         tokio::spawn(self.hub.clone().run_heartbeat());
         tokio::spawn(node_record(self.clone()));
+    }
+
+    /// A place for one more socket, or `None` at `server.max_connections`. The socket holds the
+    /// permit for its whole life; dropping it frees the place.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.connection_permits.clone().try_acquire_owned().ok()
     }
 
     pub fn next_socket(&self) -> u64 {
@@ -205,4 +233,36 @@ async fn node_record(app: Arc<App>) {
 /// `redis://user:pass@host` → `redis://user:***@host` for logs.
 pub fn redact(url: &str) -> String {
     crate::config::redact_url(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_carry_64_random_bits_and_never_a_dot() {
+        let a = new_node_id();
+        let b = new_node_id();
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            let (_, random) = id.rsplit_once('-').expect("host-random");
+            assert_eq!(random.len(), 16, "{id}: 64 bits as 16 hex digits");
+            assert!(random.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert_eq!(
+            node_id("pod-1.example.com\n", 1),
+            "pod-1examplecom-0000000000000001"
+        );
+        assert_eq!(node_id("", u64::MAX), "gw-ffffffffffffffff");
+        assert_eq!(node_id("...", 0), "gw-0000000000000000");
+        let long = node_id(&"h".repeat(100), 7);
+        assert_eq!(long.len(), NODE_HOST_CHARS + 1 + 16);
+        for id in [a, b, long, node_id("a b/c:{d}.e", 3)] {
+            assert!(
+                id.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "{id}: only [A-Za-z0-9_-], so `<node>.<n>` splits on its last dot"
+            );
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! JWT → [`Identity`]. The algorithm is pinned by configuration (an HS256 token is never checked
 //! against an RSA key, `alg: none` is never accepted), `exp` is required, `nbf` checked, both with a
-//! small leeway; `aud` / `iss` are enforced when configured.
+//! small leeway; `aud` / `iss` are enforced when configured. The HS256 secret comes through
+//! `Config::hs256_secret`, which refuses a blank or short one, so an empty key is never a key.
 //!
 //! A token that fails verification is not an error here: the caller decides whether the socket stays
 //! anonymous (the seed's behaviour) or is refused with HTTP 401 (`auth.reject_invalid_tokens`).
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
-use crate::config::Config;
+use crate::config::{AuthConfig, Config};
 
 /// Who is behind a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +84,21 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     username: Option<String>,
+}
+
+/// The start-up warning for a public-key algorithm without `auth.audience`, if it applies. Such a
+/// key is usually an identity provider's, shared by every service it signs tokens for: without an
+/// `aud` check, a token minted for any of them signs in here. Still accepted (set on purpose, an
+/// audience-less deployment is the operator's call), but said once at start.
+pub fn missing_audience_warning(auth: &AuthConfig) -> Option<String> {
+    match (auth.algorithm.as_str(), &auth.audience) {
+        (alg @ ("RS256" | "ES256"), None) => Some(format!(
+            "auth.audience (GATEWAY_AUTH_AUDIENCE) is not set with {alg}: a token this key signed \
+             for any other service is accepted too; set it to the aud your issuer puts in tokens \
+             for this gateway"
+        )),
+        _ => None,
+    }
 }
 
 /// Verifies tokens with the configured key and rules.
@@ -208,6 +224,9 @@ mod tests {
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
 
+    /// 32+ bytes: shorter HS256 secrets are refused by the configuration.
+    const K: &str = "unit-test-hs256-secret-0123456789abcdef";
+
     fn now() -> u64 {
         jsonwebtoken::get_current_timestamp()
     }
@@ -229,12 +248,9 @@ mod tests {
 
     #[test]
     fn accepts_a_valid_token_and_falls_back_to_sub() {
-        let v = verifier("k");
+        let v = verifier(K);
         let u = v
-            .verify(&hs(
-                "k",
-                json!({"sub":"42","username":"ann","exp":now()+60}),
-            ))
+            .verify(&hs(K, json!({"sub":"42","username":"ann","exp":now()+60})))
             .unwrap();
         assert_eq!(
             u,
@@ -243,37 +259,35 @@ mod tests {
                 username: "ann".into()
             }
         );
-        let u = v
-            .verify(&hs("k", json!({"sub":"7","exp":now()+60})))
-            .unwrap();
+        let u = v.verify(&hs(K, json!({"sub":"7","exp":now()+60}))).unwrap();
         assert_eq!(u.username, "7");
     }
 
     #[test]
     fn refuses_bad_tokens() {
-        let v = verifier("k");
+        let v = verifier(K);
         assert_eq!(
             v.verify(&hs("other", json!({"sub":"1","exp":now()+60}))),
             Err(AuthError::BadSignature)
         );
         assert_eq!(
-            v.verify(&hs("k", json!({"sub":"1","exp":now()-3600}))),
+            v.verify(&hs(K, json!({"sub":"1","exp":now()-3600}))),
             Err(AuthError::Expired)
         );
         assert_eq!(
-            v.verify(&hs("k", json!({"sub":"1","exp":now()+60,"nbf":now()+3600}))),
+            v.verify(&hs(K, json!({"sub":"1","exp":now()+60,"nbf":now()+3600}))),
             Err(AuthError::NotYetValid)
         );
         assert_eq!(
-            v.verify(&hs("k", json!({"sub":"1"}))),
+            v.verify(&hs(K, json!({"sub":"1"}))),
             Err(AuthError::MissingClaim)
         );
         assert_eq!(
-            v.verify(&hs("k", json!({"exp":now()+60}))),
+            v.verify(&hs(K, json!({"exp":now()+60}))),
             Err(AuthError::MissingClaim)
         );
         assert_eq!(
-            v.verify(&hs("k", json!({"sub":"","exp":now()+60}))),
+            v.verify(&hs(K, json!({"sub":"","exp":now()+60}))),
             Err(AuthError::MissingClaim)
         );
         assert_eq!(v.verify("garbage"), Err(AuthError::Malformed));
@@ -288,7 +302,7 @@ mod tests {
         let t = encode(
             &Header::new(Algorithm::HS384),
             &json!({"sub":"1","exp":now()+60}),
-            &EncodingKey::from_secret(b"k"),
+            &EncodingKey::from_secret(K.as_bytes()),
         )
         .unwrap();
         assert_eq!(v.verify(&t), Err(AuthError::BadAlgorithm));
@@ -296,31 +310,28 @@ mod tests {
 
     #[test]
     fn expiry_has_a_small_leeway() {
-        let v = verifier("k");
-        assert!(v.verify(&hs("k", json!({"sub":"1","exp":now()-2}))).is_ok());
-        assert!(
-            v.verify(&hs("k", json!({"sub":"1","exp":now()-30})))
-                .is_err()
-        );
+        let v = verifier(K);
+        assert!(v.verify(&hs(K, json!({"sub":"1","exp":now()-2}))).is_ok());
+        assert!(v.verify(&hs(K, json!({"sub":"1","exp":now()-30}))).is_err());
     }
 
     #[test]
     fn audience_and_issuer_when_configured() {
         let mut cfg = Config::default();
-        cfg.auth.hs256_secret = Some("k".into());
+        cfg.auth.hs256_secret = Some(K.into());
         cfg.auth.audience = Some("gw".into());
         cfg.auth.issuer = Some("me".into());
         let v = Verifier::from_config(&cfg).unwrap();
         let ok = json!({"sub":"1","exp":now()+60,"aud":"gw","iss":"me"});
-        assert!(v.verify(&hs("k", ok)).is_ok());
+        assert!(v.verify(&hs(K, ok)).is_ok());
         let bad_aud = json!({"sub":"1","exp":now()+60,"aud":"x","iss":"me"});
-        assert_eq!(v.verify(&hs("k", bad_aud)), Err(AuthError::BadAudience));
+        assert_eq!(v.verify(&hs(K, bad_aud)), Err(AuthError::BadAudience));
         let no_iss = json!({"sub":"1","exp":now()+60,"aud":"gw"});
-        assert_eq!(v.verify(&hs("k", no_iss)), Err(AuthError::MissingClaim));
+        assert_eq!(v.verify(&hs(K, no_iss)), Err(AuthError::MissingClaim));
         // without configured audience, a token carrying aud is fine
         assert!(
-            verifier("k")
-                .verify(&hs("k", json!({"sub":"1","exp":now()+60,"aud":"x"})))
+            verifier(K)
+                .verify(&hs(K, json!({"sub":"1","exp":now()+60,"aud":"x"})))
                 .is_ok()
         );
     }
@@ -329,9 +340,44 @@ mod tests {
     fn no_secret_means_every_token_is_refused() {
         let v = Verifier::from_config(&Config::default()).unwrap();
         assert_eq!(
-            v.verify(&hs("k", json!({"sub":"1","exp":now()+60}))),
+            v.verify(&hs(K, json!({"sub":"1","exp":now()+60}))),
             Err(AuthError::NoKey)
         );
         assert_eq!(v.identify(None).0, Identity::Anonymous);
+    }
+
+    #[test]
+    fn an_empty_secret_file_is_refused_not_used_as_a_key() {
+        let dir = std::env::temp_dir().join(format!("gw-auth-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, blank) in ["", "\n", " \r\n"].iter().enumerate() {
+            let f = dir.join(format!("secret{i}"));
+            std::fs::write(&f, blank).unwrap();
+            let mut cfg = Config::default();
+            cfg.auth.hs256_secret_file = Some(f.clone());
+            cfg.auth.allow_short_hs256_secret = true;
+            match Verifier::from_config(&cfg) {
+                Err(e) => assert!(e.to_string().contains("auth.hs256_secret_file"), "{e}"),
+                Ok(v) => panic!(
+                    "a blank secret file gave a verifier; a token signed with the empty key: {:?}",
+                    v.verify(&hs("", json!({"sub":"admin","exp":now()+60})))
+                ),
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn warns_about_a_missing_audience_only_with_public_key_algorithms() {
+        let mut a = AuthConfig::default();
+        assert_eq!(missing_audience_warning(&a), None, "HS256");
+        for alg in ["RS256", "ES256"] {
+            a.algorithm = alg.into();
+            a.audience = None;
+            let w = missing_audience_warning(&a).expect("warning");
+            assert!(w.contains("auth.audience") && w.contains(alg), "{w}");
+            a.audience = Some("gateway".into());
+            assert_eq!(missing_audience_warning(&a), None, "{alg} with audience");
+        }
     }
 }

@@ -7,7 +7,9 @@
 //! a typo must not silently fall back to a default.
 //!
 //! Secrets (`auth.hs256_secret`, `admin.token`) may be given inline, by env, or as a file path
-//! (`*_file` keys), so they never have to be committed.
+//! (`*_file` keys), so they never have to be committed. An empty or whitespace-only secret is an
+//! error wherever it comes from, and an HS256 secret shorter than [`MIN_HS256_SECRET_BYTES`] is one
+//! unless `auth.allow_short_hs256_secret` says otherwise: a blank key would let anyone sign tokens.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,11 @@ use serde::{Deserialize, Serialize};
 
 /// The sections, in the order `check-config` prints them. Env variables are matched against these.
 const SECTIONS: [&str; 6] = ["server", "admin", "redis", "auth", "presence", "rooms"];
+
+/// Shortest HS256 secret accepted without `auth.allow_short_hs256_secret`: RFC 7518 §3.2 asks for
+/// a key at least as long as the hash output (256 bits); a shorter one can be brute-forced
+/// offline from any single token.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -57,7 +64,8 @@ pub struct ServerConfig {
     pub write_timeout_ms: u64,
     /// Phoenix's own limit of channels per connection.
     pub max_channels_per_socket: usize,
-    /// Open sockets at most; the upgrade answers 503 past it (protects memory and fds).
+    /// Open sockets (upgrades in flight included) at most; the upgrade answers 503 past it
+    /// (protects memory and fds).
     pub max_connections: usize,
     /// Refused joins (a room that does not exist, an invalid topic) one socket may make per
     /// minute; one more closes it with 4009. phoenix.js retries a refused join at most ~6 times a
@@ -109,11 +117,14 @@ pub struct AuthConfig {
     pub hs256_secret: Option<String>,
     /// File holding the HS256 secret (alternative to `hs256_secret`; trailing newline trimmed).
     pub hs256_secret_file: Option<PathBuf>,
+    /// Accept an HS256 secret shorter than [`MIN_HS256_SECRET_BYTES`] (legacy issuers only).
+    pub allow_short_hs256_secret: bool,
     /// PEM public key for RS256 / ES256.
     pub public_key_file: Option<PathBuf>,
     /// Clock skew tolerated on `exp` / `nbf`, in seconds.
     pub leeway_s: u64,
-    /// Required `aud` claim, if set.
+    /// Required `aud` claim, if set. Unset with RS256/ES256 a start-up warning is logged: a
+    /// shared identity provider's tokens for any other service would be accepted too.
     pub audience: Option<String>,
     /// Required `iss` claim, if set.
     pub issuer: Option<String>,
@@ -145,7 +156,8 @@ pub struct RoomsConfig {
     pub client_events: Vec<String>,
     /// A node keeps a room subscribed this long after its last local member leaves (no flapping).
     pub unsubscribe_delay_ms: u64,
-    /// Longest `body` of a `new_msg`, in bytes.
+    /// Largest `body` of a push, in bytes: a `new_msg`'s string, another event's body as JSON.
+    /// The broadcast carries nothing else of the client's, so this bounds what a push fans out.
     pub max_body_bytes: usize,
 }
 
@@ -196,6 +208,7 @@ impl Default for AuthConfig {
             algorithm: "HS256".into(),
             hs256_secret: None,
             hs256_secret_file: None,
+            allow_short_hs256_secret: false,
             public_key_file: None,
             leeway_s: 5,
             audience: None,
@@ -420,6 +433,14 @@ impl Config {
         if self.admin.token.is_some() && self.admin.token_file.is_some() {
             return Err(bad("admin.token", "set either token or token_file"));
         }
+        // inline secrets are checked here, so every command refuses them; file contents are
+        // checked when read (`hs256_secret`, `admin_token`), which `serve` does before binding
+        if let Some(s) = &self.auth.hs256_secret {
+            check_secret(s, "auth.hs256_secret", Some(self.hs256_min_len()))?;
+        }
+        if let Some(s) = &self.admin.token {
+            check_secret(s, "admin.token", None)?;
+        }
         if self.server.max_frame_bytes < 1024 {
             return Err(bad("server.max_frame_bytes", "at least 1024"));
         }
@@ -487,42 +508,94 @@ impl Config {
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot print settings: {e}\n"))
     }
 
-    /// The HS256 secret from `hs256_secret` or `hs256_secret_file`.
+    /// The HS256 secret from `hs256_secret` or `hs256_secret_file`; an empty, whitespace-only
+    /// or (without `allow_short_hs256_secret`) short one is an error, never a key.
     pub fn hs256_secret(&self) -> Result<Option<String>, ConfigError> {
         read_secret(
             &self.auth.hs256_secret,
+            ("auth.hs256_secret", "auth.hs256_secret_file"),
             &self.auth.hs256_secret_file,
-            "auth.hs256_secret_file",
+            Some(self.hs256_min_len()),
         )
     }
 
-    /// The admin token from `token` or `token_file`.
+    /// The admin token from `token` or `token_file`; an empty or whitespace-only one is an error
+    /// (it would match an empty bearer).
     pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
         read_secret(
             &self.admin.token,
+            ("admin.token", "admin.token_file"),
             &self.admin.token_file,
-            "admin.token_file",
+            None,
         )
     }
+
+    fn hs256_min_len(&self) -> usize {
+        if self.auth.allow_short_hs256_secret {
+            1
+        } else {
+            MIN_HS256_SECRET_BYTES
+        }
+    }
+}
+
+/// Refuses a secret that is blank, or (an HS256 key, `hs256_min` given) shorter than `hs256_min`
+/// bytes, naming the setting.
+fn check_secret(
+    secret: &str,
+    key: &'static str,
+    hs256_min: Option<usize>,
+) -> Result<(), ConfigError> {
+    if secret.trim().is_empty() {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "is empty or only whitespace; give a real secret or leave the setting unset"
+                .into(),
+        });
+    }
+    if let Some(min_len) = hs256_min
+        && secret.len() < min_len
+    {
+        return Err(ConfigError::Invalid {
+            key,
+            message: format!(
+                "is {} bytes; an HS256 secret needs at least {min_len} (RFC 7518 §3.2). Use a longer \
+                 one (e.g. `openssl rand -base64 48`), or set auth.allow_short_hs256_secret = true \
+                 (GATEWAY_AUTH_ALLOW_SHORT_HS256_SECRET) to accept it anyway",
+                secret.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn read_secret(
     inline: &Option<String>,
+    (inline_key, file_key): (&'static str, &'static str),
     file: &Option<PathBuf>,
-    key: &'static str,
+    hs256_min: Option<usize>,
 ) -> Result<Option<String>, ConfigError> {
     if let Some(s) = inline {
-        return Ok(Some(s.clone()).filter(|s| !s.is_empty()));
+        check_secret(s, inline_key, hs256_min)?;
+        return Ok(Some(s.clone()));
     }
-    match file {
-        None => Ok(None),
-        Some(p) => std::fs::read_to_string(p)
-            .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
-            .map_err(|e| ConfigError::Invalid {
-                key,
-                message: format!("{}: {e}", p.display()),
-            }),
-    }
+    let Some(p) = file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Invalid {
+        key: file_key,
+        message: format!("{}: {e}", p.display()),
+    })?;
+    // editors and `echo` add a line end; nothing else is trimmed (a secret may contain spaces)
+    let secret = text.trim_end_matches(['\r', '\n']).to_string();
+    check_secret(&secret, file_key, hs256_min).map_err(|e| match e {
+        ConfigError::Invalid { key, message } => ConfigError::Invalid {
+            key,
+            message: format!("{}: {message}", p.display()),
+        },
+        other => other,
+    })?;
+    Ok(Some(secret))
 }
 
 /// Converts an env string to a TOML value of the type the setting has: strings stay strings
@@ -604,7 +677,11 @@ mod tests {
             &env(&[
                 ("GATEWAY_PRESENCE_TTL_MS", "3000"),
                 ("GATEWAY_PRESENCE_HEARTBEAT_INTERVAL_MS", "1000"),
-                ("GATEWAY_AUTH_HS256_SECRET", "12345"),
+                // digits only, 32 of them: still a string, not a number
+                (
+                    "GATEWAY_AUTH_HS256_SECRET",
+                    "12345678901234567890123456789012",
+                ),
                 ("GATEWAY_REDIS_PREFIX", "t1"),
                 ("GATEWAY_ROOMS_CLIENT_EVENTS", "[\"new_msg\",\"typing\"]"),
                 ("GATEWAY_AUTH_REJECT_INVALID_TOKENS", "true"),
@@ -614,7 +691,10 @@ mod tests {
         .expect("valid");
         assert_eq!(c.presence.ttl_ms, 3000);
         assert_eq!(c.presence.heartbeat_interval_ms, 1000);
-        assert_eq!(c.auth.hs256_secret.as_deref(), Some("12345"));
+        assert_eq!(
+            c.auth.hs256_secret.as_deref(),
+            Some("12345678901234567890123456789012")
+        );
         assert_eq!(c.redis.prefix, "t1");
         assert_eq!(c.rooms.client_events, vec!["new_msg", "typing"]);
         assert!(c.auth.reject_invalid_tokens);
@@ -656,7 +736,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gw-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("secret");
-        std::fs::write(&f, "from-a-file\n").unwrap();
+        std::fs::write(&f, "from-a-file-0123456789abcdef01234\n").unwrap();
         let c = Config::from_toml_and_env(
             "",
             "t",
@@ -666,8 +746,14 @@ mod tests {
             ]),
         )
         .expect("valid");
-        assert_eq!(c.hs256_secret().unwrap().as_deref(), Some("from-a-file"));
-        assert_eq!(c.admin_token().unwrap().as_deref(), Some("from-a-file"));
+        assert_eq!(
+            c.hs256_secret().unwrap().as_deref(),
+            Some("from-a-file-0123456789abcdef01234")
+        );
+        assert_eq!(
+            c.admin_token().unwrap().as_deref(),
+            Some("from-a-file-0123456789abcdef01234")
+        );
         let missing = Config::from_toml_and_env(
             "",
             "t",
@@ -693,7 +779,7 @@ mod tests {
     #[test]
     fn masked_output_hides_secrets() {
         let c = Config::from_toml_and_env(
-            "[auth]\nhs256_secret = \"s3cret\"\n[redis]\nurl = \"redis://u:pw@h:1\"\n",
+            "[auth]\nhs256_secret = \"s3cret-s3cret-s3cret-s3cret-s3cret\"\n[redis]\nurl = \"redis://u:pw@h:1\"\n",
             "t",
             &[],
         )
@@ -701,5 +787,110 @@ mod tests {
         let out = c.to_masked_toml();
         assert!(!out.contains("s3cret") && !out.contains("pw@"), "{out}");
         assert!(out.contains("redis://u:***@h:1"), "{out}");
+    }
+
+    /// A temp dir unique to one test (tests run in parallel in one process).
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gw-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn blank_secrets_are_refused_inline_env_and_file() {
+        for blank in ["", "   ", "\t\n"] {
+            let toml = format!("[auth]\nhs256_secret = {blank:?}\n");
+            let e = Config::from_toml_and_env(&toml, "t", &[]).unwrap_err();
+            assert!(e.to_string().contains("auth.hs256_secret"), "{e}");
+            assert!(e.to_string().contains("empty"), "{e}");
+            let e = Config::from_toml_and_env(
+                "",
+                "t",
+                &env(&[
+                    ("GATEWAY_AUTH_HS256_SECRET", blank),
+                    // the opt-in for short secrets never lets a blank one through
+                    ("GATEWAY_AUTH_ALLOW_SHORT_HS256_SECRET", "true"),
+                ]),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("auth.hs256_secret"), "{e}");
+            let toml = format!("[admin]\ntoken = {blank:?}\n");
+            let e = Config::from_toml_and_env(&toml, "t", &[]).unwrap_err();
+            assert!(e.to_string().contains("admin.token"), "{e}");
+        }
+        let dir = temp_dir("blank");
+        for (i, blank) in ["", "\n", "\r\n", "  \n"].iter().enumerate() {
+            let f = dir.join(format!("secret{i}"));
+            std::fs::write(&f, blank).unwrap();
+            let c = Config::from_toml_and_env(
+                "",
+                "t",
+                &env(&[
+                    ("GATEWAY_AUTH_HS256_SECRET_FILE", f.to_str().unwrap()),
+                    ("GATEWAY_ADMIN_TOKEN_FILE", f.to_str().unwrap()),
+                    ("GATEWAY_AUTH_ALLOW_SHORT_HS256_SECRET", "true"),
+                ]),
+            )
+            .expect("the file is read later, when the secret is used");
+            let e = c.hs256_secret().unwrap_err().to_string();
+            assert!(
+                e.contains("auth.hs256_secret_file") && e.contains("empty"),
+                "{e}"
+            );
+            let e = c.admin_token().unwrap_err().to_string();
+            assert!(e.contains("admin.token_file") && e.contains("empty"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn short_hs256_secrets_need_the_opt_in() {
+        let short = "0123456789"; // 10 bytes
+        let e = Config::from_toml_and_env("", "t", &env(&[("GATEWAY_AUTH_HS256_SECRET", short)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.hs256_secret"), "{e}");
+        assert!(e.contains("allow_short_hs256_secret"), "{e}");
+        let c = Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[
+                ("GATEWAY_AUTH_HS256_SECRET", short),
+                ("GATEWAY_AUTH_ALLOW_SHORT_HS256_SECRET", "true"),
+            ]),
+        )
+        .expect("opted in");
+        assert_eq!(c.hs256_secret().unwrap().as_deref(), Some(short));
+        let exact = "x".repeat(MIN_HS256_SECRET_BYTES);
+        let c = Config::from_toml_and_env("", "t", &env(&[("GATEWAY_AUTH_HS256_SECRET", &exact)]))
+            .expect("32 bytes is enough");
+        assert_eq!(c.hs256_secret().unwrap(), Some(exact.clone()));
+
+        let dir = temp_dir("short");
+        let f = dir.join("secret");
+        std::fs::write(&f, format!("{short}\n")).unwrap();
+        let path = f.to_str().unwrap();
+        let c =
+            Config::from_toml_and_env("", "t", &env(&[("GATEWAY_AUTH_HS256_SECRET_FILE", path)]))
+                .unwrap();
+        let e = c.hs256_secret().unwrap_err().to_string();
+        assert!(
+            e.contains("auth.hs256_secret_file") && e.contains("10 bytes"),
+            "{e}"
+        );
+        let c = Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[
+                ("GATEWAY_AUTH_HS256_SECRET_FILE", path),
+                ("GATEWAY_AUTH_ALLOW_SHORT_HS256_SECRET", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.hs256_secret().unwrap().as_deref(), Some(short));
+        // a short admin token is the operator's business: only blank ones are refused
+        let c = Config::from_toml_and_env("[admin]\ntoken = \"t\"\n", "t", &[]).unwrap();
+        assert_eq!(c.admin_token().unwrap().as_deref(), Some("t"));
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -109,6 +109,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev => dev(cfg).await,
         Command::CheckConfig => {
             gateway::auth::Verifier::from_config(&cfg)?;
+            cfg.admin_token()?;
+            if let Some(w) = gateway::auth::missing_audience_warning(&cfg.auth) {
+                eprintln!("warning: {w}");
+            }
             print!("{}", cfg.to_masked_toml());
             eprintln!("configuration is valid");
             Ok(())
@@ -222,8 +226,9 @@ fn dev_token(secret: &str, sub: &str, username: Option<&str>, ttl: u64) -> anyho
 
 /// Demo users of `gateway dev`.
 const DEMO_USERS: [(&str, &str); 2] = [("1", "test_user"), ("2", "test_user2")];
-/// The HS256 secret `gateway dev` uses when none is configured. Development only.
-const DEV_SECRET: &str = "dev-only-secret-change-me";
+/// The HS256 secret `gateway dev` uses when none is configured. Development only; 32+ bytes, the
+/// shortest HS256 secret the gateway accepts.
+const DEV_SECRET: &str = "dev-only-hs256-secret-never-use-in-production";
 
 async fn dev(mut cfg: Config) -> anyhow::Result<()> {
     if cfg.hs256_secret()?.is_none() && cfg.auth.algorithm == "HS256" {
@@ -291,6 +296,10 @@ async fn ensure_redis(url: &str) -> anyhow::Result<Option<tokio::process::Child>
 }
 
 async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow::Result<()> {
+    // secrets in files are read now, so a blank or short one stops the start before any port is
+    // bound (inline and env secrets were checked when the settings were loaded)
+    cfg.hs256_secret()?;
+    cfg.admin_token()?;
     let node = new_node_id();
     // bind before connecting to Redis: a port conflict is reported at once
     let public = TcpListener::bind(&cfg.server.listen)

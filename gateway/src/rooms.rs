@@ -1,4 +1,5 @@
-//! The domain rules: what a room id is, which topics are rooms, and who may push what.
+//! The domain rules: what a room id is, which topics are rooms, who may push what, and what of a
+//! push reaches the room ([`broadcast_payload`]: the body, and the sender from the token only).
 //!
 //! A [`RoomId`] can only be built through validation, so every Redis key built from one (see
 //! `redis::keys`) is built from a checked id: `^[A-Za-z0-9_-]{1,64}$` excludes `{`, `}`, `:`, `.`,
@@ -7,7 +8,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::auth::Identity;
+use serde_json::{Map, Value, json};
+
+use crate::auth::{Identity, User};
 use crate::protocol::reason;
 
 pub const TOPIC_PREFIX: &str = "rooms:";
@@ -77,6 +80,8 @@ impl fmt::Display for RoomId {
 pub enum PushRefusal {
     NotSignedIn,
     UnknownEvent,
+    /// The payload has no acceptable `body` (missing, wrong type, empty, or too large).
+    InvalidPayload,
 }
 
 impl PushRefusal {
@@ -84,7 +89,64 @@ impl PushRefusal {
         match self {
             PushRefusal::NotSignedIn => reason::NOT_SIGNED_IN,
             PushRefusal::UnknownEvent => reason::UNKNOWN_EVENT,
+            PushRefusal::InvalidPayload => reason::INVALID_PAYLOAD,
         }
+    }
+}
+
+/// The event whose body is a chat message: a non-empty string.
+pub const NEW_MSG: &str = "new_msg";
+
+/// What the room gets for an allowed push of `event` by `user`: exactly
+/// `{"body": <body>, "user": {"id", "username"}, "at": <at_ms>}`.
+///
+/// Only `body` is taken from the client. Every other field is dropped, silently: a client must not
+/// be able to attach an `id` (history ids are the server's), a `user`-like or `system` field that
+/// receivers might trust, or bulk that `max_body_bytes` would not count. The sender comes only
+/// from the verified token. `new_msg`'s body is a non-empty string of at most `max_body_bytes`
+/// bytes; any other allowed event's body is any JSON value of at most `max_body_bytes` bytes
+/// serialised. A missing body is refused for every event.
+pub fn broadcast_payload(
+    event: &str,
+    payload: &Map<String, Value>,
+    user: &User,
+    at_ms: i64,
+    max_body_bytes: usize,
+) -> Result<Value, PushRefusal> {
+    let body = payload.get("body").ok_or(PushRefusal::InvalidPayload)?;
+    let fits = if event == NEW_MSG {
+        matches!(body, Value::String(b) if !b.is_empty() && b.len() <= max_body_bytes)
+    } else {
+        serialized_len(body) <= max_body_bytes
+    };
+    if !fits {
+        return Err(PushRefusal::InvalidPayload);
+    }
+    Ok(json!({
+        "body": body,
+        "user": {"id": user.id, "username": user.username},
+        "at": at_ms,
+    }))
+}
+
+/// Length of `v` as compact JSON, counted without building the text.
+fn serialized_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // writing a `Value` to a sink that never fails cannot fail; if it somehow did, count it as
+    // too large rather than let it through
+    match serde_json::to_writer(&mut c, v) {
+        Ok(()) => c.0,
+        Err(_) => usize::MAX,
     }
 }
 
@@ -175,5 +237,95 @@ mod tests {
             p.check(&user, "presence_diff"),
             Err(PushRefusal::UnknownEvent)
         );
+    }
+
+    fn user() -> User {
+        User {
+            id: "42".into(),
+            username: "ann".into(),
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_broadcast_carries_only_body_user_and_at() {
+        let forged = obj(json!({
+            "body": "hi",
+            "id": "1700000000000-0",
+            "system": true,
+            "user": {"id": "admin", "username": "root"},
+            "username": "root",
+            "at": 1,
+            "x": "y".repeat(10_000),
+        }));
+        let out = broadcast_payload(NEW_MSG, &forged, &user(), 123, 4096).expect("accepted");
+        assert_eq!(
+            out,
+            json!({"body": "hi", "user": {"id": "42", "username": "ann"}, "at": 123})
+        );
+        let other = obj(json!({"body": {"typing": true}, "system": "x", "x": [1, 2, 3]}));
+        let out = broadcast_payload("typing", &other, &user(), 5, 4096).expect("accepted");
+        assert_eq!(
+            out,
+            json!({"body": {"typing": true}, "user": {"id": "42", "username": "ann"}, "at": 5})
+        );
+    }
+
+    #[test]
+    fn bodies_are_bounded_for_every_event() {
+        let u = user();
+        let refuse = |event: &str, p: Value, max: usize| {
+            assert_eq!(
+                broadcast_payload(event, &obj(p.clone()), &u, 0, max),
+                Err(PushRefusal::InvalidPayload),
+                "{event} {p}"
+            );
+        };
+        // new_msg: a non-empty string of at most max bytes
+        refuse(NEW_MSG, json!({}), 10);
+        refuse(NEW_MSG, json!({"body": ""}), 10);
+        refuse(NEW_MSG, json!({"body": 5}), 10);
+        refuse(NEW_MSG, json!({"body": "12345678901"}), 10);
+        refuse(NEW_MSG, json!({"body": "é".repeat(6)}), 10); // 12 bytes
+        assert!(broadcast_payload(NEW_MSG, &obj(json!({"body": "1234567890"})), &u, 0, 10).is_ok());
+        // other events: any JSON value, serialised size at most max
+        refuse("typing", json!({"x": 1}), 10);
+        refuse("typing", json!({"body": "123456789"}), 10); // 11 bytes with quotes
+        refuse("typing", json!({"body": {"k": "12345"}}), 10); // {"k":"12345"} = 13
+        refuse("typing", json!({"body": ["a".repeat(100)]}), 64);
+        for ok in [
+            json!("12345678"),
+            json!(null),
+            json!(true),
+            json!([1, 2, 3]),
+            json!({"a": 1}),
+        ] {
+            assert!(
+                broadcast_payload("typing", &obj(json!({"body": ok.clone()})), &u, 0, 10).is_ok(),
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn serialized_len_matches_the_text() {
+        for v in [
+            json!(null),
+            json!("a\"b\n"),
+            json!({"k": [1, 2.5, "é"]}),
+            json!([]),
+        ] {
+            assert_eq!(
+                serialized_len(&v),
+                serde_json::to_string(&v).unwrap().len(),
+                "{v}"
+            );
+        }
     }
 }

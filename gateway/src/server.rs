@@ -158,9 +158,11 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
     if app.is_draining() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
-    if app.sessions.len() >= app.cfg.server.max_connections {
+    // taken before the 101 and held by the socket's task until its session ends, so concurrent
+    // upgrades cannot exceed the limit; every early return below gives it back
+    let Some(permit) = app.admit() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
-    }
+    };
     let (sub_token, offered_phoenix) = subprotocol_token(&req);
     let token = sub_token.or_else(|| {
         param(&params, "token")
@@ -181,6 +183,8 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
     };
     let socket = app.next_socket();
     let task = async move {
+        // this socket's place under server.max_connections, until its session ends
+        let _permit = permit;
         match fut.await {
             Ok(ws) => {
                 let fut = Box::pin(run_upgraded(

@@ -415,37 +415,37 @@ impl Session {
             }
             return self.reply_error(&f, reason::ROOM_DOES_NOT_EXIST);
         }
-        if let Err(refusal) = app.policy.check(&ch.identity, &f.event) {
+        let refused = |refusal: PushRefusal| {
             app.metrics.push(match refusal {
                 PushRefusal::NotSignedIn => push_result::NOT_SIGNED_IN,
                 PushRefusal::UnknownEvent => push_result::UNKNOWN_EVENT,
+                PushRefusal::InvalidPayload => push_result::INVALID,
             });
-            return self.reply_error(&f, refusal.reason());
+            self.reply_error(&f, refusal.reason());
+        };
+        if let Err(refusal) = app.policy.check(&ch.identity, &f.event) {
+            return refused(refusal);
         }
         let Some(user) = ch.identity.user() else {
             return self.reply_error(&f, reason::NOT_SIGNED_IN);
         };
-        let Payload::Json(mut payload) = f.payload.clone() else {
+        let Payload::Json(payload) = &f.payload else {
             app.metrics.push(push_result::INVALID);
             return self.reply_error(&f, reason::BINARY_UNSUPPORTED);
         };
-        if f.event == "new_msg" {
-            match payload.get("body") {
-                Some(Value::String(b))
-                    if !b.is_empty() && b.len() <= app.cfg.rooms.max_body_bytes => {}
-                _ => {
-                    app.metrics.push(push_result::INVALID);
-                    return self.reply_error(&f, reason::INVALID_PAYLOAD);
-                }
-            }
-        }
-        // identity only ever from the token
-        payload.insert(
-            "user".into(),
-            json!({"id": user.id, "username": user.username}),
-        );
-        payload.insert("at".into(), json!(crate::unix_ms()));
-        let frame = protocol::broadcast(&f.topic, &f.event, &Value::Object(payload));
+        // only the body is the client's; the sender comes from the token, every other field is
+        // dropped (see `rooms::broadcast_payload`)
+        let payload = match crate::rooms::broadcast_payload(
+            &f.event,
+            payload,
+            user,
+            crate::unix_ms(),
+            app.cfg.rooms.max_body_bytes,
+        ) {
+            Ok(p) => p,
+            Err(refusal) => return refused(refusal),
+        };
+        let frame = protocol::broadcast(&f.topic, &f.event, &payload);
         let room = ch.room.clone();
         match app.hub.publish(&room, &frame).await {
             Ok(()) => {
