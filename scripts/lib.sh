@@ -41,6 +41,17 @@ ensure_test_client() {
   fi
 }
 
+ensure_prometheus() {
+  # the dashboard test runs Debian's prometheus binary itself (on a free port, private config and
+  # storage); the package's system service is not used, and the recommended node exporter is not
+  # installed
+  if ! command -v prometheus >/dev/null 2>&1; then
+    need_root_or_say prometheus prometheus
+    echo "installing prometheus (apt-get install -y --no-install-recommends prometheus)" >&2
+    apt_install --no-install-recommends prometheus
+  fi
+}
+
 ensure_chromium() {
   # the browser test drives Debian's chromium with playwright-core (no browser download)
   if [ ! -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ]; then

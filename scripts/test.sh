@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit tests, then the end-to-end suite (real redis-server processes on free
-# ports, real gateway processes, the real phoenix npm client). Installs what is missing.
+# ports, real gateway processes, the real phoenix npm client, a real Prometheus for the dashboard).
+# Installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_redis_server
 ensure_test_client
 ensure_chromium
+ensure_prometheus
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 echo "== cargo build --release"

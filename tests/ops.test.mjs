@@ -208,7 +208,7 @@ test('admin API: auth, rooms, presence, broadcast, and delete closes channels on
   assert.equal((await fetch(`${g1.adminUrl}/health/ready`)).status, 200);
 });
 
-test('SIGTERM drain: unready, presence gone before exit, every socket closed with 1012, exit within the timeout', { timeout: 120000 }, async (t) => {
+test('SIGTERM drain: unready, presence and node record gone before exit, every socket closed with 1012, exit within the timeout', { timeout: 120000 }, async (t) => {
   const N = Number(process.env.DRAIN_SOCKETS || 400);
   const gw = await startGateway({ redisPort: redis.port, prefix: 'drn', env: { GATEWAY_SERVER_SHUTDOWN_TIMEOUT_MS: '8000', GATEWAY_SERVER_DRAIN_BATCH: '100', GATEWAY_SERVER_DRAIN_GRACE_MS: '300' } });
   const other = await startGateway({ redisPort: redis.port, prefix: 'drn' });
@@ -231,6 +231,10 @@ test('SIGTERM drain: unready, presence gone before exit, every socket closed wit
   const keys = { presence: 'drn:room:{hall}:presence', anon: 'drn:room:{hall}:anon', nodes: 'drn:room:{hall}:nodes' };
   await waitFor(() => Number(redis.cli('HGET', keys.anon, gw.node) || 0) === N - N / 10, 5000, 'anonymous count in redis');
   assert.equal(Number(redis.cli('HLEN', keys.presence)), N / 10);
+  // the node records of both nodes exist (refreshed every heartbeat, with a TTL of one lease)
+  const nodeKey = `drn:node:${gw.node}`;
+  const otherKey = `drn:node:${other.node}`;
+  await waitFor(() => redis.cli('EXISTS', nodeKey) === '1' && redis.cli('EXISTS', otherKey) === '1', 5000, 'node records in redis');
 
   // watch Redis while draining (async client: a blocking redis-cli would starve the sockets):
   // presence must be gone before the process exits
@@ -264,6 +268,11 @@ test('SIGTERM drain: unready, presence gone before exit, every socket closed wit
   assert.ok(exit.at - t0 < 8000, 'exit within server.shutdown_timeout_ms');
   assert.ok(goneAt > 0 && goneAt <= exit.at, 'presence removed from Redis before exit');
   assert.deepEqual(byCode, { 1012: N });
+  // the drained node's record is gone at exit (not left to its TTL), and no refresh wrote it
+  // back; the other node's record is untouched
+  assert.equal(redis.cli('EXISTS', nodeKey), '0', 'node record deleted by the drain');
+  assert.equal(redis.cli('EXISTS', otherKey), '1', "the other node's record stays");
+  assert.doesNotMatch(cli(['nodes'], {}, 'drn').out, new RegExp(gw.node), '`gateway nodes` no longer lists the drained node');
   assert.equal(readyDuring, 503, 'readiness during the drain');
   // the other node's observer sees the leaves at once, not after a TTL
   await waitFor(() => observer.frames.some((f) => f[3] === 'presence_count' && f[4].anonymous === 1 && f[4].users === 0), 3000,

@@ -74,7 +74,7 @@ pub async fn ready(app: &App) -> Result<(), &'static str> {
     match app
         .hub
         .store()
-        .command::<String>("ping", &redis::cmd("PING"))
+        .command::<String>(crate::metrics::redis_op::PING, &redis::cmd("PING"))
         .await
     {
         Ok(_) => Ok(()),
@@ -215,7 +215,12 @@ async fn broadcast(app: &App, catalog: &Catalog, id: &RoomId, body: &Value) -> R
         .arg(app.keys.events(id))
         .arg(&frame[..])
         .clone();
-    match app.hub.store().command::<i64>("publish", &cmd).await {
+    match app
+        .hub
+        .store()
+        .command::<i64>(crate::metrics::redis_op::PUBLISH, &cmd)
+        .await
+    {
         Ok(nodes) => json_response(
             StatusCode::OK,
             &json!({"room": id.as_str(), "event": event, "nodes": nodes}),

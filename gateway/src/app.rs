@@ -39,6 +39,15 @@ pub struct App {
     /// answered and held until the session ends. Counting registered sessions instead let a
     /// burst through: a session registers only after its 101 has gone out.
     connection_permits: Arc<Semaphore>,
+    node_record: NodeRecordTask,
+}
+
+/// The refresher of `<p>:node:<id>`: told to stop, and awaited, before the drain deletes the
+/// record, so no refresh can write it back.
+#[derive(Default)]
+struct NodeRecordTask {
+    stop: tokio::sync::Notify,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Open sockets, for the drain and the node record (the limit is [`App::admit`]'s).
@@ -173,14 +182,34 @@ impl App {
             demo_tokens: std::sync::OnceLock::new(),
             next_socket: AtomicU64::new(1),
             connection_permits,
+            node_record: NodeRecordTask::default(),
         }))
     }
 
-    /// Starts the background tasks: the pub/sub subscriber and the presence heartbeat.
+    /// Starts the background tasks: the pub/sub subscriber, the presence heartbeat and the node
+    /// record's refresher.
     pub fn start(self: &Arc<Self>) {
         tokio::spawn(self.hub.clone().run_subscriber(self.redis_client.clone()));
         tokio::spawn(self.hub.clone().run_heartbeat());
-        tokio::spawn(node_record(self.clone()));
+        let task = tokio::spawn(node_record(self.clone()));
+        *lock(&self.node_record.task) = Some(task);
+    }
+
+    /// Deletes `<p>:node:<id>` (drain): first stops the refresher and waits until it has
+    /// finished (a refresh in flight completes or times out within the command deadline), so
+    /// nothing writes the record back after the delete.
+    pub async fn remove_node_record(&self) {
+        self.node_record.stop.notify_one();
+        let task = lock(&self.node_record.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let cmd = redis::cmd("DEL").arg(self.keys.node(&self.node)).clone();
+        let _ = self
+            .hub
+            .store()
+            .command::<i64>(crate::metrics::redis_op::NODE_RECORD, &cmd)
+            .await;
     }
 
     /// A place for one more socket, or `None` at `server.max_connections`. The socket holds the
@@ -207,7 +236,11 @@ async fn node_record(app: Arc<App>) {
         .unwrap_or(0);
     let mut tick = tokio::time::interval(app.cfg.presence.heartbeat_interval());
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // a permit stored by notify_one is not lost if it comes while a refresh is in flight
+            _ = app.node_record.stop.notified() => return,
+        }
         if app.is_draining() {
             return;
         }
@@ -226,8 +259,16 @@ async fn node_record(app: Arc<App>) {
             .arg("PX")
             .arg(app.cfg.presence.ttl_ms)
             .clone();
-        let _ = app.hub.store().command::<()>("node_record", &cmd).await;
+        let _ = app
+            .hub
+            .store()
+            .command::<()>(crate::metrics::redis_op::NODE_RECORD, &cmd)
+            .await;
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// `redis://user:pass@host` → `redis://user:***@host` for logs.

@@ -379,8 +379,8 @@ async fn wait_for_signal() {
     }
 }
 
-/// Readiness off, stop accepting, wait `server.drain_grace_ms`, remove this node's presence from
-/// Redis, close sockets in batches with 1012 (clients reconnect elsewhere), exit within
+/// Readiness off, stop accepting, wait `server.drain_grace_ms`, remove this node's presence and
+/// its node record (`<p>:node:<id>`) from Redis, close sockets in batches with 1012 (clients reconnect elsewhere), exit within
 /// `server.shutdown_timeout_ms`.
 async fn drain(
     app: &Arc<App>,
@@ -395,10 +395,14 @@ async fn drain(
     let _ = public_task.await;
     tokio::time::sleep_until(started + app.cfg.server.drain_grace()).await;
     let sockets = app.sessions.len();
-    let _ = tokio::time::timeout_at(deadline, app.hub.release_all()).await;
+    let _ = tokio::time::timeout_at(
+        deadline,
+        futures_util::future::join(app.hub.release_all(), app.remove_node_record()),
+    )
+    .await;
     tracing::info!(
         after_ms = started.elapsed().as_millis() as u64,
-        "presence released; closing sockets"
+        "presence and node record released; closing sockets"
     );
     for batch in app.sessions.all().chunks(app.cfg.server.drain_batch) {
         for ctl in batch {

@@ -9,6 +9,13 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// Label values of `gateway_connections{kind}`.
+pub mod conn_kind {
+    pub const SIGNED_IN: &str = "signed_in";
+    pub const ANONYMOUS: &str = "anonymous";
+    pub const ALL: [&str; 2] = [SIGNED_IN, ANONYMOUS];
+}
+
 /// Label values of `gateway_joins_total{result}`.
 pub mod join_result {
     pub const OK: &str = "ok";
@@ -16,6 +23,7 @@ pub mod join_result {
     pub const INVALID: &str = "invalid";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const REFUSED: &str = "refused";
+    pub const ALL: [&str; 5] = [OK, NO_ROOM, INVALID, UNAVAILABLE, REFUSED];
 }
 
 /// Label values of `gateway_pushes_total{result}`.
@@ -25,6 +33,68 @@ pub mod push_result {
     pub const UNKNOWN_EVENT: &str = "unknown_event";
     pub const INVALID: &str = "invalid";
     pub const UNAVAILABLE: &str = "unavailable";
+    /// Over the socket's push rate limit (`server.push_rate_per_s` / `server.push_burst`).
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const ALL: [&str; 6] = [
+        OK,
+        NOT_SIGNED_IN,
+        UNKNOWN_EVENT,
+        INVALID,
+        UNAVAILABLE,
+        RATE_LIMITED,
+    ];
+}
+
+/// Label values of `gateway_presence_frames_total{event}`: the presence events sent to clients.
+pub mod presence_event {
+    pub const STATE: &str = "presence_state";
+    pub const DIFF: &str = "presence_diff";
+    pub const COUNT: &str = "presence_count";
+    pub const ALL: [&str; 3] = [STATE, DIFF, COUNT];
+}
+
+/// Label values of `gateway_redis_script_duration_seconds{script}`: the Lua scripts of `lua/`.
+pub mod script {
+    pub const JOIN: &str = "join";
+    pub const LEAVE: &str = "leave";
+    pub const HEARTBEAT: &str = "heartbeat";
+    pub const SNAPSHOT: &str = "snapshot";
+    pub const SYNC: &str = "sync";
+    pub const ALL: [&str; 5] = [JOIN, LEAVE, HEARTBEAT, SNAPSHOT, SYNC];
+}
+
+/// Label values of `gateway_redis_errors_total{op}`: every script, plus the plain commands and
+/// the pub/sub connection.
+pub mod redis_op {
+    use super::script;
+    pub const PUBLISH: &str = "publish";
+    pub const EXISTS: &str = "exists";
+    pub const PING: &str = "ping";
+    pub const NODE_RECORD: &str = "node_record";
+    /// The pub/sub connection was lost or its probe did not come back.
+    pub const PUBSUB: &str = "pubsub";
+    pub const ALL: [&str; 10] = [
+        script::JOIN,
+        script::LEAVE,
+        script::HEARTBEAT,
+        script::SNAPSHOT,
+        script::SYNC,
+        PUBLISH,
+        EXISTS,
+        PING,
+        NODE_RECORD,
+        PUBSUB,
+    ];
+}
+
+/// Label values of `gateway_closes_total{code}`: the close codes the gateway sends or sees, each
+/// as its number, and `other`. [`close_label`] maps a code into this set.
+pub mod close_code {
+    pub const OTHER: &str = "other";
+    pub const ALL: [&str; 13] = [
+        "1000", "1001", "1005", "1006", "1007", "1009", "1011", "1012", "4000", "4001", "4008",
+        "4009", OTHER,
+    ];
 }
 
 struct Inner {
@@ -156,39 +226,15 @@ impl Metrics {
         reg(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
-        // Pre-create the closed label sets so every series exists from the first scrape.
-        for k in ["signed_in", "anonymous"] {
-            connections.with_label_values(&[k]);
-        }
-        for r in [
-            join_result::OK,
-            join_result::NO_ROOM,
-            join_result::INVALID,
-            join_result::UNAVAILABLE,
-            join_result::REFUSED,
-        ] {
-            joins.with_label_values(&[r]);
-        }
-        for r in [
-            push_result::OK,
-            push_result::NOT_SIGNED_IN,
-            push_result::UNKNOWN_EVENT,
-            push_result::INVALID,
-            push_result::UNAVAILABLE,
-        ] {
-            pushes.with_label_values(&[r]);
-        }
-        for e in ["presence_state", "presence_diff", "presence_count"] {
-            presence_frames.with_label_values(&[e]);
-        }
-        for s in ["join", "leave", "heartbeat", "snapshot", "sync"] {
-            script_seconds.with_label_values(&[s]);
-            redis_errors.with_label_values(&[s]);
-        }
-        for op in ["publish", "ping", "node_record"] {
-            redis_errors.with_label_values(&[op]);
-        }
-        redis_errors.with_label_values(&["pubsub"]);
+        // Every series of every closed label set exists from start-up: a fresh node's
+        // dashboards show 0, not "No data".
+        init(&connections, &conn_kind::ALL);
+        init(&joins, &join_result::ALL);
+        init(&pushes, &push_result::ALL);
+        init(&presence_frames, &presence_event::ALL);
+        init(&closes, &close_code::ALL);
+        init(&script_seconds, &script::ALL);
+        init(&redis_errors, &redis_op::ALL);
         Metrics(Arc::new(Inner {
             registry,
             connections,
@@ -271,11 +317,25 @@ impl Metrics {
     }
 }
 
-fn kind(signed_in: bool) -> &'static str {
-    if signed_in { "signed_in" } else { "anonymous" }
+/// Creates the series of each label value (at zero).
+fn init<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    values: &[&str],
+) {
+    for v in values {
+        vec.with_label_values(&[v]);
+    }
 }
 
-/// Close codes as a closed label set.
+fn kind(signed_in: bool) -> &'static str {
+    if signed_in {
+        conn_kind::SIGNED_IN
+    } else {
+        conn_kind::ANONYMOUS
+    }
+}
+
+/// Close codes as a closed label set: always a member of [`close_code::ALL`].
 fn close_label(code: u16) -> &'static str {
     use crate::protocol::close;
     match code {
@@ -288,15 +348,37 @@ fn close_label(code: u16) -> &'static str {
         close::INTERNAL => "1011",
         close::RESTART => "1012",
         close::IDLE_TIMEOUT => "4000",
+        // token expired in an open session (DESIGN §10)
+        4001 => "4001",
         close::SLOW_CONSUMER => "4008",
         close::REFUSED_JOINS => "4009",
-        _ => "other",
+        _ => close_code::OTHER,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Every labelled family and the closed set of its one label.
+    const CLOSED_SETS: [(&str, &str, &[&str]); 7] = [
+        ("gateway_connections", "kind", &conn_kind::ALL),
+        ("gateway_joins_total", "result", &join_result::ALL),
+        ("gateway_pushes_total", "result", &push_result::ALL),
+        (
+            "gateway_presence_frames_total",
+            "event",
+            &presence_event::ALL,
+        ),
+        ("gateway_closes_total", "code", &close_code::ALL),
+        (
+            "gateway_redis_script_duration_seconds",
+            "script",
+            &script::ALL,
+        ),
+        ("gateway_redis_errors_total", "op", &redis_op::ALL),
+    ];
 
     #[test]
     fn renders_every_family_without_ids() {
@@ -315,5 +397,166 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name}");
         }
+    }
+
+    #[test]
+    fn fresh_metrics_export_every_label_value_at_zero() {
+        let text = String::from_utf8(Metrics::new().render().1).unwrap();
+        for (family, label, values) in CLOSED_SETS {
+            // a histogram's series show in its _count
+            let sample = if family.ends_with("_seconds") {
+                format!("{family}_count")
+            } else {
+                family.to_string()
+            };
+            for v in values {
+                let line = format!("{sample}{{{label}=\"{v}\"}} 0\n");
+                assert!(text.contains(&line), "fresh /metrics lacks {line:?}");
+            }
+        }
+        // ...and every labelled family is one of those, with exactly its closed set
+        let m = Metrics::new();
+        let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for fam in m.0.registry.gather() {
+            for metric in fam.get_metric() {
+                for pair in metric.get_label() {
+                    seen.entry(format!("{}{{{}}}", fam.name(), pair.name()))
+                        .or_default()
+                        .insert(pair.value().to_string());
+                }
+            }
+        }
+        seen.remove("gateway_build_info{version}");
+        let want: BTreeMap<String, BTreeSet<String>> = CLOSED_SETS
+            .iter()
+            .map(|(f, l, vs)| {
+                (
+                    format!("{f}{{{l}}}"),
+                    vs.iter().map(|v| v.to_string()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn close_label_maps_into_its_closed_set() {
+        let mut produced = BTreeSet::new();
+        for code in 0..=u16::MAX {
+            let l = close_label(code);
+            assert!(close_code::ALL.contains(&l), "{code} → {l}");
+            produced.insert(l);
+        }
+        for l in close_code::ALL {
+            assert!(produced.contains(l), "no close code maps to {l}");
+        }
+        let m = Metrics::new();
+        m.connection_opened(false);
+        m.connection_closed(false, 4001);
+        let text = String::from_utf8(m.render().1).unwrap();
+        assert!(text.contains("gateway_closes_total{code=\"4001\"} 1\n"));
+        assert!(text.contains("gateway_connections{kind=\"anonymous\"} 0\n"));
+    }
+
+    /// Every label constant declared in this file's label modules is in its module's `ALL`.
+    #[test]
+    fn every_label_constant_is_in_its_set() {
+        let sets: BTreeMap<&str, &[&str]> = [
+            ("conn_kind", &conn_kind::ALL[..]),
+            ("join_result", &join_result::ALL[..]),
+            ("push_result", &push_result::ALL[..]),
+            ("presence_event", &presence_event::ALL[..]),
+            ("script", &script::ALL[..]),
+            ("redis_op", &redis_op::ALL[..]),
+            ("close_code", &close_code::ALL[..]),
+        ]
+        .into_iter()
+        .collect();
+        let src = include_str!("metrics.rs");
+        let src = &src[..src.find("#[cfg(test)]").unwrap()];
+        let mut modules = 0;
+        for block in src.split("\npub mod ").skip(1) {
+            let name = block.split_whitespace().next().unwrap();
+            let body = &block[..block.find("\n}").unwrap()];
+            let set = sets
+                .get(name)
+                .unwrap_or_else(|| panic!("label module {name} is not checked here"));
+            modules += 1;
+            for line in body.lines() {
+                let line = line.trim();
+                if let Some(rest) = line.strip_prefix("pub const ")
+                    && !rest.starts_with("ALL")
+                {
+                    let value = rest.split('"').nth(1).expect("a string constant");
+                    assert!(set.contains(&value), "{name}: {value} is not in ALL");
+                }
+            }
+        }
+        assert_eq!(modules, sets.len());
+    }
+
+    /// The label values written as literals at the call sites (`presence_frames("…")`,
+    /// `script_timer("…")`, `redis_error("…")`, `command::<_>("…")`, `run("…")`) anywhere in
+    /// `src/` are members of the closed sets, so none of them is missing from start-up.
+    #[test]
+    fn call_site_literals_are_in_the_closed_sets() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    sources(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push((
+                        p.display().to_string(),
+                        std::fs::read_to_string(&p).unwrap(),
+                    ));
+                }
+            }
+        }
+        /// The string literal right after each `needle` (call sites passing a variable are skipped).
+        fn literals<'a>(src: &'a str, needle: &str, generic: bool) -> Vec<&'a str> {
+            let mut out = Vec::new();
+            for (i, _) in src.match_indices(needle) {
+                let mut rest = &src[i + needle.len()..];
+                if generic {
+                    // command::<T>("op", …)
+                    let Some(j) = rest.find(">(") else { continue };
+                    rest = &rest[j + 2..];
+                }
+                if let Some(lit) = rest.strip_prefix('"') {
+                    out.push(&lit[..lit.find('"').unwrap()]);
+                }
+            }
+            out
+        }
+        let mut files = Vec::new();
+        sources(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let checks: [(&str, bool, &[&str]); 5] = [
+            ("presence_frames(", false, &presence_event::ALL),
+            ("script_timer(", false, &script::ALL),
+            (".run(", false, &script::ALL),
+            ("redis_error(", false, &redis_op::ALL),
+            ("command::<", true, &redis_op::ALL),
+        ];
+        let mut found = 0;
+        for (path, src) in &files {
+            if path.ends_with("metrics.rs") {
+                continue;
+            }
+            for (needle, generic, set) in checks {
+                for lit in literals(src, needle, generic) {
+                    found += 1;
+                    assert!(
+                        set.contains(&lit),
+                        "{path}: {needle}\"{lit}\" is not in its closed set"
+                    );
+                }
+            }
+        }
+        // the scan does see the call sites (fan-out passes literals)
+        assert!(found >= 5, "only {found} literal call sites found");
     }
 }

@@ -19,6 +19,7 @@ use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::metrics::script;
 use crate::redis::keys::RoomKeys;
 use crate::redis::scripts::Scripts;
 
@@ -502,7 +503,7 @@ impl Store {
             .arg(conn)
             .arg(meta_or_count)
             .arg(if want_snapshot { "1" } else { "0" });
-        let v: Flat = self.run("join", inv).await?;
+        let v: Flat = self.run(script::JOIN, inv).await?;
         if int_at(&v, 0)? == 0 {
             return Ok(JoinReply::NoRoom);
         }
@@ -543,7 +544,7 @@ impl Store {
             .arg(conn)
             .arg(count)
             .arg(if release_if_idle { "1" } else { "0" });
-        let v: Flat = self.run("leave", inv).await?;
+        let v: Flat = self.run(script::LEAVE, inv).await?;
         Ok(LeaveReply {
             seq: int_at(&v, 0)?,
             anon: int_at(&v, 1)?,
@@ -558,7 +559,7 @@ impl Store {
         let mut inv = self.scripts.snapshot.prepare_invoke();
         Self::with_keys(&mut inv, keys);
         inv.arg(self.lease.key_ttl_ms);
-        let v: Flat = self.run("snapshot", inv).await?;
+        let v: Flat = self.run(script::SNAPSHOT, inv).await?;
         if int_at(&v, 0)? == 0 {
             return Ok(None);
         }
@@ -588,7 +589,7 @@ impl Store {
         for (c, m) in metas {
             inv.arg(c).arg(m);
         }
-        let v: Flat = self.run("sync", inv).await?;
+        let v: Flat = self.run(script::SYNC, inv).await?;
         Ok(SyncReply {
             seq: int_at(&v, 0)?,
             anon: int_at(&v, 1)?,
@@ -604,7 +605,7 @@ impl Store {
         &self,
         rooms: &[(RoomKeys, Option<u64>)],
     ) -> Vec<Result<HeartbeatReply, StoreError>> {
-        let timer = self.metrics.script_timer("heartbeat");
+        let timer = self.metrics.script_timer(script::HEARTBEAT);
         let chunks = rooms
             .chunks(HEARTBEAT_CHUNK)
             .map(|chunk| self.heartbeat_chunk(chunk));
@@ -616,7 +617,7 @@ impl Store {
         timer.observe_duration();
         for r in &out {
             if r.is_err() {
-                self.metrics.redis_error("heartbeat");
+                self.metrics.redis_error(script::HEARTBEAT);
             }
         }
         out

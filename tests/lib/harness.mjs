@@ -131,12 +131,16 @@ export function test(name, optsOrFn, maybeFn) {
 // Redis
 // ---------------------------------------------------------------------------
 
-function requireTool(name) {
+/**
+ * Fail (never skip) when a tool the tests need is not installed. `why` and `install` complete
+ * the message; the defaults are Redis's.
+ */
+export function requireTool(name, { why = 'a real Redis', install = 'apt-get install -y redis-server' } = {}) {
   try {
     execFileSync(name, ['--version'], { stdio: 'pipe' });
   } catch (e) {
     if (e.code === 'ENOENT') {
-      throw new Error(`${name} is not installed; these tests need a real Redis: apt-get install -y redis-server`);
+      throw new Error(`${name} is not installed; these tests need ${why}: ${install} (scripts/test.sh installs it)`);
     }
     throw e;
   }
