@@ -27,6 +27,8 @@ pub struct App {
     pub policy: PushPolicy,
     pub hub: Arc<Hub>,
     pub metrics: Metrics,
+    /// Token deadlines of open sockets and channels (one list, one task).
+    pub expiries: Arc<crate::expiry::Expiries>,
     pub sessions: Sessions,
     pub redis_client: redis::Client,
     pub pool: deadpool_redis::Pool,
@@ -168,12 +170,16 @@ impl App {
             cfg.server.max_connections.min(Semaphore::MAX_PERMITS),
         ));
         Ok(Arc::new(App {
-            policy: PushPolicy::new(&cfg.rooms.client_events),
+            policy: PushPolicy::with_anonymous(
+                &cfg.rooms.client_events,
+                &cfg.rooms.anonymous_events,
+            ),
             cfg,
             node,
             keys,
             verifier,
             hub,
+            expiries: Default::default(),
             metrics,
             sessions: Sessions::default(),
             redis_client,
@@ -191,6 +197,7 @@ impl App {
     pub fn start(self: &Arc<Self>) {
         tokio::spawn(self.hub.clone().run_subscriber(self.redis_client.clone()));
         tokio::spawn(self.hub.clone().run_heartbeat());
+        tokio::spawn(self.expiries.clone().run(self.hub.clone()));
         let task = tokio::spawn(node_record(self.clone()));
         *lock(&self.node_record.task) = Some(task);
     }

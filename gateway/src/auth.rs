@@ -26,6 +26,9 @@ pub enum Identity {
 pub struct User {
     pub id: String,
     pub username: String,
+    /// Until when (Unix ms) the token stays valid: its `exp` plus the leeway. An open socket or
+    /// channel signed in with it ends then (see `expiry`).
+    pub valid_until_ms: i64,
 }
 
 impl Identity {
@@ -84,6 +87,9 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     username: Option<String>,
+    /// Required by the validation (`exp` is in the required claims).
+    #[serde(default)]
+    exp: u64,
 }
 
 /// The start-up warning for a public-key algorithm without `auth.audience`, if it applies. Such a
@@ -192,7 +198,7 @@ impl Verifier {
                     _ => AuthError::Malformed,
                 }
             })?;
-        let Claims { sub, username } = data.claims;
+        let Claims { sub, username, exp } = data.claims;
         let sub = sub.unwrap_or_default();
         if sub.is_empty() {
             // the empty key is where anonymous viewers live on the wire; no user may have it
@@ -201,7 +207,13 @@ impl Verifier {
         let username = username
             .filter(|u| !u.is_empty())
             .unwrap_or_else(|| sub.clone());
-        Ok(User { id: sub, username })
+        let valid_until_ms =
+            (exp.saturating_add(self.validation.leeway) as i64).saturating_mul(1000);
+        Ok(User {
+            id: sub,
+            username,
+            valid_until_ms,
+        })
     }
 
     /// `verify` mapped to an [`Identity`] (`None` token → anonymous, no error).
@@ -256,8 +268,13 @@ mod tests {
             u,
             User {
                 id: "42".into(),
-                username: "ann".into()
+                username: "ann".into(),
+                valid_until_ms: u.valid_until_ms,
             }
+        );
+        assert!(
+            u.valid_until_ms >= (now() as i64 + 60) * 1000,
+            "exp plus the leeway"
         );
         let u = v.verify(&hs(K, json!({"sub":"7","exp":now()+60}))).unwrap();
         assert_eq!(u.username, "7");

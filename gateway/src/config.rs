@@ -71,6 +71,11 @@ pub struct ServerConfig {
     /// minute; one more closes it with 4009. phoenix.js retries a refused join at most ~6 times a
     /// minute per channel, so only a client looping over room ids gets there.
     pub max_refused_joins_per_min: u32,
+    /// Pushes per second one socket may make on average (a token bucket; joins, leaves and
+    /// heartbeats are not pushes). Over it: `rate limited`, nothing published.
+    pub push_rate_per_s: u32,
+    /// Pushes a socket may make at once before the rate applies (the bucket's size).
+    pub push_burst: u32,
     /// How long a SIGTERM drain may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
     /// Sockets closed per drain batch, so clients do not all reconnect in the same millisecond.
@@ -154,6 +159,9 @@ pub struct PresenceConfig {
 pub struct RoomsConfig {
     /// Events a signed-in client may push (`phx_*` / `presence_*` can never be pushed).
     pub client_events: Vec<String>,
+    /// Events an anonymous client may push too (e.g. `["reaction"]`), broadcast with
+    /// `"user": null`, under the same rate and body limits. Empty: anonymous clients push nothing.
+    pub anonymous_events: Vec<String>,
     /// A node keeps a room subscribed this long after its last local member leaves (no flapping).
     pub unsubscribe_delay_ms: u64,
     /// Largest `body` of a push, in bytes: a `new_msg`'s string, another event's body as JSON.
@@ -172,6 +180,8 @@ impl Default for ServerConfig {
             max_channels_per_socket: 100,
             max_connections: 100_000,
             max_refused_joins_per_min: 30,
+            push_rate_per_s: 10,
+            push_burst: 20,
             shutdown_timeout_ms: 10_000,
             drain_batch: 500,
             drain_grace_ms: 0,
@@ -235,6 +245,7 @@ impl Default for RoomsConfig {
     fn default() -> Self {
         Self {
             client_events: vec!["new_msg".into()],
+            anonymous_events: Vec::new(),
             unsubscribe_delay_ms: 2_000,
             max_body_bytes: 4_096,
         }
@@ -481,13 +492,24 @@ impl Config {
                 "diff_interval_ms, count_interval_ms and anon_flush_ms must be positive",
             ));
         }
-        for ev in &self.rooms.client_events {
-            if ev.starts_with("phx_") || ev.starts_with("presence_") || ev == "heartbeat" {
-                return Err(bad(
-                    "rooms.client_events",
-                    format!("{ev:?} is reserved and can never be pushed by a client"),
-                ));
+        for (key, events) in [
+            ("rooms.client_events", &self.rooms.client_events),
+            ("rooms.anonymous_events", &self.rooms.anonymous_events),
+        ] {
+            for ev in events {
+                if ev.starts_with("phx_") || ev.starts_with("presence_") || ev == "heartbeat" {
+                    return Err(bad(
+                        key,
+                        format!("{ev:?} is reserved and can never be pushed by a client"),
+                    ));
+                }
             }
+        }
+        if self.server.push_rate_per_s == 0 || self.server.push_burst == 0 {
+            return Err(bad(
+                "server.push_rate_per_s",
+                "push_rate_per_s and push_burst must be positive",
+            ));
         }
         if self.redis.command_timeout_ms == 0 || self.redis.connect_timeout_ms == 0 {
             return Err(bad("redis.command_timeout_ms", "timeouts must be positive"));

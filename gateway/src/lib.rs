@@ -9,6 +9,7 @@
 //! | [`config`] | TOML + `GATEWAY_<SECTION>_<KEY>` env → typed, validated settings |
 //! | [`server`] | public listener: HTTP/1, checks before the upgrade, hands sockets to `session` |
 //! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit |
+//! | [`expiry`] | token lifetimes of open sockets and channels: one deadline list per node |
 //! | [`outbox`] | a socket's bounded outbound queue and its single writer (used by `session` and `fanout`) |
 //! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
 //! | [`auth`] | JWT → `Identity` |
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod demo;
+pub mod expiry;
 pub mod fanout;
 
 pub mod metrics;

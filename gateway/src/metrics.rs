@@ -349,7 +349,7 @@ fn close_label(code: u16) -> &'static str {
         close::RESTART => "1012",
         close::IDLE_TIMEOUT => "4000",
         // token expired in an open session (DESIGN §10)
-        4001 => "4001",
+        close::TOKEN_EXPIRED => "4001",
         close::SLOW_CONSUMER => "4008",
         close::REFUSED_JOINS => "4009",
         _ => close_code::OTHER,

@@ -23,6 +23,9 @@ pub mod close {
     pub const RESTART: u16 = 1012;
     /// Nothing received for `server.idle_timeout_ms`.
     pub const IDLE_TIMEOUT: u16 = 4000;
+    /// The connection's token expired while the socket was open (`exp` + `auth.leeway_s`):
+    /// reconnect with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4001;
     /// The socket's outbound queue overflowed: it cannot keep up with its rooms.
     pub const SLOW_CONSUMER: u16 = 4008;
     /// More than `server.max_refused_joins_per_min` joins refused (rooms that do not exist,
@@ -42,6 +45,8 @@ pub mod reason {
     pub const INVALID_PAYLOAD: &str = "invalid payload";
     pub const BINARY_UNSUPPORTED: &str = "binary payloads are not supported";
     pub const SHUTTING_DOWN: &str = "shutting down";
+    pub const RATE_LIMITED: &str = "rate limited";
+    pub const TOKEN_EXPIRED: &str = "token expired";
 }
 
 /// A decoded client frame. Refs stay as the client sent them.

@@ -109,7 +109,7 @@ pub const NEW_MSG: &str = "new_msg";
 pub fn broadcast_payload(
     event: &str,
     payload: &Map<String, Value>,
-    user: &User,
+    user: Option<&User>,
     at_ms: i64,
     max_body_bytes: usize,
 ) -> Result<Value, PushRefusal> {
@@ -124,7 +124,7 @@ pub fn broadcast_payload(
     }
     Ok(json!({
         "body": body,
-        "user": {"id": user.id, "username": user.username},
+        "user": user.map(|u| json!({"id": u.id, "username": u.username})),
         "at": at_ms,
     }))
 }
@@ -154,25 +154,37 @@ fn serialized_len(v: &Value) -> usize {
 #[derive(Debug, Clone)]
 pub struct PushPolicy {
     allowed: Vec<String>,
+    anonymous: Vec<String>,
 }
 
 impl PushPolicy {
     pub fn new(client_events: &[String]) -> Self {
+        Self::with_anonymous(client_events, &[])
+    }
+
+    /// `anonymous_events`: what an anonymous identity may push (`rooms.anonymous_events`).
+    pub fn with_anonymous(client_events: &[String], anonymous_events: &[String]) -> Self {
         Self {
             allowed: client_events.to_vec(),
+            anonymous: anonymous_events.to_vec(),
         }
     }
 
-    /// Anonymous identities may push nothing (checked first: an anonymous viewer learns nothing
-    /// about the allow-list). Reserved names can never be pushed, whatever the configuration says.
+    /// Anonymous identities may push only `rooms.anonymous_events`; anything else is `Not signed
+    /// in` (checked first: an anonymous viewer learns nothing about the allow-list). Reserved names
+    /// can never be pushed, whatever the configuration says.
     pub fn check(&self, identity: &Identity, event: &str) -> Result<(), PushRefusal> {
-        if identity.user().is_none() {
-            return Err(PushRefusal::NotSignedIn);
-        }
-        if is_reserved(event) || !self.allowed.iter().any(|e| e == event) {
+        if is_reserved(event) && identity.user().is_some() {
             return Err(PushRefusal::UnknownEvent);
         }
-        Ok(())
+        let anonymous_may = !is_reserved(event) && self.anonymous.iter().any(|e| e == event);
+        match identity.user() {
+            // what anyone may push, a signed-in user may push too
+            Some(_) if anonymous_may || self.allowed.iter().any(|e| e == event) => Ok(()),
+            Some(_) => Err(PushRefusal::UnknownEvent),
+            None if anonymous_may => Ok(()),
+            None => Err(PushRefusal::NotSignedIn),
+        }
     }
 }
 
@@ -216,6 +228,7 @@ mod tests {
         let user = Identity::User(Arc::new(User {
             id: "1".into(),
             username: "a".into(),
+            valid_until_ms: i64::MAX,
         }));
         assert_eq!(
             p.check(&Identity::Anonymous, "new_msg"),
@@ -243,7 +256,40 @@ mod tests {
         User {
             id: "42".into(),
             username: "ann".into(),
+            valid_until_ms: i64::MAX,
         }
+    }
+
+    #[test]
+    fn anonymous_events_are_the_only_anonymous_pushes() {
+        let p = PushPolicy::with_anonymous(&["new_msg".into()], &["reaction".into()]);
+        assert_eq!(p.check(&Identity::Anonymous, "reaction"), Ok(()));
+        assert_eq!(
+            p.check(&Identity::Anonymous, "new_msg"),
+            Err(PushRefusal::NotSignedIn)
+        );
+        let signed = Identity::User(Arc::new(user()));
+        assert_eq!(
+            p.check(&signed, "reaction"),
+            Ok(()),
+            "signed-in users may too"
+        );
+        assert_eq!(p.check(&signed, "typing"), Err(PushRefusal::UnknownEvent));
+        // a reserved name stays refused even if configured (config validation refuses it too)
+        let p = PushPolicy::with_anonymous(&[], &["phx_join".into()]);
+        assert_eq!(
+            p.check(&Identity::Anonymous, "phx_join"),
+            Err(PushRefusal::NotSignedIn)
+        );
+        let out = broadcast_payload(
+            "reaction",
+            &obj(json!({"body": "+1", "user": "x"})),
+            None,
+            1,
+            64,
+        )
+        .expect("accepted");
+        assert_eq!(out, json!({"body": "+1", "user": null, "at": 1}));
     }
 
     fn obj(v: Value) -> Map<String, Value> {
@@ -264,13 +310,13 @@ mod tests {
             "at": 1,
             "x": "y".repeat(10_000),
         }));
-        let out = broadcast_payload(NEW_MSG, &forged, &user(), 123, 4096).expect("accepted");
+        let out = broadcast_payload(NEW_MSG, &forged, Some(&user()), 123, 4096).expect("accepted");
         assert_eq!(
             out,
             json!({"body": "hi", "user": {"id": "42", "username": "ann"}, "at": 123})
         );
         let other = obj(json!({"body": {"typing": true}, "system": "x", "x": [1, 2, 3]}));
-        let out = broadcast_payload("typing", &other, &user(), 5, 4096).expect("accepted");
+        let out = broadcast_payload("typing", &other, Some(&user()), 5, 4096).expect("accepted");
         assert_eq!(
             out,
             json!({"body": {"typing": true}, "user": {"id": "42", "username": "ann"}, "at": 5})
@@ -282,7 +328,7 @@ mod tests {
         let u = user();
         let refuse = |event: &str, p: Value, max: usize| {
             assert_eq!(
-                broadcast_payload(event, &obj(p.clone()), &u, 0, max),
+                broadcast_payload(event, &obj(p.clone()), Some(&u), 0, max),
                 Err(PushRefusal::InvalidPayload),
                 "{event} {p}"
             );
@@ -293,7 +339,16 @@ mod tests {
         refuse(NEW_MSG, json!({"body": 5}), 10);
         refuse(NEW_MSG, json!({"body": "12345678901"}), 10);
         refuse(NEW_MSG, json!({"body": "é".repeat(6)}), 10); // 12 bytes
-        assert!(broadcast_payload(NEW_MSG, &obj(json!({"body": "1234567890"})), &u, 0, 10).is_ok());
+        assert!(
+            broadcast_payload(
+                NEW_MSG,
+                &obj(json!({"body": "1234567890"})),
+                Some(&u),
+                0,
+                10
+            )
+            .is_ok()
+        );
         // other events: any JSON value, serialised size at most max
         refuse("typing", json!({"x": 1}), 10);
         refuse("typing", json!({"body": "123456789"}), 10); // 11 bytes with quotes
@@ -307,7 +362,8 @@ mod tests {
             json!({"a": 1}),
         ] {
             assert!(
-                broadcast_payload("typing", &obj(json!({"body": ok.clone()})), &u, 0, 10).is_ok(),
+                broadcast_payload("typing", &obj(json!({"body": ok.clone()})), Some(&u), 0, 10)
+                    .is_ok(),
                 "{ok}"
             );
         }

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
+use crate::expiry::{Expiring, ExpiryKey};
 use crate::fanout::{JoinError, Joiner, Room};
 use crate::metrics::{join_result, push_result};
 use crate::outbox::{NO_STATUS, Outbox, run_writer};
@@ -29,6 +30,8 @@ struct Channel {
     room: Arc<Room>,
     join_ref: Arc<str>,
     identity: Identity,
+    /// The channel's own token (`guardian_token`) in the node's deadline list.
+    expiry: Option<ExpiryKey>,
 }
 
 struct Session {
@@ -43,6 +46,9 @@ struct Session {
     /// Joins refused in the current minute (see `server.max_refused_joins_per_min`).
     refused_joins: u32,
     refused_since: tokio::time::Instant,
+    /// Push tokens left, as of `bucket_at`.
+    bucket: f64,
+    bucket_at: tokio::time::Instant,
 }
 
 /// Why the reader stopped.
@@ -78,7 +84,14 @@ pub async fn run<R, W>(
         out: out.clone(),
         refused_joins: 0,
         refused_since: tokio::time::Instant::now(),
+        bucket: f64::from(app.cfg.server.push_burst),
+        bucket_at: tokio::time::Instant::now(),
     };
+    // the connection's token ends the socket when it expires (4001)
+    let expiry = session.identity.user().map(|u| {
+        app.expiries
+            .add(u.valid_until_ms, Expiring::Socket(out.clone()))
+    });
     let mut ws = fastwebsockets::after_handshake_split(
         read,
         tokio::io::sink(),
@@ -108,6 +121,9 @@ pub async fn run<R, W>(
     };
     // nothing more is queued for this socket, whoever still holds its outbox
     out.abort();
+    if let Some(k) = expiry {
+        app.expiries.remove(k);
+    }
     session.leave_all().await;
     app.sessions.remove(socket);
     app.metrics.connection_closed(signed_in, closed_code);
@@ -273,6 +289,8 @@ impl Session {
             return self.reply_error(&f, reason::TOO_MANY_CHANNELS);
         }
         // per-channel sign-in with `guardian_token`, else the connection's identity
+        let own_token =
+            matches!(params.get("guardian_token"), Some(Value::String(t)) if !t.is_empty());
         let (identity, auth_error): (Identity, Option<AuthError>) =
             match params.get("guardian_token") {
                 Some(Value::String(t)) if !t.is_empty() => app.verifier.identify(Some(t)),
@@ -287,7 +305,7 @@ impl Session {
         // own join_ref after the new join's reply
         let previous = self.channels.remove(&f.topic);
         if let Some(old) = &previous {
-            app.hub.leave(&old.room, self.socket, &self.conn).await;
+            self.end_channel(old).await;
         }
         let mut response = Map::new();
         match identity.user() {
@@ -319,12 +337,27 @@ impl Session {
         match app.hub.join(&id, joiner).await {
             Ok(room) => {
                 app.metrics.join(join_result::OK);
+                // a channel signed in with its own token ends (phx_error) when that expires
+                let expiry = match identity.user() {
+                    Some(u) if own_token => Some(app.expiries.add(
+                        u.valid_until_ms,
+                        Expiring::Channel {
+                            out: self.out.clone(),
+                            room: room.clone(),
+                            socket: self.socket,
+                            conn: Arc::from(self.conn.as_str()),
+                            join_ref: join_ref.clone(),
+                        },
+                    )),
+                    _ => None,
+                };
                 self.channels.insert(
                     f.topic.clone(),
                     Channel {
                         room,
                         join_ref: join_ref.clone(),
                         identity,
+                        expiry,
                     },
                 );
             }
@@ -386,7 +419,7 @@ impl Session {
             return;
         }
         if let Some(ch) = self.channels.remove(&f.topic) {
-            self.app.hub.leave(&ch.room, self.socket, &self.conn).await;
+            self.end_channel(&ch).await;
             self.out.send(reply);
             self.out.send(protocol::phx_close(&ch.join_ref, &f.topic));
         }
@@ -411,9 +444,25 @@ impl Session {
         if ch.room.is_deleted() {
             let topic = f.topic.clone();
             if let Some(ch) = self.channels.remove(&topic) {
-                app.hub.leave(&ch.room, self.socket, &self.conn).await;
+                self.end_channel(&ch).await;
             }
             return self.reply_error(&f, reason::ROOM_DOES_NOT_EXIST);
+        }
+        if !self.take_push_token() {
+            app.metrics.push(push_result::RATE_LIMITED);
+            return self.reply_error(&f, reason::RATE_LIMITED);
+        }
+        let Some(ch) = self.channels.get(&f.topic) else {
+            return;
+        };
+        if ch
+            .identity
+            .user()
+            .is_some_and(|u| u.valid_until_ms < crate::unix_ms())
+        {
+            // the channel's token ran out (its presence is leaving): no more writes with it
+            app.metrics.push(push_result::NOT_SIGNED_IN);
+            return self.reply_error(&f, reason::TOKEN_EXPIRED);
         }
         let refused = |refusal: PushRefusal| {
             app.metrics.push(match refusal {
@@ -426,9 +475,8 @@ impl Session {
         if let Err(refusal) = app.policy.check(&ch.identity, &f.event) {
             return refused(refusal);
         }
-        let Some(user) = ch.identity.user() else {
-            return self.reply_error(&f, reason::NOT_SIGNED_IN);
-        };
+        // anonymous: an event of `rooms.anonymous_events`, broadcast with "user": null
+        let user = ch.identity.user();
         let Payload::Json(payload) = &f.payload else {
             app.metrics.push(push_result::INVALID);
             return self.reply_error(&f, reason::BINARY_UNSUPPORTED);
@@ -465,9 +513,33 @@ impl Session {
         }
     }
 
+    /// A channel ends: its token's deadline goes, its presence leaves.
+    async fn end_channel(&self, ch: &Channel) {
+        if let Some(k) = ch.expiry {
+            self.app.expiries.remove(k);
+        }
+        self.app.hub.leave(&ch.room, self.socket, &self.conn).await;
+    }
+
+    /// The socket's token bucket (`server.push_rate_per_s`, `server.push_burst`): takes one
+    /// token, or says the push is over the limit.
+    fn take_push_token(&mut self) -> bool {
+        let s = &self.app.cfg.server;
+        let now = tokio::time::Instant::now();
+        let refill =
+            now.duration_since(self.bucket_at).as_secs_f64() * f64::from(s.push_rate_per_s);
+        self.bucket = (self.bucket + refill).min(f64::from(s.push_burst));
+        self.bucket_at = now;
+        if self.bucket < 1.0 {
+            return false;
+        }
+        self.bucket -= 1.0;
+        true
+    }
+
     async fn leave_all(&mut self) {
-        for (_, ch) in self.channels.drain() {
-            self.app.hub.leave(&ch.room, self.socket, &self.conn).await;
+        for (_, ch) in std::mem::take(&mut self.channels) {
+            self.end_channel(&ch).await;
         }
     }
 }

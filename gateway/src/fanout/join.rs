@@ -336,6 +336,25 @@ impl Hub {
         room.wake.notify_one();
     }
 
+    /// A channel's token expired: the member leaves like on `phx_leave`, unless the socket has
+    /// joined the room again since (another join_ref). Returns whether it left.
+    pub async fn expire_member(
+        &self,
+        room: &Arc<Room>,
+        socket: u64,
+        conn: &str,
+        join_ref: &str,
+    ) -> bool {
+        let current = lock(&room.state)
+            .members
+            .get(&socket)
+            .is_some_and(|m| &*m.join_ref == join_ref);
+        if current {
+            self.leave(room, socket, conn).await;
+        }
+        current
+    }
+
     /// Publishes a ready Phoenix frame to a room on every node.
     pub async fn publish(&self, room: &Room, frame: &[u8]) -> Result<(), StoreError> {
         let cmd = redis::cmd("PUBLISH")

@@ -124,6 +124,11 @@ pub struct Room {
 }
 
 impl Room {
+    /// `rooms:<id>`.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Relaxed)
     }
