@@ -29,7 +29,9 @@ for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep
 secret=bench-hs256-secret-0123456789abcdef
 export GATEWAY_REDIS_URL="redis://127.0.0.1:$port" GATEWAY_REDIS_PREFIX=bench \
   GATEWAY_AUTH_HS256_SECRET="$secret" GATEWAY_SERVER_LISTEN=127.0.0.1:0 GATEWAY_ADMIN_LISTEN=127.0.0.1:0 \
-  GATEWAY_LOG=warn
+  GATEWAY_LOG=warn \
+  GATEWAY_SERVER_PUSH_RATE_PER_S=100000 GATEWAY_SERVER_PUSH_BURST=100000
+# (the fan-out scenario's one publisher sends far more than a person's 10 pushes per second)
 start_gateway() {
   local out="$work/gw$1.out"
   : >"$out"
