@@ -751,6 +751,14 @@ async function runSchedule(t, seed) {
     }
 
     // ---------------------------------------------------------------- the schedule
+    /** Half the time: Redis connections killed while a group of operations is under way. */
+    function drawMidKill() {
+      if (!rng.chance(0.5)) return undefined;
+      const type = rng.pick(['pubsub', 'normal']);
+      const delay = rng.range(0, 40);
+      return { desc: `CLIENT KILL TYPE ${type} after ${delay} ms`, run: async () => { await sleep(delay); return `${await cliAsync(redis, 'CLIENT', 'KILL', 'TYPE', type)} killed`; } };
+    }
+
     async function phase(name, n, special) {
       for (let i = 0; i < n; i++) {
         const label = `${name}.${String(i + 1).padStart(2, '0')}`;
@@ -759,18 +767,15 @@ async function runSchedule(t, seed) {
           const sp = special.draw();
           const busy = new Set();
           const ops = rng.chance(0.5) ? Array.from({ length: rng.range(1, 3) }, () => drawOp(busy, { inGroup: true, exclude: sp.gw })) : [];
+          const kill = drawMidKill();
+          if (kill) ops.push(kill);
           if (ops.length) note(`${label} group of ${ops.length + 1}:`);
           await Promise.all([sp, ...ops].map((op, j) => step(ops.length ? `${label}${String.fromCharCode(97 + j)}` : label, op)));
         } else if (rng.chance(0.25)) {
           // a group of operations at once, maybe with Redis connections killed in the middle
           const busy = new Set();
           const ops = Array.from({ length: rng.range(2, 4) }, () => drawOp(busy, { inGroup: true }));
-          let kill;
-          if (rng.chance(0.5)) {
-            const type = rng.pick(['pubsub', 'normal']);
-            const delay = rng.range(0, 40);
-            kill = { desc: `CLIENT KILL TYPE ${type} after ${delay} ms`, run: async () => { await sleep(delay); return `${await cliAsync(redis, 'CLIENT', 'KILL', 'TYPE', type)} killed`; } };
-          }
+          const kill = drawMidKill();
           note(`${label} group of ${ops.length + (kill ? 1 : 0)}:`);
           await Promise.all([...ops, ...(kill ? [kill] : [])].map((op, j) => step(`${label}${String.fromCharCode(97 + j)}`, op)));
         } else {
