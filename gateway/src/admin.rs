@@ -27,21 +27,21 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::catalog::{Catalog, CatalogError};
+use crate::http::{Body, text};
 use crate::rooms::{RoomId, is_reserved};
-use crate::server::{Body, text};
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
 
 pub async fn serve_admin(app: Arc<App>, listener: TcpListener, stop: watch::Receiver<bool>) {
-    crate::server::accept_loop(listener, stop, "admin", |tcp, _| {
+    crate::http::accept_loop(listener, stop, "admin", |tcp, _| {
         let app = app.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(Box::pin(handle(app, req)).await) }
             });
-            let _ = crate::server::http1()
+            let _ = crate::http::http1()
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
@@ -50,13 +50,7 @@ pub async fn serve_admin(app: Arc<App>, listener: TcpListener, stop: watch::Rece
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
+    crate::http::json(status, v)
 }
 
 fn error(status: StatusCode, msg: &str) -> Response<Body> {
@@ -69,16 +63,15 @@ pub async fn ready(app: &App) -> Result<(), &'static str> {
         return Err("draining");
     }
     if !app.hub.pubsub_up() {
-        return Err("pub/sub connection down");
+        return Err("pub/sub down: a Redis shard the node needs is unreachable");
     }
-    match app
-        .hub
-        .store()
-        .command::<String>(crate::metrics::redis_op::PING, &redis::cmd("PING"))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(_) => Err("redis not reachable"),
+    let redis = app.hub.store().redis();
+    match tokio::time::timeout(app.cfg.redis.command_timeout(), redis.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => {
+            app.metrics.redis_error(crate::metrics::redis_op::PING);
+            Err("redis not reachable")
+        }
     }
 }
 
@@ -248,45 +241,4 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Response<Body>> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Anything on the public port that is not the socket endpoint.
-pub fn public_page(app: &App, req: &Request<Incoming>) -> Response<Body> {
-    match req.uri().path() {
-        "/dev/tokens.json" => match app.demo_tokens.get() {
-            Some(tokens) => {
-                let list: Vec<Value> = tokens
-                    .iter()
-                    .map(|(name, token)| json!({"username": name, "token": token}))
-                    .collect();
-                json_response(StatusCode::OK, &Value::Array(list))
-            }
-            None => text(StatusCode::NOT_FOUND, "not found\n"),
-        },
-        "/" => {
-            let mut r = Response::new(Full::new(Bytes::from_static(
-                crate::demo::INDEX_HTML.as_bytes(),
-            )));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            r
-        }
-        "/phoenix.js" => match crate::demo::phoenix_js() {
-            Some(js) => {
-                let mut r = Response::new(Full::new(Bytes::from(js)));
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("text/javascript; charset=utf-8"),
-                );
-                r
-            }
-            None => text(
-                StatusCode::NOT_FOUND,
-                "phoenix.js not found: run `npm ci` in tests/\n",
-            ),
-        },
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    }
 }

@@ -30,8 +30,8 @@ pub struct App {
     /// Token deadlines of open sockets and channels (one list, one task).
     pub expiries: Arc<crate::expiry::Expiries>,
     pub sessions: Sessions,
-    pub redis_client: redis::Client,
-    pub pool: deadpool_redis::Pool,
+    /// The cold paths' pool (admin API).
+    pub pool: crate::redis::Pool,
     /// Set when the drain starts: readiness turns false and new upgrades get 503.
     pub draining: AtomicBool,
     /// `gateway dev` only: demo users and their tokens, served to the demo page.
@@ -128,10 +128,9 @@ impl App {
         }
         let keys = Keys::new(&cfg.redis.prefix);
         let metrics = Metrics::new();
-        let redis_client = redis::Client::open(cfg.redis.url.as_str())?;
         let mut delay = std::time::Duration::from_millis(100);
         let conn = loop {
-            match crate::redis::hot_connection(&cfg.redis).await {
+            match crate::redis::Redis::connect(&cfg.redis).await {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::warn!(url = %redact(&cfg.redis.url), error = %e, "redis not reachable yet; retrying");
@@ -140,7 +139,7 @@ impl App {
                 }
             }
         };
-        let scripts = Arc::new(Scripts::new());
+        let scripts = Arc::new(Scripts::new(conn.is_cluster()));
         let mut c = conn.clone();
         scripts.load_all(&mut c).await?;
         let presence = &cfg.presence;
@@ -165,7 +164,7 @@ impl App {
             store,
             metrics.clone(),
         );
-        let pool = crate::redis::pool(&cfg.redis)?;
+        let pool = crate::redis::Pool::new(&cfg.redis)?;
         let connection_permits = Arc::new(Semaphore::new(
             cfg.server.max_connections.min(Semaphore::MAX_PERMITS),
         ));
@@ -182,7 +181,6 @@ impl App {
             expiries: Default::default(),
             metrics,
             sessions: Sessions::default(),
-            redis_client,
             pool,
             draining: AtomicBool::new(false),
             demo_tokens: std::sync::OnceLock::new(),
@@ -195,7 +193,7 @@ impl App {
     /// Starts the background tasks: the pub/sub subscriber, the presence heartbeat and the node
     /// record's refresher.
     pub fn start(self: &Arc<Self>) {
-        tokio::spawn(self.hub.clone().run_subscriber(self.redis_client.clone()));
+        tokio::spawn(self.hub.clone().run_subscriber());
         tokio::spawn(self.hub.clone().run_heartbeat());
         tokio::spawn(self.expiries.clone().run(self.hub.clone()));
         let task = tokio::spawn(node_record(self.clone()));

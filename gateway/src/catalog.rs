@@ -1,21 +1,22 @@
 //! The room catalogue in Redis: create, list, inspect and delete room records (`<p>:room:{R}`).
-//! Cold paths only (CLI, admin API): they use the deadpool pool, never the hot connection.
+//! Cold paths only (CLI, admin API): they use the pool, never the hot connection. In a cluster,
+//! listings scan every master.
 
 use std::collections::HashMap;
 
-use deadpool_redis::Pool;
 use redis::AsyncCommands;
 use serde::Serialize;
 
 use crate::redis::keys::Keys;
+use crate::redis::{Pool, PoolError};
 use crate::rooms::RoomId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     #[error("room {0} already exists")]
     Exists(RoomId),
     #[error("room {0} does not exist")]
@@ -95,16 +96,12 @@ impl Catalog {
     /// Every room record, found with `SCAN` (never `KEYS`), sorted by id.
     pub async fn list(&self) -> Result<Vec<RoomRecord>, CatalogError> {
         let mut c = self.pool.get().await?;
-        let mut ids = Vec::new();
-        {
-            let mut it: redis::AsyncIter<String> =
-                c.scan_match(self.keys.room_record_pattern()).await?;
-            while let Some(k) = it.next_item().await {
-                if let Some(id) = self.keys.room_of_record(&k?) {
-                    ids.push(id);
-                }
-            }
-        }
+        let mut ids: Vec<RoomId> = c
+            .scan_match(&self.keys.room_record_pattern())
+            .await?
+            .iter()
+            .filter_map(|k| self.keys.room_of_record(k))
+            .collect();
         drop(c);
         ids.sort();
         ids.dedup();
@@ -130,7 +127,11 @@ impl Catalog {
             .arg(&k.seq)
             .query_async(&mut c)
             .await?;
-        let _: i64 = c.publish(&k.events, r#"{"deleted":true}"#).await?;
+        let _: i64 = redis::cmd(c.publish_command())
+            .arg(&k.events)
+            .arg(r#"{"deleted":true}"#)
+            .query_async(&mut c)
+            .await?;
         if n == 0 {
             return Err(CatalogError::Missing(id.clone()));
         }
@@ -185,17 +186,8 @@ impl Catalog {
     /// stops refreshing it).
     pub async fn nodes(&self) -> Result<Vec<serde_json::Value>, CatalogError> {
         let mut c = self.pool.get().await?;
-        let mut keys = Vec::new();
-        {
-            let mut it: redis::AsyncIter<String> = c.scan_match(self.keys.node_pattern()).await?;
-            while let Some(k) = it.next_item().await {
-                let k = k?;
-                if !k.ends_with(":probe") {
-                    keys.push(k);
-                }
-            }
-        }
-        keys.sort();
+        let mut keys = c.scan_match(&self.keys.node_pattern()).await?;
+        keys.retain(|k| !k.ends_with(":probe"));
         let mut out = Vec::new();
         for k in keys {
             let v: Option<String> = c.get(&k).await?;

@@ -101,7 +101,11 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`.
+    /// `standalone` (one Redis, or a primary with replicas behind one address) or `cluster`
+    /// (Redis Cluster: sharded pub/sub, scripts routed by their room's slot).
+    pub mode: RedisMode,
+    /// `redis://[:password@]host:port[/db]`; in cluster mode a comma-separated list of seed
+    /// nodes, e.g. `redis://10.0.0.1:7000,redis://10.0.0.2:7000`.
     pub url: String,
     /// Prefix of every key and channel, so several deployments can share one Redis.
     pub prefix: String,
@@ -111,6 +115,15 @@ pub struct RedisConfig {
     pub connect_timeout_ms: u64,
     /// Connections of the pool used by the admin API and the CLI (the hot path does not use it).
     pub pool_size: usize,
+}
+
+/// How the gateway reaches Redis.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -203,6 +216,7 @@ impl Default for AdminConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
+            mode: RedisMode::Standalone,
             url: "redis://127.0.0.1:6379".into(),
             prefix: "gw".into(),
             command_timeout_ms: 2_000,
@@ -272,6 +286,14 @@ impl ServerConfig {
 }
 
 impl RedisConfig {
+    /// The URL, or in cluster mode each seed node's URL (blank entries skipped).
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
     pub fn command_timeout(&self) -> Duration {
         ms(self.command_timeout_ms)
     }
@@ -411,6 +433,21 @@ impl Config {
         {
             return Err(bad("redis.prefix", "use 1+ characters of [A-Za-z0-9_.-]"));
         }
+        let urls = self.redis.urls();
+        if urls.is_empty() {
+            return Err(bad("redis.url", "empty"));
+        }
+        if self.redis.mode == RedisMode::Standalone && urls.len() > 1 {
+            return Err(bad(
+                "redis.url",
+                "a list of seed nodes needs redis.mode = \"cluster\" (GATEWAY_REDIS_MODE=cluster)",
+            ));
+        }
+        for u in &urls {
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(*u) {
+                return Err(bad("redis.url", format!("{}: {e}", redact_url(u))));
+            }
+        }
         match self.auth.algorithm.as_str() {
             "HS256" => {
                 if self.auth.public_key_file.is_some() {
@@ -526,7 +563,13 @@ impl Config {
         if c.admin.token.is_some() {
             c.admin.token = Some("***".into());
         }
-        c.redis.url = redact_url(&c.redis.url);
+        c.redis.url = c
+            .redis
+            .urls()
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot print settings: {e}\n"))
     }
 

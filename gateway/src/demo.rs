@@ -1,4 +1,12 @@
-//! The demo page served at `/` on the public port: the seed's UI on the official `phoenix` client.
+//! The demo page served at `/` on the public port: the seed's UI on the official `phoenix` client,
+//! and the demo tokens it signs in with.
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::http::{Body, json as json_response, text, typed};
 
 /// The page.
 pub const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -20,4 +28,29 @@ pub fn phoenix_js() -> Option<String> {
     candidates
         .into_iter()
         .find_map(|p| std::fs::read_to_string(p).ok())
+}
+
+/// Anything on the public port that is not the socket endpoint.
+pub fn public_page(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/dev/tokens.json" => match app.demo_tokens.get() {
+            Some(tokens) => {
+                let list: Vec<Value> = tokens
+                    .iter()
+                    .map(|(name, token)| json!({"username": name, "token": token}))
+                    .collect();
+                json_response(StatusCode::OK, &Value::Array(list))
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
+        "/" => typed(INDEX_HTML, "text/html; charset=utf-8"),
+        "/phoenix.js" => match phoenix_js() {
+            Some(js) => typed(js, "text/javascript; charset=utf-8"),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "phoenix.js not found: run `npm ci` in tests/\n",
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
 }

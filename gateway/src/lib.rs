@@ -7,7 +7,9 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | TOML + `GATEWAY_<SECTION>_<KEY>` env → typed, validated settings |
-//! | [`server`] | public listener: HTTP/1, checks before the upgrade, hands sockets to `session` |
+//! | [`server`] | public listener: checks before the upgrade, hands sockets to `session` |
+//! | [`http`] | accept loop, HTTP/1 builder, response helpers (shared by `server` and `admin`) |
+//! | [`demo`] | the demo page, phoenix.js and demo tokens on the public port |
 //! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit |
 //! | [`expiry`] | token lifetimes of open sockets and channels: one deadline list per node |
 //! | [`outbox`] | a socket's bounded outbound queue and its single writer (used by `session` and `fanout`) |
@@ -33,7 +35,7 @@ pub mod config;
 pub mod demo;
 pub mod expiry;
 pub mod fanout;
-
+pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod presence;

@@ -148,7 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn catalog(cfg: &Config) -> anyhow::Result<Catalog> {
     Ok(Catalog::new(
-        gateway::redis::pool(&cfg.redis)?,
+        gateway::redis::Pool::new(&cfg.redis)?,
         Keys::new(&cfg.redis.prefix),
     ))
 }
@@ -234,7 +234,11 @@ async fn dev(mut cfg: Config) -> anyhow::Result<()> {
     if cfg.hs256_secret()?.is_none() && cfg.auth.algorithm == "HS256" {
         cfg.auth.hs256_secret = Some(DEV_SECRET.into());
     }
-    let child = ensure_redis(&cfg.redis.url).await?;
+    // a cluster is the operator's to run; `dev` starts a local server only in standalone mode
+    let child = match cfg.redis.mode {
+        gateway::config::RedisMode::Standalone => ensure_redis(&cfg.redis.url).await?,
+        gateway::config::RedisMode::Cluster => None,
+    };
     let cat = catalog(&cfg)?;
     let lobby = room_id("lobby")?;
     match cat.create(&lobby, Some("Lobby")).await {

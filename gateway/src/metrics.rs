@@ -87,6 +87,22 @@ pub mod redis_op {
     ];
 }
 
+/// Label values of `gateway_pubsub_interruptions_total{event}`: what made the subscriber
+/// re-snapshot its rooms.
+pub mod pubsub_event {
+    /// The standalone connection was rebuilt (lost, or its probe did not come back).
+    pub const RECONNECT: &str = "reconnect";
+    /// A cluster shard connection dropped (a failover, a killed node, a network cut).
+    pub const DISCONNECT: &str = "disconnect";
+    /// The cluster client re-subscribed rooms on a new owner (after a disconnect or a slot move).
+    pub const RESUBSCRIBE: &str = "resubscribe";
+    /// A shard's probe did not come back: the shard is unreachable (readiness is false).
+    pub const SHARD_LOST: &str = "shard_lost";
+    /// A shard's probe came back after a loss.
+    pub const SHARD_BACK: &str = "shard_back";
+    pub const ALL: [&str; 5] = [RECONNECT, DISCONNECT, RESUBSCRIBE, SHARD_LOST, SHARD_BACK];
+}
+
 /// Label values of `gateway_closes_total{code}`: the close codes the gateway sends or sees, each
 /// as its number, and `other`. [`close_label`] maps a code into this set.
 pub mod close_code {
@@ -109,6 +125,7 @@ struct Inner {
     redis_errors: IntCounterVec,
     pubsub_reconnects: IntCounter,
     pubsub_lag: Histogram,
+    pubsub_events: IntCounterVec,
     slow_closes: IntCounter,
     closes: IntCounterVec,
     heartbeat_rooms: IntGauge,
@@ -191,6 +208,13 @@ impl Metrics {
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
         ));
+        let pubsub_events = must(IntCounterVec::new(
+            Opts::new(
+                "gateway_pubsub_interruptions_total",
+                "Topology changes and re-subscriptions that made the node re-snapshot its rooms",
+            ),
+            &["event"],
+        ));
         let slow_closes = must(IntCounter::new(
             "gateway_slow_consumer_closes_total",
             "Sockets closed because their outbound queue overflowed",
@@ -218,6 +242,7 @@ impl Metrics {
         reg(Box::new(redis_errors.clone()));
         reg(Box::new(pubsub_reconnects.clone()));
         reg(Box::new(pubsub_lag.clone()));
+        reg(Box::new(pubsub_events.clone()));
         reg(Box::new(slow_closes.clone()));
         reg(Box::new(closes.clone()));
         reg(Box::new(heartbeat_rooms.clone()));
@@ -233,6 +258,7 @@ impl Metrics {
         init(&pushes, &push_result::ALL);
         init(&presence_frames, &presence_event::ALL);
         init(&closes, &close_code::ALL);
+        init(&pubsub_events, &pubsub_event::ALL);
         init(&script_seconds, &script::ALL);
         init(&redis_errors, &redis_op::ALL);
         Metrics(Arc::new(Inner {
@@ -247,6 +273,7 @@ impl Metrics {
             redis_errors,
             pubsub_reconnects,
             pubsub_lag,
+            pubsub_events,
             slow_closes,
             closes,
             heartbeat_rooms,
@@ -295,6 +322,10 @@ impl Metrics {
     }
     pub fn pubsub_reconnect(&self) {
         self.0.pubsub_reconnects.inc();
+    }
+    /// One of [`pubsub_event::ALL`].
+    pub fn pubsub_event(&self, event: &'static str) {
+        self.0.pubsub_events.with_label_values(&[event]).inc();
     }
     pub fn pubsub_lag(&self, secs: f64) {
         self.0.pubsub_lag.observe(secs);
@@ -362,7 +393,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     /// Every labelled family and the closed set of its one label.
-    const CLOSED_SETS: [(&str, &str, &[&str]); 7] = [
+    const CLOSED_SETS: [(&str, &str, &[&str]); 8] = [
         ("gateway_connections", "kind", &conn_kind::ALL),
         ("gateway_joins_total", "result", &join_result::ALL),
         ("gateway_pushes_total", "result", &push_result::ALL),
@@ -378,6 +409,11 @@ mod tests {
             &script::ALL,
         ),
         ("gateway_redis_errors_total", "op", &redis_op::ALL),
+        (
+            "gateway_pubsub_interruptions_total",
+            "event",
+            &pubsub_event::ALL,
+        ),
     ];
 
     #[test]

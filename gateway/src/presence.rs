@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -412,7 +411,7 @@ pub struct Lease {
 /// (one round trip per call: no pool checkout on this path).
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: crate::redis::Redis,
     scripts: Arc<Scripts>,
     lease: Arc<Lease>,
     timeout: std::time::Duration,
@@ -423,7 +422,7 @@ type Flat = Vec<redis::Value>;
 
 impl Store {
     pub fn new(
-        conn: ConnectionManager,
+        conn: crate::redis::Redis,
         scripts: Arc<Scripts>,
         lease: Lease,
         timeout: std::time::Duration,
@@ -436,6 +435,11 @@ impl Store {
             timeout,
             metrics,
         }
+    }
+
+    /// The hot connection.
+    pub fn redis(&self) -> &crate::redis::Redis {
+        &self.conn
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -606,14 +610,26 @@ impl Store {
         rooms: &[(RoomKeys, Option<u64>)],
     ) -> Vec<Result<HeartbeatReply, StoreError>> {
         let timer = self.metrics.script_timer(script::HEARTBEAT);
-        let chunks = rooms
-            .chunks(HEARTBEAT_CHUNK)
-            .map(|chunk| self.heartbeat_chunk(chunk));
-        let out: Vec<_> = futures_util::future::join_all(chunks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        // one pipeline per master (a pipeline cannot span the slots of several masters), in
+        // chunks; a standalone server is one master
+        let groups = self
+            .conn
+            .group_by_shard(rooms.iter().map(|(k, _)| k.room.as_str()));
+        let chunks = groups
+            .iter()
+            .flat_map(|g| g.chunks(HEARTBEAT_CHUNK))
+            .map(|idx| self.heartbeat_chunk(rooms, idx));
+        let mut out: Vec<Result<HeartbeatReply, StoreError>> =
+            (0..rooms.len()).map(|_| Err(StoreError::Timeout)).collect();
+        for part in futures_util::future::join_all(chunks).await {
+            for (i, r) in part {
+                out[i] = r;
+            }
+        }
+        if out.iter().any(Result::is_err) {
+            // a slot may have moved (failover, resharding): group by the current map next time
+            let _ = self.conn.refresh_shards().await;
+        }
         timer.observe_duration();
         for r in &out {
             if r.is_err() {
@@ -623,10 +639,13 @@ impl Store {
         out
     }
 
+    /// One pipeline of heartbeats: the rooms `idx` of `rooms`, all on one master. Returns each
+    /// room's index with its outcome.
     async fn heartbeat_chunk(
         &self,
         rooms: &[(RoomKeys, Option<u64>)],
-    ) -> Vec<Result<HeartbeatReply, StoreError>> {
+        idx: &[usize],
+    ) -> Vec<(usize, Result<HeartbeatReply, StoreError>)> {
         let pipe = |idx: &[usize]| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
@@ -642,9 +661,9 @@ impl Store {
             }
             pipe
         };
-        let mut out: Vec<Result<HeartbeatReply, StoreError>> =
-            (0..rooms.len()).map(|_| Err(StoreError::Timeout)).collect();
-        let mut todo: Vec<usize> = (0..rooms.len()).collect();
+        let mut out: std::collections::HashMap<usize, Result<HeartbeatReply, StoreError>> =
+            idx.iter().map(|&i| (i, Err(StoreError::Timeout))).collect();
+        let mut todo: Vec<usize> = idx.to_vec();
         // a second round only for the scripts Redis did not know (restart, SCRIPT FLUSH,
         // a freshly promoted replica)
         for round in 0..2 {
@@ -659,11 +678,11 @@ impl Store {
                 Ok(Err(e)) => {
                     let msg = e.to_string();
                     for &i in &todo {
-                        out[i] = Err(StoreError::Shared(msg.clone()));
+                        out.insert(i, Err(StoreError::Shared(msg.clone())));
                     }
-                    return out;
+                    return out.into_iter().collect();
                 }
-                Err(_) => return out,
+                Err(_) => return out.into_iter().collect(),
             };
             let mut again = Vec::new();
             for (&i, r) in todo.iter().zip(replies) {
@@ -675,15 +694,20 @@ impl Store {
                     {
                         again.push(i)
                     }
-                    Err(e) => out[i] = Err(e.into()),
+                    Err(e) => {
+                        out.insert(i, Err(e.into()));
+                    }
                     Ok(v) => {
-                        out[i] = (|| {
-                            Ok(HeartbeatReply {
-                                had_lease: int_at(&v, 0)? == 1,
-                                seq: int_at(&v, 1)?,
-                                exists: flag_at(&v, 3)?,
-                            })
-                        })()
+                        out.insert(
+                            i,
+                            (|| {
+                                Ok(HeartbeatReply {
+                                    had_lease: int_at(&v, 0)? == 1,
+                                    seq: int_at(&v, 1)?,
+                                    exists: flag_at(&v, 3)?,
+                                })
+                            })(),
+                        );
                     }
                 }
             }
@@ -693,13 +717,13 @@ impl Store {
             if let Err(e) = self.scripts.load_all(&mut conn).await {
                 let msg = e.to_string();
                 for &i in &again {
-                    out[i] = Err(StoreError::Shared(msg.clone()));
+                    out.insert(i, Err(StoreError::Shared(msg.clone())));
                 }
                 break;
             }
             todo = again;
         }
-        out
+        out.into_iter().collect()
     }
 }
 

@@ -6,7 +6,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -14,50 +13,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
-
-pub type Body = Full<Bytes>;
-
-pub fn text(status: StatusCode, body: &str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r
-}
-
-/// Accepts connections until `stop` changes and hands each to `on_conn`. An accept error (EMFILE
-/// at the fd limit, say) is logged and retried; it never ends the loop.
-pub async fn accept_loop(
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-    what: &'static str,
-    mut on_conn: impl FnMut(TcpStream, SocketAddr),
-) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, peer)) => on_conn(tcp, peer),
-                Err(e) => {
-                    tracing::warn!(listener = what, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-/// HTTP/1 with a timer, so the header read timeout (the slowloris guard) is really enforced.
-pub fn http1() -> hyper::server::conn::http1::Builder {
-    let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    b
-}
+use crate::http::{Body, accept_loop, http1, text};
 
 /// The public listener: `/socket/websocket` upgrades, and the demo page.
 pub async fn serve_public(app: Arc<App>, listener: TcpListener, stop: watch::Receiver<bool>) {
@@ -135,7 +97,7 @@ fn subprotocol_token(req: &Request<Incoming>) -> (Option<String>, bool) {
 
 fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     if req.uri().path() != "/socket/websocket" {
-        return crate::admin::public_page(&app, &req);
+        return crate::demo::public_page(&app, &req);
     }
     let params = query_params(req.uri().query().unwrap_or(""));
     // V2 only: Phoenix treats a missing vsn as 1.0.0 and answers 403 to what it cannot serve

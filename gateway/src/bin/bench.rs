@@ -42,13 +42,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Memory per idle anonymous viewer.
+    /// Memory per idle viewer (anonymous, or signed in with `--secret`), then the gateway's CPU
+    /// while they sit idle.
     Idle {
         #[arg(long, default_value_t = 5000)]
         viewers: usize,
-        /// PID of the (first) gateway, to read its RSS.
+        /// PID of the (first) gateway, to read its RSS and CPU time.
         #[arg(long)]
         pid: u32,
+        /// Sign every viewer in with its own HS256 token (one user each, `exp` in an hour), so each
+        /// socket holds a presence entry and a token deadline.
+        #[arg(long)]
+        secret: Option<String>,
+        /// Seconds to measure the gateway's CPU while the viewers sit idle.
+        #[arg(long, default_value_t = 0)]
+        idle_window: u64,
     },
     /// Broadcast latency to many subscribers.
     Fanout {
@@ -152,6 +160,17 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
+/// The process's CPU time (user + system) in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // fields after the command name, which is in parentheses and may hold spaces
+    let rest = s.rsplit_once(')').context("bad /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> { Ok(f.get(i).context("short stat")?.parse()?) };
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name
+    Ok(ticks(11)? + ticks(12)?)
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -169,11 +188,12 @@ fn hs256(secret: &str, sub: &str) -> anyhow::Result<String> {
     )?)
 }
 
-/// Opens and joins `n` anonymous viewers, 64 at a time; returns them and the join latencies (µs).
+/// Opens and joins `n` viewers (anonymous, or each signed in as its own user with `secret`), 64 at a time; returns them and the join latencies (µs).
 async fn crowd(
     gateways: &[String],
     topic: &str,
     n: usize,
+    secret: Option<&str>,
 ) -> anyhow::Result<(Vec<Ws>, Vec<u64>, Duration)> {
     let started = Instant::now();
     let mut all = Vec::with_capacity(n);
@@ -184,9 +204,11 @@ async fn crowd(
             .map(|k| {
                 let addr = gateways[k % gateways.len()].clone();
                 let topic = topic.to_string();
+                let token = secret.map(|s| hs256(s, &format!("idle-{k}")));
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let mut ws = open(&addr, None).await?;
+                    let token = token.transpose()?;
+                    let mut ws = open(&addr, token.as_deref()).await?;
                     join(&mut ws, &topic).await?;
                     Ok::<_, anyhow::Error>((ws, t.elapsed().as_micros() as u64))
                 })
@@ -235,24 +257,44 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(0)
     );
     match cli.scenario {
-        Scenario::Idle { viewers, pid } => {
+        Scenario::Idle {
+            viewers,
+            pid,
+            secret,
+            idle_window,
+        } => {
             let before = rss_kib(pid)?;
             let gw = vec![cli.gateways[0].clone()];
-            let (socks, _, took) = crowd(&gw, &topic, viewers).await?;
+            let (socks, _, took) = crowd(&gw, &topic, viewers, secret.as_deref()).await?;
             let h = drain_in_background(socks);
             tokio::time::sleep(Duration::from_secs(2)).await;
             let after = rss_kib(pid)?;
             let per = (after.saturating_sub(before)) as f64 * 1024.0 / viewers as f64;
+            let kind = if secret.is_some() {
+                "signed-in"
+            } else {
+                "anonymous"
+            };
             println!(
-                "idle: {viewers} anonymous viewers joined in {:.2} s; gateway RSS {before} KiB -> {after} KiB; {:.0} bytes ({:.2} KiB) per viewer",
+                "idle: {viewers} {kind} viewers joined in {:.2} s; gateway RSS {before} KiB -> {after} KiB; {:.0} bytes ({:.2} KiB) per viewer",
                 took.as_secs_f64(),
                 per,
                 per / 1024.0
             );
+            if idle_window > 0 {
+                let t0 = cpu_ticks(pid)?;
+                tokio::time::sleep(Duration::from_secs(idle_window)).await;
+                let used = cpu_ticks(pid)? - t0;
+                println!(
+                    "idle cpu: {viewers} {kind} viewers, {idle_window} s: gateway used {} ms CPU = {:.2} % of one core",
+                    used * 10,
+                    used as f64 * 10.0 / (idle_window as f64 * 10.0)
+                );
+            }
             h.abort();
         }
         Scenario::Joins { viewers } => {
-            let (socks, mut lat, took) = crowd(&cli.gateways, &topic, viewers).await?;
+            let (socks, mut lat, took) = crowd(&cli.gateways, &topic, viewers, None).await?;
             lat.sort_unstable();
             println!(
                 "joins: {viewers} anonymous connect+join in {:.2} s = {:.0}/s (64 in flight); latency p50 {:.2} ms, p99 {:.2} ms",
@@ -269,7 +311,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             secret,
         } => {
-            let (socks, _, _) = crowd(&cli.gateways, &topic, subscribers).await?;
+            let (socks, _, _) = crowd(&cli.gateways, &topic, subscribers, None).await?;
             let epoch = Instant::now();
             let received = Arc::new(AtomicUsize::new(0));
             let mut tasks = Vec::with_capacity(subscribers);

@@ -357,7 +357,7 @@ impl Hub {
 
     /// Publishes a ready Phoenix frame to a room on every node.
     pub async fn publish(&self, room: &Room, frame: &[u8]) -> Result<(), StoreError> {
-        let cmd = redis::cmd("PUBLISH")
+        let cmd = redis::cmd(self.store.redis().publish_command())
             .arg(&room.keys.events)
             .arg(frame)
             .clone();

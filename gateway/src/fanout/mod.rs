@@ -31,12 +31,11 @@ mod join;
 mod subscriber;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -305,6 +304,16 @@ impl RoomState {
     }
 }
 
+/// One shard's liveness probe: a message the node publishes to itself on a channel of that shard.
+struct Probe {
+    channel: String,
+    /// Nanoseconds since `epoch` of the last probe sent, and whether it came back.
+    sent: u64,
+    seen: bool,
+    /// Missed its deadline (the shard counts as down until a probe comes back).
+    lost: bool,
+}
+
 /// The node's rooms and its pub/sub connection.
 pub struct Hub {
     cfg: Arc<Config>,
@@ -324,11 +333,12 @@ pub struct Hub {
     shutting_down: AtomicBool,
     /// Held while a heartbeat pipeline is in flight, so the shutdown release lands after it.
     heartbeat_lock: tokio::sync::Mutex<()>,
-    /// Nanoseconds (since `epoch`) the last probe was published, and whether it came back.
-    probe_sent: AtomicU64,
-    probe_seen: AtomicBool,
-    /// `<p>:node:<node>:probe`, named once: it is compared with every pub/sub message.
+    /// The liveness probes, one per shard the subscriber listens on.
+    probes: Mutex<Vec<Probe>>,
+    /// `<p>:node:<node>:probe`: every probe channel starts with it.
     probe_channel: String,
+    /// Probes that did not come back in time: shards that cannot be reached.
+    shards_down: std::sync::atomic::AtomicUsize,
     epoch: Instant,
 }
 
@@ -373,9 +383,9 @@ impl Hub {
             pubsub_up: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             heartbeat_lock: tokio::sync::Mutex::new(()),
-            probe_sent: AtomicU64::new(0),
-            probe_seen: AtomicBool::new(true),
+            probes: Mutex::new(Vec::new()),
             probe_channel,
+            shards_down: Default::default(),
             epoch: Instant::now(),
         })
     }
@@ -384,8 +394,10 @@ impl Hub {
         &self.store
     }
 
+    /// Whether the subscriber hears every shard it needs: connected, and each shard's last
+    /// probe came back.
     pub fn pubsub_up(&self) -> bool {
-        self.pubsub_up.load(Ordering::Relaxed)
+        self.pubsub_up.load(Ordering::Relaxed) && self.shards_down.load(Ordering::Relaxed) == 0
     }
 
     pub fn room_count(&self) -> usize {

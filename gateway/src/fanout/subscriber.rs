@@ -5,23 +5,27 @@
 use std::collections::HashSet;
 
 use super::*;
+use crate::metrics::pubsub_event;
+use crate::redis::{Event, Publisher, Subscriber};
 
 /// Queued requests applied in one go: one SUBSCRIBE for many rooms, not a round trip each.
 const SUBSCRIBE_BATCH: usize = 256;
 
 impl Hub {
     fn dispatch(&self, channel: &str, payload: &[u8]) {
-        if channel == self.probe_channel {
-            let sent = self.probe_sent.load(Ordering::Relaxed);
-            let now = self.epoch.elapsed().as_nanos() as u64;
-            if std::str::from_utf8(payload)
+        if channel.starts_with(self.probe_channel.as_str()) {
+            let got = std::str::from_utf8(payload)
                 .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                == Some(sent)
+                .and_then(|s| s.parse::<u64>().ok());
+            let now = self.epoch.elapsed().as_nanos() as u64;
+            let mut probes = lock(&self.probes);
+            if let Some(p) = probes
+                .iter_mut()
+                .find(|p| p.channel == channel && Some(p.sent) == got)
             {
-                self.probe_seen.store(true, Ordering::Relaxed);
+                p.seen = true;
                 self.metrics
-                    .pubsub_lag(now.saturating_sub(sent) as f64 / 1e9);
+                    .pubsub_lag(now.saturating_sub(p.sent) as f64 / 1e9);
             }
             return;
         }
@@ -63,25 +67,43 @@ impl Hub {
         }
     }
 
+    /// Marks every installed room for a re-snapshot and every room for a `sync`: messages may
+    /// have been missed, and what Redis holds for this node may be stale.
+    fn resync_all(&self) {
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+        for r in rooms {
+            let mut st = lock(&r.state);
+            if st.installed {
+                st.mirror.begin_resync();
+                st.resnapshot = true;
+            }
+            st.needs_sync = true;
+            drop(st);
+            r.wake.notify_one();
+        }
+    }
+
     /// Runs the pub/sub connection for the life of the process.
-    pub async fn run_subscriber(self: Arc<Self>, client: redis::Client) {
+    pub async fn run_subscriber(self: Arc<Self>) {
         let Some(mut cmds) = lock(&self.sub_rx).take() else {
             return;
         };
-        let probe_channel = self.probe_channel.clone();
         let sub_name = format!("{}-sub-{}", self.keys.prefix(), self.node);
+        let hot = self.store.redis().clone();
         let mut first = true;
         let mut backoff = Duration::from_millis(50);
         // the channels this task has subscribed: what a new connection subscribes again
         let mut subscribed: HashSet<String> = HashSet::new();
         loop {
-            let ps = match tokio::time::timeout(
-                self.cfg.redis.connect_timeout(),
-                crate::redis::named_pubsub(&client, &sub_name),
-            )
-            .await
-            {
-                Ok(Ok(ps)) => ps,
+            let t = self.cfg.redis.command_timeout();
+            let connected = tokio::time::timeout(self.cfg.redis.connect_timeout() + t, async {
+                let mut sub = Subscriber::connect(&self.cfg.redis, &sub_name, &hot).await?;
+                let probes = sub.probe_channels(&self.probe_channel).await?;
+                Ok::<_, redis::RedisError>((sub, probes))
+            })
+            .await;
+            let (mut sub, probe_channels) = match connected {
+                Ok(Ok(c)) => c,
                 other => {
                     let err = match other {
                         Ok(Err(e)) => e.to_string(),
@@ -106,21 +128,18 @@ impl Hub {
                 }
             };
             backoff = Duration::from_millis(50);
-            let (mut sink, mut stream) = ps.split();
             let channels: Vec<String> = subscribed.iter().cloned().collect();
-            let t = self.cfg.redis.command_timeout();
-            let mut ok = matches!(
-                tokio::time::timeout(t, sink.subscribe(&probe_channel)).await,
-                Ok(Ok(()))
-            );
-            for chunk in channels.chunks(256) {
+            let mut all: Vec<&str> = probe_channels.iter().map(String::as_str).collect();
+            all.extend(channels.iter().map(String::as_str));
+            let mut ok = true;
+            for chunk in all.chunks(256) {
+                ok = matches!(
+                    tokio::time::timeout(t, sub.subscribe(chunk)).await,
+                    Ok(Ok(()))
+                );
                 if !ok {
                     break;
                 }
-                ok = matches!(
-                    tokio::time::timeout(t, sink.subscribe(chunk)).await,
-                    Ok(Ok(()))
-                );
             }
             if !ok {
                 tracing::warn!("pub/sub resubscribe failed; reconnecting");
@@ -128,25 +147,26 @@ impl Hub {
             }
             if !first {
                 self.metrics.pubsub_reconnect();
+                self.metrics.pubsub_event(pubsub_event::RECONNECT);
                 tracing::info!(
                     rooms = channels.len(),
                     "pub/sub reconnected; re-snapshotting rooms"
                 );
-                let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
-                for r in rooms {
-                    let mut st = lock(&r.state);
-                    if st.installed {
-                        st.mirror.begin_resync();
-                        st.resnapshot = true;
-                    }
-                    st.needs_sync = true;
-                    drop(st);
-                    r.wake.notify_one();
-                }
+                self.resync_all();
             }
             first = false;
-            self.probe_seen.store(true, Ordering::Relaxed);
+            *lock(&self.probes) = probe_channels
+                .into_iter()
+                .map(|channel| Probe {
+                    channel,
+                    sent: 0,
+                    seen: true,
+                    lost: false,
+                })
+                .collect();
+            self.shards_down.store(0, Ordering::Relaxed);
             self.pubsub_up.store(true, Ordering::Relaxed);
+            let publisher = sub.publisher(&hot);
             let mut probe = tokio::time::interval(
                 self.cfg
                     .presence
@@ -158,8 +178,17 @@ impl Hub {
             let mut probe_deadline: Option<Instant> = None;
             loop {
                 tokio::select! {
-                    m = stream.next() => match m {
-                        Some(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
+                    m = sub.next() => match m {
+                        Some(Event::Message { channel, payload }) => self.dispatch(&channel, &payload),
+                        Some(Event::Interrupted(why)) => {
+                            self.metrics.pubsub_event(if why == "disconnect" {
+                                pubsub_event::DISCONNECT
+                            } else {
+                                pubsub_event::RESUBSCRIBE
+                            });
+                            tracing::info!(event = why, "pub/sub interrupted; re-snapshotting rooms");
+                            self.resync_all();
+                        }
                         None => { tracing::warn!("pub/sub connection lost"); break; }
                     },
                     c = cmds.recv() => {
@@ -172,17 +201,17 @@ impl Hub {
                                 Err(_) => break,
                             }
                         }
-                        if !self.apply(&mut sink, &mut subscribed, batch, t).await {
+                        if !self.apply(&mut sub, &mut subscribed, batch, t).await {
                             tracing::warn!("SUBSCRIBE or UNSUBSCRIBE failed; reconnecting");
                             break;
                         }
                     }
                     _ = probe.tick() => {
-                        if let Some(d) = probe_deadline && !self.probe_seen.load(Ordering::Relaxed) && Instant::now() > d {
+                        if let Some(d) = probe_deadline && Instant::now() > d && !self.check_probes() && !sub.reconnects_itself() {
                             tracing::warn!("pub/sub probe did not come back; rebuilding the connection");
                             break;
                         }
-                        self.send_probe();
+                        self.send_probes(&publisher, sub.reconnects_itself());
                         probe_deadline = Some(Instant::now() + t * 2);
                     }
                 }
@@ -190,6 +219,41 @@ impl Hub {
             self.pubsub_up.store(false, Ordering::Relaxed);
             self.metrics.redis_error("pubsub");
         }
+    }
+
+    /// After a probe round's deadline: marks the shards whose probe did not come back as down
+    /// (readiness is false while any is) and those whose probe came back after a loss as up
+    /// again, re-snapshotting the rooms then (their messages may have been lost meanwhile).
+    /// Returns whether every probe came back.
+    fn check_probes(&self) -> bool {
+        let mut lost = Vec::new();
+        let mut back = 0;
+        let mut down = 0;
+        for p in lock(&self.probes).iter_mut() {
+            if !p.seen && !p.lost {
+                p.lost = true;
+                lost.push(p.channel.clone());
+            } else if p.seen && p.lost {
+                p.lost = false;
+                back += 1;
+            }
+            if p.lost {
+                down += 1;
+            }
+        }
+        self.shards_down.store(down, Ordering::Relaxed);
+        for ch in &lost {
+            self.metrics.pubsub_event(pubsub_event::SHARD_LOST);
+            tracing::warn!(probe = %ch, "pub/sub probe did not come back: shard unreachable");
+        }
+        if back > 0 {
+            for _ in 0..back {
+                self.metrics.pubsub_event(pubsub_event::SHARD_BACK);
+            }
+            tracing::info!(shards = back, "pub/sub probe back; re-snapshotting rooms");
+            self.resync_all();
+        }
+        down == 0
     }
 
     /// Answers a request while there is no connection: no subscription now (the joiner gets an
@@ -212,7 +276,7 @@ impl Hub {
     /// are answered as while disconnected.
     async fn apply(
         &self,
-        sink: &mut redis::aio::PubSubSink,
+        sink: &mut Subscriber,
         subscribed: &mut HashSet<String>,
         batch: Vec<SubCmd>,
         t: Duration,
@@ -262,7 +326,13 @@ impl Hub {
                     }
                     ok = gone.is_empty()
                         || matches!(
-                            tokio::time::timeout(t, sink.unsubscribe(&gone)).await,
+                            tokio::time::timeout(
+                                t,
+                                sink.unsubscribe(
+                                    &gone.iter().map(String::as_str).collect::<Vec<_>>()
+                                )
+                            )
+                            .await,
                             Ok(Ok(()))
                         );
                 }
@@ -271,22 +341,38 @@ impl Hub {
         ok
     }
 
-    fn send_probe(self: &Arc<Self>) {
-        let hub = self.clone();
+    /// Publishes one probe per shard; each must come back on the subscriber before the next
+    /// round's check.
+    /// A probe that cannot even be published on a standalone server is not the subscriber's
+    /// fault (Redis is down for everyone, and the stream ends by itself): it counts as seen. In a
+    /// cluster it means the shard is unreachable.
+    fn send_probes(self: &Arc<Self>, publisher: &Publisher, per_shard: bool) {
         let sent = self.epoch.elapsed().as_nanos() as u64;
-        // Only a new probe resets the flag; if PUBLISH itself fails, Redis is down for everyone
-        // and the stream ends by itself.
-        self.probe_sent.store(sent, Ordering::Relaxed);
-        self.probe_seen.store(false, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let cmd = redis::cmd("PUBLISH")
-                .arg(&hub.probe_channel)
-                .arg(sent.to_string())
-                .clone();
-            if hub.store.command::<i64>("publish", &cmd).await.is_err() {
-                // not the subscriber's fault: do not count this probe
-                hub.probe_seen.store(true, Ordering::Relaxed);
-            }
-        });
+        let channels: Vec<String> = lock(&self.probes)
+            .iter_mut()
+            .map(|p| {
+                // only a new probe resets the flag
+                p.sent = sent;
+                p.seen = false;
+                p.channel.clone()
+            })
+            .collect();
+        for ch in channels {
+            let hub = self.clone();
+            let mut publisher = publisher.clone();
+            let t = self.cfg.redis.command_timeout();
+            tokio::spawn(async move {
+                let payload = sent.to_string();
+                let r = tokio::time::timeout(t, publisher.publish(&ch, payload.as_bytes())).await;
+                if !matches!(r, Ok(Ok(_))) {
+                    hub.metrics.redis_error("publish");
+                    if !per_shard
+                        && let Some(p) = lock(&hub.probes).iter_mut().find(|p| p.channel == ch)
+                    {
+                        p.seen = true;
+                    }
+                }
+            });
+        }
     }
 }

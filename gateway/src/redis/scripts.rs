@@ -5,12 +5,25 @@
 use redis::Script;
 
 macro_rules! script {
-    ($file:literal) => {
-        Script::new(concat!(
-            include_str!("../../../lua/common.lua"),
-            include_str!(concat!("../../../lua/", $file))
-        ))
+    ($file:literal, $cluster:expr) => {
+        script(
+            concat!(
+                include_str!("../../../lua/common.lua"),
+                include_str!(concat!("../../../lua/", $file))
+            ),
+            $cluster,
+        )
     };
+}
+
+/// The script's text, with `PUBLISH` turned into `SPUBLISH` for a cluster: room events travel on
+/// shard channels there, and a script may only touch its own slot.
+fn script(text: &str, cluster: bool) -> Script {
+    if cluster {
+        Script::new(&text.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
+    } else {
+        Script::new(text)
+    }
 }
 
 /// The loaded scripts.
@@ -22,20 +35,15 @@ pub struct Scripts {
     pub sync: Script,
 }
 
-impl Default for Scripts {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Scripts {
-    pub fn new() -> Self {
+    /// The scripts for a standalone server, or (`cluster`) for Redis Cluster.
+    pub fn new(cluster: bool) -> Self {
         Self {
-            join: script!("join.lua"),
-            leave: script!("leave.lua"),
-            heartbeat: script!("heartbeat.lua"),
-            snapshot: script!("snapshot.lua"),
-            sync: script!("sync.lua"),
+            join: script!("join.lua", cluster),
+            leave: script!("leave.lua", cluster),
+            heartbeat: script!("heartbeat.lua", cluster),
+            snapshot: script!("snapshot.lua", cluster),
+            sync: script!("sync.lua", cluster),
         }
     }
 
@@ -66,5 +74,21 @@ impl Scripts {
             .iter()
             .map(|(n, s)| (*n, s.get_hash().to_string()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_scripts_publish_on_shard_channels() {
+        let (s, c) = (Scripts::new(false), Scripts::new(true));
+        for ((_, a), (_, b)) in s.all().iter().zip(c.all().iter()) {
+            assert_ne!(a.get_hash(), b.get_hash());
+        }
+        let text = include_str!("../../../lua/common.lua");
+        assert!(text.contains("redis.call('PUBLISH'"));
+        assert!(!text.contains("SPUBLISH"));
     }
 }

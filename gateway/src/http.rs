@@ -1,0 +1,67 @@
+//! HTTP plumbing shared by the public and the admin listener: the accept loop, the HTTP/1
+//! builder with its header timeout, and small response helpers. Knows nothing of the gateway.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+use hyper_util::rt::TokioTimer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub type Body = Full<Bytes>;
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r
+}
+
+/// A `200` response of the given content type.
+pub fn typed(body: impl Into<Bytes>, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = typed(v.to_string(), "application/json");
+    *r.status_mut() = status;
+    r
+}
+
+/// Accepts connections until `stop` changes and hands each to `on_conn`. An accept error (EMFILE
+/// at the fd limit, say) is logged and retried; it never ends the loop.
+pub async fn accept_loop(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+    mut on_conn: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => on_conn(tcp, peer),
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// HTTP/1 with a timer, so the header read timeout (the slowloris guard) is really enforced.
+pub fn http1() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    b
+}

@@ -1,0 +1,250 @@
+//! [`Redis`]: the shared multiplexed connection of the hot path, standalone or cluster. Everything
+//! above `redis/` talks to this type and never learns the mode: a command or a script goes to the
+//! node that owns its first key (cluster) or to the one server (standalone); work for many rooms is
+//! grouped per master with [`Redis::group_by_shard`]; listings scan every master.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use super::cluster::{Shard, parse_slots, slot};
+use crate::config::{RedisConfig, RedisMode};
+
+#[derive(Clone)]
+enum Inner {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// The hot connection (cheap to clone: clones share one multiplexed connection per server).
+#[derive(Clone)]
+pub struct Redis {
+    inner: Inner,
+    /// Cluster: the masters and their slots as last read (refreshed after topology events).
+    shards: Arc<Mutex<Vec<Shard>>>,
+}
+
+impl Redis {
+    /// Connects the hot path. Standalone: a `ConnectionManager` that reconnects by itself.
+    /// Cluster: a cluster connection that follows `MOVED`/`ASK` and refreshes its slot map.
+    pub async fn connect(cfg: &RedisConfig) -> RedisResult<Self> {
+        let inner = match cfg.mode {
+            RedisMode::Standalone => {
+                let client = redis::Client::open(cfg.url.as_str())?;
+                let mcfg = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(cfg.command_timeout()))
+                    .set_connection_timeout(Some(cfg.connect_timeout()))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(1));
+                Inner::Standalone(client.get_connection_manager_with_config(mcfg).await?)
+            }
+            RedisMode::Cluster => {
+                Inner::Cluster(cluster_builder(cfg).build()?.get_async_connection().await?)
+            }
+        };
+        let r = Self {
+            inner,
+            shards: Arc::new(Mutex::new(Vec::new())),
+        };
+        if r.is_cluster() {
+            r.refresh_shards().await?;
+        }
+        Ok(r)
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner, Inner::Cluster(_))
+    }
+
+    /// The command that publishes a room event: `SPUBLISH` (shard channel, touches only the
+    /// room's shard) in a cluster, `PUBLISH` on a standalone server.
+    pub fn publish_command(&self) -> &'static str {
+        if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// `PING`: the server, or in a cluster any master (each shard's reachability is the
+    /// subscriber's per-shard probe's business; a plain `PING` there would need every node,
+    /// replicas included).
+    pub async fn ping(&self) -> RedisResult<()> {
+        match &self.inner {
+            Inner::Standalone(c) => redis::cmd("PING").query_async(&mut c.clone()).await,
+            Inner::Cluster(c) => c
+                .clone()
+                .route_command(
+                    redis::cmd("PING"),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+                )
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// Reads the slot map (`CLUSTER SLOTS`) again; a no-op on a standalone server.
+    pub async fn refresh_shards(&self) -> RedisResult<()> {
+        let Inner::Cluster(c) = &self.inner else {
+            return Ok(());
+        };
+        let shards = masters(&mut c.clone()).await?;
+        *self.shards.lock().unwrap_or_else(PoisonError::into_inner) = shards;
+        Ok(())
+    }
+
+    /// The masters as last read (empty on a standalone server).
+    pub fn shards(&self) -> Vec<Shard> {
+        self.shards
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Groups items by the master that owns their key's slot: one group on a standalone server.
+    /// Each group is sent as one pipeline whose first command carries a key of that master, so
+    /// the pipeline goes there; an item whose slot moved since the map was read fails alone
+    /// (`MOVED`), and the caller retries it after [`Redis::refresh_shards`].
+    pub fn group_by_shard<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+        let keys: Vec<&str> = keys.collect();
+        if !self.is_cluster() {
+            return if keys.is_empty() {
+                Vec::new()
+            } else {
+                vec![(0..keys.len()).collect()]
+            };
+        }
+        let shards = self.shards.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); shards.len() + 1];
+        for (i, k) in keys.iter().enumerate() {
+            let s = slot(k.as_bytes());
+            let at = shards
+                .iter()
+                .position(|sh| sh.owns(s))
+                .unwrap_or(shards.len());
+            groups[at].push(i);
+        }
+        drop(shards);
+        // items of an unknown slot each go alone, routed by their own key
+        let unknown = groups.pop().unwrap_or_default();
+        groups.retain(|g| !g.is_empty());
+        groups.extend(unknown.into_iter().map(|i| vec![i]));
+        groups
+    }
+
+    /// Every key matching `pattern` on every master, found with `SCAN` (never `KEYS`).
+    pub async fn scan_match(&self, pattern: &str) -> RedisResult<Vec<String>> {
+        match &self.inner {
+            Inner::Standalone(c) => scan_one(&mut c.clone(), pattern).await,
+            Inner::Cluster(c) => scan_cluster(&mut c.clone(), pattern).await,
+        }
+    }
+}
+
+/// `SCAN … MATCH pattern` to the end on one server.
+pub(crate) async fn scan_one(
+    c: &mut (impl ConnectionLike + Send + Sync),
+    pattern: &str,
+) -> RedisResult<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut it: redis::AsyncIter<String> = redis::AsyncCommands::scan_match(c, pattern).await?;
+    while let Some(k) = it.next_item().await {
+        keys.push(k?);
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
+}
+
+/// The masters of a cluster, read with `CLUSTER SLOTS`.
+pub(crate) async fn masters(c: &mut ClusterConnection) -> RedisResult<Vec<Shard>> {
+    let v = c
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    parse_slots(&v).ok_or_else(|| {
+        redis::RedisError::from((redis::ErrorKind::Parse, "unreadable CLUSTER SLOTS reply"))
+    })
+}
+
+/// `SCAN … MATCH pattern` to the end on every master of a cluster.
+pub(crate) async fn scan_cluster(
+    c: &mut ClusterConnection,
+    pattern: &str,
+) -> RedisResult<Vec<String>> {
+    let mut keys = Vec::new();
+    for sh in masters(c).await? {
+        let mut cursor: u64 = 0;
+        loop {
+            let cmd = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(500)
+                .clone();
+            let v = c
+                .route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: sh.host.clone(),
+                        port: sh.port,
+                    }),
+                )
+                .await?;
+            let (next, batch): (u64, Vec<String>) = redis::from_redis_value(v)?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
+}
+
+/// The cluster client settings shared by the hot connection and the subscriber.
+pub(crate) fn cluster_builder(cfg: &RedisConfig) -> ClusterClientBuilder {
+    ClusterClientBuilder::new(cfg.urls())
+        .connection_timeout(cfg.connect_timeout())
+        .response_timeout(cfg.command_timeout())
+        .retries(3)
+        .max_retry_wait(500)
+}
+
+impl ConnectionLike for Redis {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.inner {
+            Inner::Standalone(c) => c.req_packed_command(cmd),
+            Inner::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.inner {
+            Inner::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.inner {
+            Inner::Standalone(c) => c.get_db(),
+            Inner::Cluster(c) => c.get_db(),
+        }
+    }
+}
