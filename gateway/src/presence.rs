@@ -670,11 +670,18 @@ impl Store {
             let mut conn = self.conn.clone();
             let replies: Vec<redis::RedisResult<Flat>> = match tokio::time::timeout(
                 self.timeout,
-                pipe(&todo).query_async(&mut conn),
+                self.conn
+                    .pipeline_on_shard(&pipe(&todo), &rooms[todo[0]].0.room),
             )
             .await
             {
-                Ok(Ok(r)) => r,
+                Ok(Ok(r)) => r
+                    .into_iter()
+                    .map(|v| {
+                        v.extract_error()
+                            .and_then(|v| redis::from_redis_value(v).map_err(Into::into))
+                    })
+                    .collect(),
                 Ok(Err(e)) => {
                     let msg = e.to_string();
                     for &i in &todo {

@@ -207,9 +207,36 @@ impl Hub {
                         }
                     }
                     _ = probe.tick() => {
-                        if let Some(d) = probe_deadline && Instant::now() > d && !self.check_probes() && !sub.reconnects_itself() {
-                            tracing::warn!("pub/sub probe did not come back; rebuilding the connection");
-                            break;
+                        // a round is judged once all its probes are back or its deadline passed
+                        let all_back = lock(&self.probes).iter().all(|p| p.seen);
+                        let due = probe_deadline.is_none_or(|d| Instant::now() > d);
+                        if !all_back && !due {
+                            continue;
+                        }
+                        if probe_deadline.is_some() {
+                            let (healthy, came_back) = self.check_probes();
+                            if !healthy && !sub.reconnects_itself() {
+                                tracing::warn!("pub/sub probe did not come back; rebuilding the connection");
+                                break;
+                            }
+                            if !healthy {
+                                // ask the shard's current owner again: the client may not have
+                                // re-subscribed there yet
+                                let lost: Vec<String> = lock(&self.probes).iter().filter(|p| p.lost).map(|p| p.channel.clone()).collect();
+                                let lost: Vec<&str> = lost.iter().map(String::as_str).collect();
+                                let _ = tokio::time::timeout(t, sub.subscribe(&lost)).await;
+                            }
+                            if came_back {
+                                // the rooms' channels too, then re-snapshot everything
+                                let channels: Vec<&str> = subscribed.iter().map(String::as_str).collect();
+                                for chunk in channels.chunks(256) {
+                                    if !matches!(tokio::time::timeout(t, sub.subscribe(chunk)).await, Ok(Ok(()))) {
+                                        tracing::warn!("re-subscribing rooms after a shard came back failed");
+                                        break;
+                                    }
+                                }
+                                self.resync_all();
+                            }
                         }
                         self.send_probes(&publisher, sub.reconnects_itself());
                         probe_deadline = Some(Instant::now() + t * 2);
@@ -224,8 +251,8 @@ impl Hub {
     /// After a probe round's deadline: marks the shards whose probe did not come back as down
     /// (readiness is false while any is) and those whose probe came back after a loss as up
     /// again, re-snapshotting the rooms then (their messages may have been lost meanwhile).
-    /// Returns whether every probe came back.
-    fn check_probes(&self) -> bool {
+    /// Returns whether every probe came back, and whether a shard came back after a loss.
+    fn check_probes(&self) -> (bool, bool) {
         let mut lost = Vec::new();
         let mut back = 0;
         let mut down = 0;
@@ -250,10 +277,12 @@ impl Hub {
             for _ in 0..back {
                 self.metrics.pubsub_event(pubsub_event::SHARD_BACK);
             }
-            tracing::info!(shards = back, "pub/sub probe back; re-snapshotting rooms");
-            self.resync_all();
+            tracing::info!(
+                shards = back,
+                "pub/sub probe back; re-subscribing and re-snapshotting rooms"
+            );
         }
-        down == 0
+        (down == 0, back > 0)
     }
 
     /// Answers a request while there is no connection: no subscription now (the joiner gets an

@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::cluster::{Shard, parse_slots, slot};
@@ -107,9 +107,9 @@ impl Redis {
     }
 
     /// Groups items by the master that owns their key's slot: one group on a standalone server.
-    /// Each group is sent as one pipeline whose first command carries a key of that master, so
-    /// the pipeline goes there; an item whose slot moved since the map was read fails alone
-    /// (`MOVED`), and the caller retries it after [`Redis::refresh_shards`].
+    /// Each group goes out as one pipeline with [`Redis::pipeline_on_shard`]; an item whose slot
+    /// moved since the map was read fails alone (`MOVED`), and is retried after
+    /// [`Redis::refresh_shards`].
     pub fn group_by_shard<'a>(&self, keys: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
         let keys: Vec<&str> = keys.collect();
         if !self.is_cluster() {
@@ -135,6 +135,26 @@ impl Redis {
         groups.retain(|g| !g.is_empty());
         groups.extend(unknown.into_iter().map(|i| vec![i]));
         groups
+    }
+
+    /// Sends `pipe` (every command on the master of `key`'s slot, see [`Redis::group_by_shard`])
+    /// and returns one raw value per command: a failed command is a `Value::ServerError` in its
+    /// place (read it with `Value::extract_error`), the others are unaffected. The cluster client
+    /// refuses a pipeline whose commands name several slots unless it is routed explicitly, so it
+    /// goes explicitly to the master of `key`'s slot.
+    pub async fn pipeline_on_shard(&self, pipe: &Pipeline, key: &str) -> RedisResult<Vec<Value>> {
+        let n = pipe.len();
+        match &self.inner {
+            Inner::Standalone(c) => c.clone().req_packed_commands(pipe, 0, n).await,
+            Inner::Cluster(c) => {
+                // routed by the client's own slot map, which follows failovers by itself
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(
+                    slot(key.as_bytes()),
+                    SlotAddr::Master,
+                ));
+                c.clone().route_pipeline(pipe.clone(), 0, n, route).await
+            }
+        }
     }
 
     /// Every key matching `pattern` on every master, found with `SCAN` (never `KEYS`).

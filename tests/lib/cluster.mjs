@@ -1,0 +1,146 @@
+// A real local Redis Cluster for the cluster-mode tests: 6 redis-server processes
+// (--cluster-enabled yes, cluster-node-timeout 2 s) on free ports, joined with
+// `redis-cli --cluster create … --cluster-replicas 1`: 3 masters, each with one replica.
+import { spawn, execFileSync } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { requireTool, waitFor, withTimeout, uid } from './harness.mjs';
+
+const procs = new Set();
+process.on('exit', () => { for (const p of procs) { try { p.kill('SIGKILL'); } catch { /* gone */ } } });
+
+async function isFree(port) {
+  const srv = net.createServer();
+  try {
+    srv.listen(port, '127.0.0.1');
+    await once(srv, 'listening');
+    return true;
+  } catch {
+    return false;
+  } finally {
+    srv.close();
+  }
+}
+
+/** A port p with p and its cluster bus port p + 10000 both free. */
+async function freeClusterPort(taken) {
+  for (let i = 0; i < 200; i++) {
+    const p = 20000 + Math.floor(Math.random() * 30000);
+    if (taken.has(p) || taken.has(p + 10000)) continue;
+    if (await isFree(p) && await isFree(p + 10000)) {
+      taken.add(p); taken.add(p + 10000);
+      return p;
+    }
+  }
+  throw new Error('no free port pair for a cluster node');
+}
+
+function cliOn(port, ...args) {
+  return execFileSync('redis-cli', ['-h', '127.0.0.1', '-p', String(port), '--raw', ...args.map(String)], {
+    encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000,
+  }).replace(/\n$/, '');
+}
+
+export async function startCluster({ nodeTimeoutMs = 2000 } = {}) {
+  requireTool('redis-server');
+  requireTool('redis-cli');
+  const taken = new Set();
+  const nodes = [];
+  const start = (n) => {
+    const proc = spawn('redis-server', [
+      '--port', String(n.port), '--bind', '127.0.0.1', '--protected-mode', 'no',
+      '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf',
+      '--cluster-node-timeout', String(nodeTimeoutMs),
+      '--save', '', '--appendonly', 'no', '--dir', n.dir,
+    ], { stdio: ['ignore', 'pipe', 'pipe'] });
+    procs.add(proc);
+    n.proc = proc;
+    n.exited = false;
+    n.log = '';
+    proc.stdout.on('data', (d) => { n.log += d; });
+    proc.stderr.on('data', (d) => { n.log += d; });
+    proc.on('exit', () => { n.exited = true; procs.delete(proc); });
+  };
+  for (let i = 0; i < 6; i++) {
+    const port = await freeClusterPort(taken);
+    const n = { port, dir: fs.mkdtempSync(path.join(os.tmpdir(), 'gw-e2e-cluster-')) };
+    start(n);
+    nodes.push(n);
+  }
+  for (const n of nodes) {
+    await waitFor(() => { try { return cliOn(n.port, 'PING') === 'PONG'; } catch { return false; } }, 5000, `cluster node ${n.port} to answer PING`);
+  }
+  try {
+    execFileSync('redis-cli', ['--cluster', 'create', ...nodes.map((n) => `127.0.0.1:${n.port}`),
+      '--cluster-replicas', '1', '--cluster-yes'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 30000 });
+  } catch (e) {
+    throw new Error(`redis-cli --cluster create failed: ${e.stdout}\n${e.stderr}`);
+  }
+  const cluster = {
+    nodes,
+    ports: nodes.map((n) => n.port),
+    /** The seed list the gateway gets (every node). */
+    url: nodes.map((n) => `redis://127.0.0.1:${n.port}`).join(','),
+    env: {},
+    cli: (port, ...args) => cliOn(port, ...args),
+    alive: () => nodes.filter((n) => !n.exited),
+    /** [{port, slots: [[a,b]...], replicas: [port]}] from CLUSTER SLOTS on a live node. */
+    masters() {
+      const n = cluster.alive()[0];
+      const out = execFileSync('redis-cli', ['-h', '127.0.0.1', '-p', String(n.port), '--json', 'CLUSTER', 'SLOTS'], { encoding: 'utf8' });
+      const ranges = JSON.parse(out);
+      const byPort = new Map();
+      for (const r of ranges) {
+        const [a, b, m, ...reps] = r;
+        const port = m[1];
+        if (!byPort.has(port)) byPort.set(port, { port, slots: [], replicas: reps.map((x) => x[1]) });
+        byPort.get(port).slots.push([a, b]);
+      }
+      return [...byPort.values()].sort((x, y) => x.port - y.port);
+    },
+    slotOf(key) { return Number(cliOn(cluster.alive()[0].port, 'CLUSTER', 'KEYSLOT', key)); },
+    /** Port of the master serving `key`. */
+    masterOf(key) {
+      const s = cluster.slotOf(key);
+      const m = cluster.masters().find((x) => x.slots.some(([a, b]) => a <= s && s <= b));
+      return m && m.port;
+    },
+    /** A fresh room id whose keys (`<prefix>:room:{id}`) sit on the master of `port`. */
+    roomOn(prefix, port, tag = 'c') {
+      for (let i = 0; i < 500; i++) {
+        const id = uid(tag);
+        if (cluster.masterOf(`${prefix}:room:{${id}}`) === port) return id;
+      }
+      throw new Error(`no room id lands on master ${port}`);
+    },
+    /** The cli of the master owning `key`. */
+    onOwner(key, ...args) { return cliOn(cluster.masterOf(key), ...args); },
+    async waitOk(timeoutMs = 20000) {
+      await waitFor(() => cluster.alive().every((n) => {
+        try { return /cluster_state:ok/.test(cliOn(n.port, 'CLUSTER', 'INFO')); } catch { return false; }
+      }), timeoutMs, 'cluster_state:ok on every node', 100);
+    },
+    node(port) { return nodes.find((n) => n.port === port); },
+    kill(port) { const n = cluster.node(port); if (!n.exited) n.proc.kill('SIGKILL'); return withTimeout(once(n.proc, 'exit'), 5000, 'node kill').catch(() => {}); },
+    /** Restarts a killed node with its nodes.conf: it rejoins (as a replica once failed over). */
+    async restart(port) {
+      const n = cluster.node(port);
+      start(n);
+      await waitFor(() => { try { return cliOn(n.port, 'PING') === 'PONG'; } catch { return false; } }, 5000, `node ${port} back`);
+    },
+    async stop() {
+      for (const n of nodes) {
+        if (!n.exited) { n.proc.kill('SIGKILL'); await withTimeout(once(n.proc, 'exit'), 5000, 'stop').catch(() => {}); }
+        fs.rmSync(n.dir, { recursive: true, force: true });
+      }
+    },
+  };
+  cluster.env = { GATEWAY_REDIS_MODE: 'cluster', GATEWAY_REDIS_URL: cluster.url };
+  await cluster.waitOk();
+  // every node must agree on the slot map before the gateways read it
+  await waitFor(() => cluster.masters().length === 3 && cluster.masters().every((m) => m.replicas.length === 1), 20000, 'three masters with a replica each', 100);
+  return cluster;
+}
