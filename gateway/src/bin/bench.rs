@@ -70,6 +70,12 @@ enum Scenario {
         /// HS256 secret to sign the publisher's token.
         #[arg(long, env = "GATEWAY_AUTH_HS256_SECRET")]
         secret: String,
+        /// PIDs of the gateways, to report deliveries per gateway CPU-second.
+        #[arg(long = "gateway-pid")]
+        gateway_pids: Vec<u32>,
+        /// PIDs of the Redis servers (each shard's master), to report Redis CPU per message.
+        #[arg(long = "redis-pid")]
+        redis_pids: Vec<u32>,
     },
     /// Anonymous join throughput.
     Joins {
@@ -310,8 +316,14 @@ async fn main() -> anyhow::Result<()> {
             messages,
             rate,
             secret,
+            gateway_pids,
+            redis_pids,
         } => {
             let (socks, _, _) = crowd(&cli.gateways, &topic, subscribers, None).await?;
+            let cpu = |pids: &[u32]| -> Vec<u64> {
+                pids.iter().map(|p| cpu_ticks(*p).unwrap_or(0)).collect()
+            };
+            let (gw0, redis0) = (cpu(&gateway_pids), cpu(&redis_pids));
             let epoch = Instant::now();
             let received = Arc::new(AtomicUsize::new(0));
             let mut tasks = Vec::with_capacity(subscribers);
@@ -370,6 +382,7 @@ async fn main() -> anyhow::Result<()> {
                 all.extend(t.await?);
             }
             publisher_drain.abort();
+            let (gw1, redis1) = (cpu(&gateway_pids), cpu(&redis_pids));
             all.sort_unstable();
             let expected = subscribers * messages;
             let ms = |us: u64| us as f64 / 1000.0;
@@ -382,6 +395,23 @@ async fn main() -> anyhow::Result<()> {
                 ms(percentile(&all, 0.99)),
                 ms(all.last().copied().unwrap_or(0)),
             );
+            if !gateway_pids.is_empty() {
+                // clock ticks are 1/100 s
+                let gw_cpu_s: f64 = gw1.iter().zip(&gw0).map(|(b, a)| (b - a) as f64 / 100.0).sum();
+                println!(
+                    "fanout cpu: gateways used {gw_cpu_s:.2} CPU-s: {:.0} deliveries per gateway CPU-second",
+                    all.len() as f64 / gw_cpu_s.max(0.01)
+                );
+            }
+            for (i, (b, a)) in redis1.iter().zip(&redis0).enumerate() {
+                println!(
+                    "fanout redis: server {} (pid {}) used {:.2} CPU-s = {:.1} µs per message",
+                    i + 1,
+                    redis_pids[i],
+                    (b - a) as f64 / 100.0,
+                    (b - a) as f64 * 10_000.0 / messages.max(1) as f64
+                );
+            }
             if all.len() != expected {
                 bail!("lost deliveries: {} of {expected}", expected - all.len());
             }
