@@ -5,7 +5,8 @@
 #   scripts/bench.sh                          # standalone: idle memory, joins, fan-out; then cluster: fan-out
 #   MODES=standalone VIEWERS=10000 scripts/bench.sh
 #   MODES=cluster RUNS=3 scripts/bench.sh
-#   IDLE_SIGNED_IN=1 IDLE_WINDOW=30 VIEWERS=10000 MODES=standalone scripts/bench.sh   # token-expiry cost
+#   IDLE_SIGNED_IN=1 IDLE_WINDOW=30 VIEWERS=10000 MODES=standalone SCENARIOS=idle scripts/bench.sh
+#   GATEWAY_BIN=/path/to/other/gateway scripts/bench.sh   # an A/B build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -19,6 +20,9 @@ MESSAGES=${MESSAGES:-200}
 RATE=${RATE:-50}
 RUNS=${RUNS:-3}
 MODES=${MODES:-standalone cluster}
+SCENARIOS=${SCENARIOS:-idle joins fanout}
+GATEWAY_BIN=${GATEWAY_BIN:-target/release/gateway}
+has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 IDLE_SIGNED_IN=${IDLE_SIGNED_IN:-0}
 IDLE_WINDOW=${IDLE_WINDOW:-0}
 work=$(mktemp -d)
@@ -84,7 +88,7 @@ start_cluster() {
 start_gateway() {
   local out="$work/gw$1.out"
   : >"$out"
-  target/release/gateway serve >"$out" 2>"$work/gw$1.err" &
+  "$GATEWAY_BIN" serve >"$out" 2>"$work/gw$1.err" &
   eval "gw$1_pid=$!"
   pids+=($!)
   for _ in $(seq 100); do grep -q listening "$out" 2>/dev/null && break; sleep 0.05; done
@@ -105,14 +109,17 @@ for mode in $MODES; do
     echo "-- $mode run $i (fresh gateways)"
     start_gateway 1
     start_gateway 2
-    if [ "$mode" = standalone ]; then
+    if [ "$mode" = standalone ] && has idle; then
       idle_args=(--viewers "$VIEWERS" --pid "$gw1_pid" --idle-window "$IDLE_WINDOW")
       [ "$IDLE_SIGNED_IN" = 1 ] && idle_args+=(--secret "$secret")
       target/release/bench --gateway "$gw1" idle "${idle_args[@]}" | grep -v '^machine'
       sleep 3   # let the viewers' leaves settle
+    fi
+    if [ "$mode" = standalone ] && has joins; then
       target/release/bench --gateway "$gw1" --gateway "$gw2" joins --viewers "$SUBSCRIBERS" | grep -v '^machine'
       sleep 3
     fi
+    has fanout || { stop_gateways; sleep 1; continue; }
     redis_args=()
     for p in "${redis_pids[@]}"; do redis_args+=(--redis-pid "$p"); done
     target/release/bench --gateway "$gw1" --gateway "$gw2" fanout --subscribers "$SUBSCRIBERS" \
