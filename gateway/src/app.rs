@@ -139,7 +139,7 @@ impl App {
                 }
             }
         };
-        let scripts = Arc::new(Scripts::new(conn.is_cluster()));
+        let scripts = Arc::new(Scripts::for_redis(&conn));
         let mut c = conn.clone();
         scripts.load_all(&mut c).await?;
         let presence = &cfg.presence;

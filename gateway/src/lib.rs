@@ -18,7 +18,7 @@
 //! | [`rooms`] | room ids, topics, who may push what |
 //! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames |
 //! | [`presence`] | the Redis presence store (Lua scripts) and the node-local `Mirror` |
-//! | [`redis`] | key names, script loading, connections |
+//! | [`redis`] | key names, scripts, and the connections — hot [`redis::Redis`], cold [`redis::Pool`], [`redis::Subscriber`] — each hiding standalone vs cluster |
 //! | [`catalog`] | room records for the CLI and the admin API |
 //! | [`admin`], [`metrics`] | admin HTTP (health, metrics, rooms API), metric families |
 //! | [`app`] | the assembled node |

@@ -36,6 +36,11 @@ pub struct Scripts {
 }
 
 impl Scripts {
+    /// The scripts for the Redis behind `redis`.
+    pub fn for_redis(redis: &super::Redis) -> Self {
+        Self::new(redis.is_cluster())
+    }
+
     /// The scripts for a standalone server, or (`cluster`) for Redis Cluster.
     pub fn new(cluster: bool) -> Self {
         Self {
