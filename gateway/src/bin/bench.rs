@@ -397,7 +397,11 @@ async fn main() -> anyhow::Result<()> {
             );
             if !gateway_pids.is_empty() {
                 // clock ticks are 1/100 s
-                let gw_cpu_s: f64 = gw1.iter().zip(&gw0).map(|(b, a)| (b - a) as f64 / 100.0).sum();
+                let gw_cpu_s: f64 = gw1
+                    .iter()
+                    .zip(&gw0)
+                    .map(|(b, a)| (b - a) as f64 / 100.0)
+                    .sum();
                 println!(
                     "fanout cpu: gateways used {gw_cpu_s:.2} CPU-s: {:.0} deliveries per gateway CPU-second",
                     all.len() as f64 / gw_cpu_s.max(0.01)
