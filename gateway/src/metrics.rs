@@ -505,6 +505,7 @@ mod tests {
             ("script", &script::ALL[..]),
             ("redis_op", &redis_op::ALL[..]),
             ("close_code", &close_code::ALL[..]),
+            ("pubsub_event", &pubsub_event::ALL[..]),
         ]
         .into_iter()
         .collect();
