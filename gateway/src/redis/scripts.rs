@@ -1,6 +1,7 @@
-//! The presence scripts of `lua/`, compiled into the binary. Each is `lua/common.lua` followed by
-//! the script itself (Redis has no `require`); they run by SHA (`EVALSHA`) and are loaded again
-//! when Redis answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+//! The Lua scripts of `lua/`, compiled into the binary. Each presence script is `lua/common.lua`
+//! followed by the script itself (Redis has no `require`); the history scripts (`publish`,
+//! `history`) stand alone. They run by SHA (`EVALSHA`) and are loaded again when Redis answers
+//! `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
 
 use redis::Script;
 
@@ -13,6 +14,11 @@ macro_rules! script {
     };
 }
 
+/// `lua/publish.lua`: a broadcast appended to the room's history stream and published.
+pub const PUBLISH_LUA: &str = include_str!("../../../lua/publish.lua");
+/// `lua/history.lua`: a read of the room's history stream.
+pub const HISTORY_LUA: &str = include_str!("../../../lua/history.lua");
+
 /// The loaded scripts.
 pub struct Scripts {
     pub join: Script,
@@ -20,6 +26,8 @@ pub struct Scripts {
     pub heartbeat: Script,
     pub snapshot: Script,
     pub sync: Script,
+    pub publish: Script,
+    pub history: Script,
 }
 
 impl Default for Scripts {
@@ -36,16 +44,20 @@ impl Scripts {
             heartbeat: script!("heartbeat.lua"),
             snapshot: script!("snapshot.lua"),
             sync: script!("sync.lua"),
+            publish: Script::new(PUBLISH_LUA),
+            history: Script::new(HISTORY_LUA),
         }
     }
 
-    fn all(&self) -> [(&'static str, &Script); 5] {
+    fn all(&self) -> [(&'static str, &Script); 7] {
         [
             ("join", &self.join),
             ("leave", &self.leave),
             ("heartbeat", &self.heartbeat),
             ("snapshot", &self.snapshot),
             ("sync", &self.sync),
+            ("publish", &self.publish),
+            ("history", &self.history),
         ]
     }
 
