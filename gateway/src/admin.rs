@@ -10,7 +10,7 @@
 //! | `POST /api/rooms` `{"id","name"?}` | create a room (201, 409 if it exists) |
 //! | `GET /api/rooms/<id>` | record + presence (users, anonymous count per node, leases) |
 //! | `DELETE /api/rooms/<id>` | delete the room; its channels get `phx_close` on every node |
-//! | `POST /api/rooms/<id>/broadcast` `{"event","payload"}` | broadcast an event into the room |
+//! | `POST /api/rooms/<id>/broadcast` `{"event","payload"}` | broadcast an event into the room (kept in its history) |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::catalog::{Catalog, CatalogError};
+use crate::history::HistoryError;
 use crate::rooms::{RoomId, is_reserved};
 use crate::server::{Body, text};
 
@@ -210,21 +211,26 @@ async fn broadcast(app: &App, catalog: &Catalog, id: &RoomId, body: &Value) -> R
         Ok(None) => return error(StatusCode::NOT_FOUND, &format!("room {id} does not exist")),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
-    let frame = crate::protocol::broadcast(&id.topic(), event, &payload);
-    let cmd = redis::cmd("PUBLISH")
-        .arg(app.keys.events(id))
-        .arg(&frame[..])
-        .clone();
+    // appended to the room's history and published in one script call, like a client's push
+    // (an "id" in the payload is replaced by the stream id)
     match app
         .hub
-        .store()
-        .command::<i64>(crate::metrics::redis_op::PUBLISH, &cmd)
+        .history()
+        .broadcast(&app.keys.room(id), &id.topic(), event, &payload)
         .await
     {
-        Ok(nodes) => json_response(
+        Ok(p) => json_response(
             StatusCode::OK,
-            &json!({"room": id.as_str(), "event": event, "nodes": nodes}),
+            &json!({
+                "room": id.as_str(),
+                "event": event,
+                "id": p.id.map(|i| i.to_string()),
+                "nodes": p.receivers,
+            }),
         ),
+        Err(HistoryError::NoRoom) => {
+            error(StatusCode::NOT_FOUND, &format!("room {id} does not exist"))
+        }
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "redis not reachable"),
     }
 }

@@ -117,8 +117,8 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Deletes the record and the room's presence keys; tells every node to close the room's
-    /// channels (a `{"deleted":true}` control message on the room's channel).
+    /// Deletes the record, the room's presence keys and its history; tells every node to close
+    /// the room's channels (a `{"deleted":true}` control message on the room's channel).
     pub async fn delete(&self, id: &RoomId) -> Result<(), CatalogError> {
         let mut c = self.pool.get().await?;
         let k = self.keys.room(id);
@@ -128,6 +128,7 @@ impl Catalog {
             .arg(&k.anon)
             .arg(&k.nodes)
             .arg(&k.seq)
+            .arg(&k.history)
             .query_async(&mut c)
             .await?;
         let _: i64 = c.publish(&k.events, r#"{"deleted":true}"#).await?;
