@@ -3,6 +3,8 @@
 # gateways, then runs target/release/bench's scenarios against them and prints the figures.
 #   scripts/bench.sh                 # idle memory (5,000 viewers), joins, fan-out (2,000 subscribers)
 #   VIEWERS=10000 SUBSCRIBERS=5000 scripts/bench.sh
+#   scripts/bench.sh history         # the cost of room history: fan-out CPU with history on vs off,
+#                                    # join latency with history_on_join 20 vs 0 (medians of RUNS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -43,6 +45,71 @@ start_gateway() {
 }
 stop_gateways() { kill "$gw1_pid" "$gw2_pid" 2>/dev/null || true; wait "$gw1_pid" "$gw2_pid" 2>/dev/null || true; }
 target/release/gateway rooms create bench >/dev/null
+
+# `scripts/bench.sh history`: each run starts fresh gateways per setting, in alternating order, and
+# prints one JSON line per measurement; the medians are printed at the end.
+history_bench() {
+  local subs=${H_SUBSCRIBERS:-2000} msgs=${H_MESSAGES:-400} rate=${H_RATE:-50} viewers=${H_VIEWERS:-2000}
+  local results="$work/history.jsonl" order
+  echo "== history bench on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}'); load $(cut -d' ' -f1-3 /proc/loadavg)"
+  for i in $(seq "$RUNS"); do
+    if [ $((i % 2)) -eq 1 ]; then order="100 0"; else order="0 100"; fi
+    for len in $order; do
+      echo "-- run $i: fan-out, rooms.history_len=$len"
+      export GATEWAY_ROOMS_HISTORY_LEN=$len GATEWAY_ROOMS_HISTORY_ON_JOIN=$((len < 20 ? len : 20))
+      start_gateway 1
+      start_gateway 2
+      target/release/gateway rooms create "hf-$len-$i" >/dev/null
+      target/release/bench --gateway "$gw1" --gateway "$gw2" --room "hf-$len-$i" fanout-cost \
+        --subscribers "$subs" --messages "$msgs" --rate "$rate" --secret "$secret" \
+        --pid "$gw1_pid" --pid "$gw2_pid" --redis "$GATEWAY_REDIS_URL" | grep -v '^machine' \
+        | while read -r l; do case "$l" in '{'*) echo "{\"history_len\":$len,${l#\{}" >>"$results";; *) echo "$l";; esac; done
+      stop_gateways
+      sleep 1
+    done
+    if [ $((i % 2)) -eq 1 ]; then order="20 0"; else order="0 20"; fi
+    for oj in $order; do
+      echo "-- run $i: join latency, rooms.history_on_join=$oj"
+      export GATEWAY_ROOMS_HISTORY_LEN=100 GATEWAY_ROOMS_HISTORY_ON_JOIN=$oj
+      start_gateway 1
+      start_gateway 2
+      target/release/gateway rooms create "hj-$oj-$i" >/dev/null
+      target/release/bench --gateway "$gw1" --gateway "$gw2" --room "hj-$oj-$i" join-latency \
+        --viewers "$viewers" --fill 50 --expect "$oj" --secret "$secret" --pid "$gw1_pid" --pid "$gw2_pid" \
+        | grep -v '^machine' \
+        | while read -r l; do case "$l" in '{'*) echo "{\"history_on_join\":$oj,${l#\{}" >>"$results";; *) echo "$l";; esac; done
+      stop_gateways
+      sleep 1
+    done
+  done
+  unset GATEWAY_ROOMS_HISTORY_LEN GATEWAY_ROOMS_HISTORY_ON_JOIN
+  python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(key, **match):
+    v = [r[key] for r in rows if all(r.get(k) == w for k, w in match.items())]
+    return statistics.median(v), v
+print("== history: medians of %d runs (all runs in brackets)" % len([r for r in rows if r.get("history_len") == 100]))
+for key, label in [("deliveries_per_cpu_s", "fan-out deliveries per gateway CPU-second"),
+                   ("redis_us_per_message", "Redis CPU per message (µs, INFO cpu, idle taken off)"),
+                   ("redis_command_us_per_message", "Redis time executing a broadcast (µs, commandstats)"),
+                   ("p99_ms", "fan-out latency p99 (ms)")]:
+    on, on_all = med(key, scenario="fanout_cost", history_len=100)
+    off, off_all = med(key, scenario="fanout_cost", history_len=0)
+    print(f"{label}: history on {on:.1f} {[round(x, 1) for x in on_all]}, off {off:.1f} {[round(x, 1) for x in off_all]}, on/off {on / off:.3f}")
+for key, label in [("reply_p50_ms", "join reply p50 (ms)"), ("reply_p99_ms", "join reply p99 (ms)"),
+                   ("done_p50_ms", "join + history p50 (ms)"), ("done_p99_ms", "join + history p99 (ms)"),
+                   ("joins_per_s", "joins/s"), ("gateway_cpu_us_per_join", "gateway CPU per join (µs)")]:
+    a, a_all = med(key, scenario="join_latency", history_on_join=20)
+    b, b_all = med(key, scenario="join_latency", history_on_join=0)
+    print(f"{label}: history_on_join 20: {a:.2f} {[round(x, 2) for x in a_all]}, 0: {b:.2f} {[round(x, 2) for x in b_all]}")
+print(json.dumps({"history_bench": rows}))
+PY
+}
+if [ "${1:-}" = history ]; then
+  history_bench
+  exit 0
+fi
 
 echo "== bench on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}')"
 for i in $(seq "$RUNS"); do
