@@ -18,13 +18,20 @@
 --        (a payload of '{}' becomes {"id":"<id>"}); gateway/src/history.rs builds the same bytes
 --        from a stream entry.
 
-if redis.call('EXISTS', KEYS[1]) == 0 then return { 0 } end
 local command = ARGV[1]
 if command ~= 'PUBLISH' and command ~= 'SPUBLISH' then
   return redis.error_reply('publish.lua: ARGV[1] must be PUBLISH or SPUBLISH')
 end
 local payload = ARGV[5]
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[4], 'payload', payload)
+-- The stream exists once the room has had a broadcast, and goes with the room (rooms delete
+-- removes both at once): NOMKSTREAM appends only then, and the room record is looked at only when
+-- there is no stream yet (the room's first broadcast, or a room that was deleted).
+local id = redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[2], '*',
+  'event', ARGV[4], 'payload', payload)
+if not id then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return { 0 } end
+  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[4], 'payload', payload)
+end
 local body
 if payload == '{}' then
   body = '{"id":"' .. id .. '"}'
