@@ -309,15 +309,19 @@ test('a node whose pub/sub connection was rebuilt reloads the tail: a late joine
   const [keeper] = await viewer(B, topic);
   await send(w, topic, 10, 'before');
   await waitFor(() => live(keeper, topic).length === 10, 3000, 'B has the first 10');
-  // drop B's subscriber connection; publish while it is away
+  // drop B's subscriber connection (only B's); publish while it is away
   const subName = `${PREFIX}-sub-${B.node}`;
-  redis.cli('CLIENT', 'KILL', 'TYPE', 'pubsub');
+  const sub = redis.clients().find((c) => c.name === subName);
+  assert.ok(sub, 'B\'s subscriber connection');
+  redis.cli('CLIENT', 'KILL', 'ID', sub.id);
   await send(w, topic, 15, 'during');
-  await waitFor(() => redis.clients().some((c) => c.name === subName), 5000, 'B resubscribed');
+  await waitFor(() => redis.clients().some((c) => c.name === subName && c.id !== sub.id), 5000, 'B resubscribed');
   await sleep(300);
   await send(w, topic, 5, 'after');
   await waitFor(() => live(w, topic).length === 30, 3000, 'A has all 30');
   const ids = live(w, topic).map((f) => f[4].id);
+  const stream = redis.lines('XRANGE', `${PREFIX}:room:{${room}}:history`, '-', '+').filter((l) => ID.test(l));
+  assert.deepEqual(stream, ids);
   const [late] = await viewer(B, topic, { jr: '5' });
   await waitFor(() => hist(late, topic, '5').length === 20, 3000, 'late history on B');
   assert.deepEqual(hist(late, topic, '5').map((f) => f[4].id), ids.slice(-20));
