@@ -83,6 +83,7 @@ history_bench() {
     done
   done
   unset GATEWAY_ROOMS_HISTORY_LEN GATEWAY_ROOMS_HISTORY_ON_JOIN
+  history_redis_bench "$results"
   python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -97,6 +98,13 @@ for key, label in [("deliveries_per_cpu_s", "fan-out deliveries per gateway CPU-
     on, on_all = med(key, scenario="fanout_cost", history_len=100)
     off, off_all = med(key, scenario="fanout_cost", history_len=0)
     print(f"{label}: history on {on:.1f} {[round(x, 1) for x in on_all]}, off {off:.1f} {[round(x, 1) for x in off_all]}, on/off {on / off:.3f}")
+for key, label in [("cpu_us", "Redis alone: CPU per broadcast (µs, INFO cpu)"), ("command_us", "Redis alone: command time per broadcast (µs, commandstats)")]:
+    on, on_all = med(key, scenario="redis_alone", history="on")
+    off, off_all = med(key, scenario="redis_alone", history="off")
+    print(f"{label}: publish.lua {on:.2f} {[round(x, 2) for x in on_all]}, PUBLISH {off:.2f} {[round(x, 2) for x in off_all]}, on/off {on / off:.3f}")
+for r in rows:
+    if r.get("scenario") == "memory":
+        print(f"history at the cap: {r['entries']} entries of a {r['payload_bytes']}-byte payload: MEMORY USAGE {r['memory_usage_bytes']} bytes")
 for key, label in [("reply_p50_ms", "join reply p50 (ms)"), ("reply_p99_ms", "join reply p99 (ms)"),
                    ("done_p50_ms", "join + history p50 (ms)"), ("done_p99_ms", "join + history p99 (ms)"),
                    ("joins_per_s", "joins/s"), ("gateway_cpu_us_per_join", "gateway CPU per join (µs)")]:
@@ -105,6 +113,42 @@ for key, label in [("reply_p50_ms", "join reply p50 (ms)"), ("reply_p99_ms", "jo
     print(f"{label}: history_on_join 20: {a:.2f} {[round(x, 2) for x in a_all]}, 0: {b:.2f} {[round(x, 2) for x in b_all]}")
 print(json.dumps({"history_bench": rows}))
 PY
+}
+# Redis alone, no gateway and nothing else running: one broadcast as a plain PUBLISH (history off)
+# and as publish.lua (history on), to a room channel with two subscribers (two gateways), by
+# redis-benchmark from one connection; Redis's CPU (INFO cpu) and command time (commandstats) per
+# broadcast. Then the memory of a room's history at the cap (100 typical chat messages).
+history_redis_bench() {
+  local results=$1 cli="redis-cli -p $port" n=${H_REDIS_CALLS:-50000}
+  local key='hr:room:{r}' head='[null,null,"rooms:r","new_msg",'
+  local payload='{"at":1795860262969,"body":"hello there, a typical chat line of about fifty chars","user":{"id":"42","username":"ann"}}'
+  $cli HSET "$key" name r >/dev/null
+  local subs=()
+  for _ in 1 2; do redis-cli -p "$port" SUBSCRIBE "$key:events" >/dev/null & subs+=($!); done
+  sleep 0.3
+  local sha; sha=$($cli SCRIPT LOAD "$(cat lua/publish.lua)")
+  cpu() { $cli INFO cpu | awk -F: '/used_cpu_(user|sys):/{s+=$2} END{printf "%.6f", s}'; }
+  usec() { $cli INFO commandstats | awk -F'[:,=]' -v c="cmdstat_$1" '$1==c{print $5}'; }
+  for i in $(seq "$RUNS"); do
+    for mode in off on; do
+      $cli CONFIG RESETSTAT >/dev/null
+      local c0; c0=$(cpu)
+      if [ "$mode" = off ]; then
+        redis-benchmark -p "$port" -n "$n" -c 1 PUBLISH "$key:events" "$head$payload]" >/dev/null 2>&1
+      else
+        redis-benchmark -p "$port" -n "$n" -c 1 EVALSHA "$sha" 3 "$key" "$key:history" "$key:events" PUBLISH 100 "$head" new_msg "$payload" >/dev/null 2>&1
+      fi
+      local c1; c1=$(cpu)
+      local cmd; if [ "$mode" = off ]; then cmd=$(usec publish); else cmd=$(usec evalsha); fi
+      python3 -c "import json; print(json.dumps({'scenario': 'redis_alone', 'history': '$mode', 'cpu_us': ($c1 - $c0) / $n * 1e6, 'command_us': $cmd / $n}))" | tee -a "$results"
+    done
+  done
+  kill "${subs[@]}" 2>/dev/null || true
+  $cli DEL "$key:history" >/dev/null
+  for _ in $(seq 100); do
+    $cli EVALSHA "$sha" 3 "$key" "$key:history" "$key:events" PUBLISH 100 "$head" new_msg "$payload" >/dev/null
+  done
+  echo "{\"scenario\":\"memory\",\"entries\":$($cli XLEN "$key:history"),\"payload_bytes\":${#payload},\"memory_usage_bytes\":$($cli MEMORY USAGE "$key:history" SAMPLES 0)}" | tee -a "$results"
 }
 if [ "${1:-}" = history ]; then
   history_bench
