@@ -83,8 +83,12 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 st.resnapshotting = true;
                 st.mirror.begin_resync();
                 // what made presence re-snapshot (a rebuilt subscription, a lost envelope) may
-                // have lost broadcasts too: the history tail starts over and is reloaded
-                st.history.invalidate();
+                // have lost broadcasts too: the history tail starts over and is reloaded. A retry
+                // after a failed snapshot is no new loss (frames arriving meanwhile still reset
+                // the tail: see `Hub::deliver_event`)
+                if st.resnapshot_backoff.is_zero() {
+                    st.history.invalidate();
+                }
                 tokio::spawn(resnapshot(hub.clone(), room.clone()));
             }
             // the history tail's (re)load, once the room is installed (a cold room's first load is

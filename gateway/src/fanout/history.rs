@@ -32,8 +32,8 @@
 //! subscriber then asks for a presence re-snapshot of every room, setting `resnapshot`) or when a
 //! presence envelope went missing (the same flag). While `resnapshot` is set the tail is not
 //! trusted for joins, and the first frame arriving then resets it ([`Tail::invalidate`]); the
-//! driver resets it too when it starts the re-snapshot, then reloads it (one read, merged as
-//! above). A reset keeps nothing but the ids' high-water mark.
+//! driver resets it too when it starts the re-snapshot (not when it retries a failed one), then
+//! reloads it (one read, merged as above). A reset keeps nothing but the ids' high-water mark.
 //!
 //! *Per channel.* A join is answered under the room lock, in one step with queuing its reply,
 //! `presence_state`, `presence_count` and its history frames, and adding it to the members; every
