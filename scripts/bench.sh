@@ -7,6 +7,8 @@
 #   MODES=cluster RUNS=3 scripts/bench.sh
 #   IDLE_SIGNED_IN=1 IDLE_WINDOW=30 VIEWERS=10000 MODES=standalone SCENARIOS=idle scripts/bench.sh
 #   GATEWAY_BIN=/path/to/other/gateway scripts/bench.sh   # an A/B build
+#   scripts/bench.sh history         # the cost of room history: fan-out CPU with history on vs off,
+#                                    # join latency with history_on_join 20 vs 0 (medians of RUNS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -48,7 +50,7 @@ export GATEWAY_REDIS_PREFIX=bench GATEWAY_AUTH_HS256_SECRET="$secret" \
 # (the fan-out scenario's one publisher sends far more than a person's 10 pushes per second)
 
 start_standalone() {
-  local port; port=$(free_port)
+  port=$(free_port)
   mkdir -p "$work/standalone"
   redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work/standalone" >"$work/standalone/redis.log" 2>&1 &
   pids+=($!)
@@ -95,6 +97,116 @@ start_gateway() {
   eval "gw$1=$(python3 -c "import json,sys; print(json.load(open('$out'))['public'])")"
 }
 stop_gateways() { kill "$gw1_pid" "$gw2_pid" 2>/dev/null || true; wait "$gw1_pid" "$gw2_pid" 2>/dev/null || true; }
+
+# `scripts/bench.sh history`: each run starts fresh gateways per setting, in alternating order, and
+# prints one JSON line per measurement; the medians are printed at the end.
+history_bench() {
+  local subs=${H_SUBSCRIBERS:-2000} msgs=${H_MESSAGES:-400} rate=${H_RATE:-50} viewers=${H_VIEWERS:-2000}
+  local results="$work/history.jsonl" order
+  echo "== history bench on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}'); load $(cut -d' ' -f1-3 /proc/loadavg)"
+  for i in $(seq "$RUNS"); do
+    if [ $((i % 2)) -eq 1 ]; then order="100 0"; else order="0 100"; fi
+    for len in $order; do
+      echo "-- run $i: fan-out, rooms.history_len=$len"
+      export GATEWAY_ROOMS_HISTORY_LEN=$len GATEWAY_ROOMS_HISTORY_ON_JOIN=$((len < 20 ? len : 20))
+      start_gateway 1
+      start_gateway 2
+      target/release/gateway rooms create "hf-$len-$i" >/dev/null
+      target/release/bench --gateway "$gw1" --gateway "$gw2" --room "hf-$len-$i" fanout-cost \
+        --subscribers "$subs" --messages "$msgs" --rate "$rate" --secret "$secret" \
+        --pid "$gw1_pid" --pid "$gw2_pid" --redis "$GATEWAY_REDIS_URL" | grep -v '^machine' \
+        | while read -r l; do case "$l" in '{'*) echo "{\"history_len\":$len,${l#\{}" >>"$results";; *) echo "$l";; esac; done
+      stop_gateways
+      sleep 1
+    done
+    if [ $((i % 2)) -eq 1 ]; then order="20 0"; else order="0 20"; fi
+    for oj in $order; do
+      echo "-- run $i: join latency, rooms.history_on_join=$oj"
+      export GATEWAY_ROOMS_HISTORY_LEN=100 GATEWAY_ROOMS_HISTORY_ON_JOIN=$oj
+      start_gateway 1
+      start_gateway 2
+      target/release/gateway rooms create "hj-$oj-$i" >/dev/null
+      target/release/bench --gateway "$gw1" --gateway "$gw2" --room "hj-$oj-$i" join-latency \
+        --viewers "$viewers" --fill 50 --expect "$oj" --secret "$secret" --pid "$gw1_pid" --pid "$gw2_pid" \
+        | grep -v '^machine' \
+        | while read -r l; do case "$l" in '{'*) echo "{\"history_on_join\":$oj,${l#\{}" >>"$results";; *) echo "$l";; esac; done
+      stop_gateways
+      sleep 1
+    done
+  done
+  unset GATEWAY_ROOMS_HISTORY_LEN GATEWAY_ROOMS_HISTORY_ON_JOIN
+  history_redis_bench "$results"
+  python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def med(key, **match):
+    v = [r[key] for r in rows if all(r.get(k) == w for k, w in match.items())]
+    return statistics.median(v), v
+print("== history: medians of %d runs (all runs in brackets)" % len([r for r in rows if r.get("history_len") == 100]))
+for key, label in [("deliveries_per_cpu_s", "fan-out deliveries per gateway CPU-second"),
+                   ("redis_us_per_message", "Redis CPU per message (µs, INFO cpu, idle taken off)"),
+                   ("redis_command_us_per_message", "Redis time executing a broadcast (µs, commandstats)"),
+                   ("p99_ms", "fan-out latency p99 (ms)")]:
+    on, on_all = med(key, scenario="fanout_cost", history_len=100)
+    off, off_all = med(key, scenario="fanout_cost", history_len=0)
+    print(f"{label}: history on {on:.1f} {[round(x, 1) for x in on_all]}, off {off:.1f} {[round(x, 1) for x in off_all]}, on/off {on / off:.3f}")
+for key, label in [("cpu_us", "Redis alone: CPU per broadcast (µs, INFO cpu)"), ("command_us", "Redis alone: command time per broadcast (µs, commandstats)")]:
+    on, on_all = med(key, scenario="redis_alone", history="on")
+    off, off_all = med(key, scenario="redis_alone", history="off")
+    print(f"{label}: publish.lua {on:.2f} {[round(x, 2) for x in on_all]}, PUBLISH {off:.2f} {[round(x, 2) for x in off_all]}, on/off {on / off:.3f}")
+for r in rows:
+    if r.get("scenario") == "memory":
+        print(f"history at the cap: {r['entries']} entries of a {r['payload_bytes']}-byte payload: MEMORY USAGE {r['memory_usage_bytes']} bytes")
+for key, label in [("reply_p50_ms", "join reply p50 (ms)"), ("reply_p99_ms", "join reply p99 (ms)"),
+                   ("done_p50_ms", "join + history p50 (ms)"), ("done_p99_ms", "join + history p99 (ms)"),
+                   ("joins_per_s", "joins/s"), ("gateway_cpu_us_per_join", "gateway CPU per join (µs)")]:
+    a, a_all = med(key, scenario="join_latency", history_on_join=20)
+    b, b_all = med(key, scenario="join_latency", history_on_join=0)
+    print(f"{label}: history_on_join 20: {a:.2f} {[round(x, 2) for x in a_all]}, 0: {b:.2f} {[round(x, 2) for x in b_all]}")
+print(json.dumps({"history_bench": rows}))
+PY
+}
+# Redis alone, no gateway and nothing else running: one broadcast as a plain PUBLISH (history off)
+# and as publish.lua (history on), to a room channel with two subscribers (two gateways), by
+# redis-benchmark from one connection; Redis's CPU (INFO cpu) and command time (commandstats) per
+# broadcast. Then the memory of a room's history at the cap (100 typical chat messages).
+history_redis_bench() {
+  local results=$1 cli="redis-cli -p $port" n=${H_REDIS_CALLS:-50000}
+  local key='hr:room:{r}' head='[null,null,"rooms:r","new_msg",'
+  local payload='{"at":1795860262969,"body":"hello there, a typical chat line of about fifty chars","user":{"id":"42","username":"ann"}}'
+  $cli HSET "$key" name r >/dev/null
+  local subs=()
+  for _ in 1 2; do redis-cli -p "$port" SUBSCRIBE "$key:events" >/dev/null & subs+=($!); done
+  sleep 0.3
+  local sha; sha=$($cli SCRIPT LOAD "$(cat lua/publish.lua)")
+  cpu() { $cli INFO cpu | awk -F: '/used_cpu_(user|sys):/{s+=$2} END{printf "%.6f", s}'; }
+  usec() { $cli INFO commandstats | awk -F'[:,=]' -v c="cmdstat_$1" '$1==c{print $5}'; }
+  for i in $(seq "$RUNS"); do
+    for mode in off on; do
+      $cli CONFIG RESETSTAT >/dev/null
+      local c0; c0=$(cpu)
+      if [ "$mode" = off ]; then
+        redis-benchmark -p "$port" -n "$n" -c 1 PUBLISH "$key:events" "$head$payload]" >/dev/null 2>&1
+      else
+        redis-benchmark -p "$port" -n "$n" -c 1 EVALSHA "$sha" 3 "$key" "$key:history" "$key:events" PUBLISH 100 "$head" new_msg "$payload" >/dev/null 2>&1
+      fi
+      local c1; c1=$(cpu)
+      local cmd; if [ "$mode" = off ]; then cmd=$(usec publish); else cmd=$(usec evalsha); fi
+      python3 -c "import json; print(json.dumps({'scenario': 'redis_alone', 'history': '$mode', 'cpu_us': ($c1 - $c0) / $n * 1e6, 'command_us': $cmd / $n}))" | tee -a "$results"
+    done
+  done
+  kill "${subs[@]}" 2>/dev/null || true
+  $cli DEL "$key:history" >/dev/null
+  for _ in $(seq 100); do
+    $cli EVALSHA "$sha" 3 "$key" "$key:history" "$key:events" PUBLISH 100 "$head" new_msg "$payload" >/dev/null
+  done
+  echo "{\"scenario\":\"memory\",\"entries\":$($cli XLEN "$key:history"),\"payload_bytes\":${#payload},\"memory_usage_bytes\":$($cli MEMORY USAGE "$key:history" SAMPLES 0)}" | tee -a "$results"
+}
+if [ "${1:-}" = history ]; then
+  start_standalone
+  history_bench
+  exit 0
+fi
 
 echo "== bench on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}')"
 for mode in $MODES; do

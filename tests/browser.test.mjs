@@ -1,13 +1,17 @@
 // The demo page in a real browser (Debian's chromium driven by playwright-core): two signed-in
 // pages and two anonymous pages on one gateway; everyone sees both users and "Anonymous: 2"; a
 // message from a signed-in page reaches all four; the anonymous page's send is refused and says
-// so. A screenshot is written to tests/artifacts/browser.png.
+// so. A screenshot is written to tests/artifacts/browser.png. Then history: a page opened late shows
+// the room's recent messages, and when its gateway restarts, the page reconnects by itself and
+// shows exactly the messages it missed (tests/artifacts/browser-reconnect.png).
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
-import { TESTS_DIR, createRoom, hs256, startGateway, startRedis, teardown, test } from './lib/harness.mjs';
+import {
+  TESTS_DIR, createRoom, freePort, hs256, rawConnect, startGateway, startRedis, teardown, test, wsUrl,
+} from './lib/harness.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const ARTIFACTS = path.join(TESTS_DIR, 'artifacts');
@@ -96,4 +100,60 @@ test('demo page: presence, messages and the anonymous refusal in headless chromi
   await bob.close();
   await alice.waitForFunction(() => ![...document.querySelectorAll('#presence li')].some((li) => li.textContent.trim() === 'test_user2'),
     null, { timeout: 10000 });
+});
+
+test('demo page: recent messages on join; a reconnect after its gateway restarted shows what was missed, once each', { timeout: 90000 }, async (t) => {
+  createRoom(redis, 'br', 'hist');
+  const port = await freePort();
+  const listen = { GATEWAY_SERVER_LISTEN: `127.0.0.1:${port}` };
+  let A = await startGateway({ redisPort: redis.port, prefix: 'br', name: 'histA', env: listen });
+  const B = await startGateway({ redisPort: redis.port, prefix: 'br', name: 'histB' });
+  try {
+    const token = hs256({ sub: '9', username: 'writer', exp: Math.floor(Date.now() / 1000) + 3600 });
+    const w = await rawConnect(wsUrl(B, { token }));
+    w.send(['1', '1', 'rooms:hist', 'phx_join', {}]);
+    await w.reply('1');
+    let ref = 10;
+    const say = async (body) => {
+      ref += 1;
+      w.send(['1', String(ref), 'rooms:hist', 'new_msg', { body }]);
+      const r = await w.reply(String(ref));
+      assert.equal(r[4].status, 'ok', JSON.stringify(r));
+    };
+    for (let i = 0; i < 3; i++) await say(`before ${i}`);
+
+    // a page opened now shows the room's recent messages
+    const page = await browser.newPage({ viewport: { width: 900, height: 500 } });
+    page.on('pageerror', (e) => t.diagnostic(`page error: ${e.message}`));
+    await page.goto(`http://127.0.0.1:${port}/?room=hist`);
+    const messages = async () => (await logLines(page)).filter((l) => l.startsWith('writer: '));
+    const waitMessages = (want, what) => page.waitForFunction((n) => [...document.querySelectorAll('#log li')]
+      .filter((li) => li.textContent.startsWith('writer: ')).length >= n, want.length, { timeout: 15000 })
+      .catch(async (e) => { throw new Error(`${what}: ${JSON.stringify(await logLines(page))} (${e.message})`); });
+    await waitMessages(['', '', ''], 'recent messages on join');
+    assert.deepEqual(await messages(), ['writer: before 0', 'writer: before 1', 'writer: before 2']);
+    await say('live 0');
+    await waitMessages(Array(4), 'a live message');
+
+    // its gateway goes away (SIGTERM: the page's socket is closed with 1012 and it keeps trying);
+    // five messages are said meanwhile; the gateway comes back on the same address
+    await A.stop();
+    await page.waitForFunction(() => document.getElementById('status').textContent.includes('reconnecting'), null, { timeout: 10000 });
+    for (let i = 0; i < 5; i++) await say(`missed ${i}`);
+    A = await startGateway({ redisPort: redis.port, prefix: 'br', name: 'histA2', env: listen });
+    await waitMessages(Array(9), 'the missed messages after the reconnect');
+    await page.waitForFunction(() => [...document.querySelectorAll('#log li')].some((li) => li.textContent.startsWith('reconnected: caught up')), null, { timeout: 5000 });
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual(await messages(), [
+      'writer: before 0', 'writer: before 1', 'writer: before 2', 'writer: live 0',
+      'writer: missed 0', 'writer: missed 1', 'writer: missed 2', 'writer: missed 3', 'writer: missed 4',
+    ]);
+    fs.mkdirSync(ARTIFACTS, { recursive: true });
+    const shot = path.join(ARTIFACTS, 'browser-reconnect.png');
+    await page.screenshot({ path: shot });
+    t.diagnostic(`screenshot: ${shot}; log: ${JSON.stringify(await logLines(page))}`);
+    await page.close();
+  } finally {
+    await Promise.all([A.stop(), B.stop()]);
+  }
 });

@@ -114,7 +114,8 @@ test('a fresh gateway, before any traffic, exports every metric and label the da
     gateway_joins_total: ['result', ['invalid', 'no_room', 'ok', 'refused', 'unavailable']],
     gateway_pushes_total: ['result', ['invalid', 'not_signed_in', 'ok', 'rate_limited', 'unavailable', 'unknown_event']],
     gateway_presence_frames_total: ['event', ['presence_count', 'presence_diff', 'presence_state']],
-    gateway_redis_script_duration_seconds_count: ['script', ['heartbeat', 'join', 'leave', 'snapshot', 'sync']],
+    gateway_redis_script_duration_seconds_count: ['script', ['broadcast', 'heartbeat', 'history', 'join', 'leave', 'snapshot', 'sync']],
+    gateway_history_recoveries_total: ['outcome', ['gap', 'none', 'recovered']],
   };
   for (const [name, [label, values]] of Object.entries(want)) {
     const samples = series.get(name) ?? [];
@@ -122,7 +123,7 @@ test('a fresh gateway, before any traffic, exports every metric and label the da
     assert.ok(samples.every((s) => s.value === 0), `${name} is 0 on a fresh gateway: ${JSON.stringify(samples)}`);
   }
   const errors = (series.get('gateway_redis_errors_total') ?? []).map((s) => s.labels.op);
-  for (const op of ['join', 'leave', 'heartbeat', 'snapshot', 'sync', 'publish', 'exists', 'ping', 'node_record', 'pubsub']) {
+  for (const op of ['join', 'leave', 'heartbeat', 'snapshot', 'sync', 'broadcast', 'history', 'publish', 'exists', 'ping', 'node_record', 'pubsub']) {
     assert.ok(errors.includes(op), `gateway_redis_errors_total{op="${op}"} on a fresh gateway`);
   }
 });

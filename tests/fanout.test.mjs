@@ -64,8 +64,9 @@ test('phoenix.js: new_msg from a signed-in user on A reaches signed-in and anony
   const expectMsg = (got, who) => waitFor(() => got.find((m) => m.event === 'new_msg'), 3000, `new_msg at ${who}`);
   for (const [got, who] of [[gotBob, 'bob (B, signed in)'], [gotAnon, 'anonymous (B)'], [gotAlice, 'alice (A, sender)']]) {
     const m = await expectMsg(got, who);
-    const { at, ...rest } = m.payload;
+    const { at, id, ...rest } = m.payload;
     assert.deepEqual(rest, { body: 'hello from A', user: { id: 'u-alice-1', username: 'alice' } }, `payload at ${who}`);
+    assert.match(id, /^\d+-\d+$/, `the history stream id at ${who}`);
     assert.ok(Number.isInteger(at), `at must be an integer of ms, got ${JSON.stringify(at)}`);
     assert.ok(at >= t0 - 5000 && at <= t1 + 5000, `at=${at} not near the push time [${t0},${t1}]`);
     assert.equal(m.ref, null, `broadcast ref must be null at ${who}`);
@@ -77,7 +78,7 @@ test('phoenix.js: new_msg from a signed-in user on A reaches signed-in and anony
   }
 });
 
-test('raw frames: broadcast is [null,null,topic,"new_msg",{body,user,at}] and a forged user field is ignored', async () => {
+test('raw frames: broadcast is [null,null,topic,"new_msg",{body,user,at,id}] and a forged user field is ignored', async () => {
   const room = uid('fanraw');
   createRoom(redis, PREFIX, room);
   const topic = `rooms:${room}`;
@@ -92,8 +93,10 @@ test('raw frames: broadcast is [null,null,topic,"new_msg",{body,user,at}] and a 
 
   const f = await watcher.next(isBroadcast(topic, 'new_msg'), 3000, 'new_msg broadcast on B');
   assert.equal(f.length, 5);
-  const { at, ...rest } = f[4];
+  const { at, id, ...rest } = f[4];
   assert.deepEqual(rest, { body: 'x', user: { id: 'sub-carol', username: 'carol' } });
+  assert.match(id, /^\d+-\d+$/, 'the payload carries its history stream id');
+  assert.deepEqual(Object.keys(f[4]), ['at', 'body', 'user', 'id'], 'the id comes last');
   assert.ok(Number.isInteger(at));
 });
 

@@ -186,9 +186,11 @@ test('admin API: auth, rooms, presence, broadcast, and delete closes channels on
   // a backend broadcast reaches sockets on both nodes
   const b = await api('POST', '/api/rooms/stage/broadcast', { event: 'announcement', payload: { text: 'doors open' } });
   assert.equal(b.status, 200);
+  const { id } = await b.json(); // the broadcast is kept in the room's history: its stream id
+  assert.match(id, /^\d+-\d+$/);
   for (const c of [u, anonOn2]) {
     const f = await c.next((x) => x[3] === 'announcement');
-    assert.deepEqual(f, [null, null, 'rooms:stage', 'announcement', { text: 'doors open' }]);
+    assert.deepEqual(f, [null, null, 'rooms:stage', 'announcement', { text: 'doors open', id }]);
   }
   assert.equal((await api('POST', '/api/rooms/stage/broadcast', { event: 'presence_diff', payload: {} })).status, 400);
 

@@ -1,7 +1,7 @@
 // Acceptance 2: who may write. Anonymous pushes are refused with "Not signed in";
 // reserved / unknown events from signed-in users are refused with "unknown event";
 // nothing refused is ever broadcast (checked on a second gateway too); what is broadcast carries
-// only the pushed body, the sender from the token and the time.
+// only the pushed body, the sender from the token, the time and the history stream id.
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
@@ -132,13 +132,15 @@ test('phoenix.js signed-in client: forged presence_diff is refused and the peer 
   assert.deepEqual(leaked, [], 'forged presence reached a peer');
 });
 
-test('a push broadcasts only {body, user, at}: extra fields (id, system, user, a huge x) are dropped; every event\'s body is bounded', async () => {
+test('a push broadcasts only {body, user, at, id}: extra fields (id, system, user, a huge x) are dropped; every event\'s body is bounded', async () => {
   const { topic, user, all } = await setup();
   const sender = { id: 'sub-writer', username: 'writer' };
   const huge = 'x'.repeat(10000); // > rooms.max_body_bytes (4096), well under the frame limit
   const extras = { id: 'forged-id', system: true, user: { id: 'admin', username: 'root' }, x: huge };
   const assertOnly = (f, body, what) => {
-    assert.deepEqual(Object.keys(f[4]).sort(), ['at', 'body', 'user'], `${what}: ${JSON.stringify(f).slice(0, 300)}`);
+    // {body, user, at} and the history stream id (the server's: a client's "id" is dropped)
+    assert.deepEqual(Object.keys(f[4]).sort(), ['at', 'body', 'id', 'user'], `${what}: ${JSON.stringify(f).slice(0, 300)}`);
+    assert.match(f[4].id, /^\d+-\d+$/, what);
     assert.deepEqual(f[4].body, body, what);
     assert.deepEqual(f[4].user, sender, `${what}: the sender comes from the token`);
     assert.ok(Number.isInteger(f[4].at), what);

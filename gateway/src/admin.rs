@@ -10,7 +10,8 @@
 //! | `POST /api/rooms` `{"id","name"?}` | create a room (201, 409 if it exists) |
 //! | `GET /api/rooms/<id>` | record + presence (users, anonymous count per node, leases) |
 //! | `DELETE /api/rooms/<id>` | delete the room; its channels get `phx_close` on every node |
-//! | `POST /api/rooms/<id>/broadcast` `{"event","payload"}` | broadcast an event into the room |
+//! | `POST /api/rooms/<id>/broadcast` `{"event","payload"}` | broadcast an event into the room (kept in its history) |
+//! | `GET /api/rooms/<id>/history?last=N` | the room's newest N broadcasts (default 20), oldest first |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,11 +28,16 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::catalog::{Catalog, CatalogError};
+use crate::history::HistoryError;
 use crate::http::{Body, text};
 use crate::rooms::{RoomId, is_reserved};
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
+/// `GET /api/rooms/<id>/history` without `last`.
+const DEFAULT_HISTORY_LAST: usize = 20;
+/// The most events one history request returns.
+const MAX_HISTORY_LAST: usize = 1000;
 
 pub async fn serve_admin(app: Arc<App>, listener: TcpListener, stop: watch::Receiver<bool>) {
     crate::http::accept_loop(listener, stop, "admin", |tcp, _| {
@@ -115,6 +121,7 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
     let catalog = Catalog::new(app.pool.clone(), app.keys.clone());
     let method = req.method().clone();
+    let query = req.uri().query().map(str::to_string);
     let path = req.uri().path().trim_end_matches('/').to_string();
     let parts: Vec<&str> = path.split('/').skip(2).collect(); // after "/api"
     let body = match read_json(req).await {
@@ -167,6 +174,9 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 (&Method::POST, ["broadcast"]) => {
                     return broadcast(&app, &catalog, &id, &body).await;
                 }
+                (&Method::GET, ["history"]) => {
+                    return history(&catalog, &id, query.as_deref()).await;
+                }
                 _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
             }
         }
@@ -203,22 +213,59 @@ async fn broadcast(app: &App, catalog: &Catalog, id: &RoomId, body: &Value) -> R
         Ok(None) => return error(StatusCode::NOT_FOUND, &format!("room {id} does not exist")),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
-    let frame = crate::protocol::broadcast(&id.topic(), event, &payload);
-    let cmd = redis::cmd("PUBLISH")
-        .arg(app.keys.events(id))
-        .arg(&frame[..])
-        .clone();
+    // appended to the room's history and published in one script call, like a client's push
+    // (an "id" in the payload is replaced by the stream id)
     match app
         .hub
-        .store()
-        .command::<i64>(crate::metrics::redis_op::PUBLISH, &cmd)
+        .history()
+        .broadcast(&app.keys.room(id), &id.topic(), event, &payload)
         .await
     {
-        Ok(nodes) => json_response(
+        Ok(p) => json_response(
             StatusCode::OK,
-            &json!({"room": id.as_str(), "event": event, "nodes": nodes}),
+            &json!({
+                "room": id.as_str(),
+                "event": event,
+                "id": p.id.map(|i| i.to_string()),
+                "nodes": p.receivers,
+            }),
         ),
+        Err(HistoryError::NoRoom) => {
+            error(StatusCode::NOT_FOUND, &format!("room {id} does not exist"))
+        }
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "redis not reachable"),
+    }
+}
+
+/// `GET /api/rooms/<id>/history?last=N`: the room's newest N broadcasts (default 20, at most
+/// 1000), oldest first, each `{"id","event","payload"}` with the payload as clients got it.
+async fn history(catalog: &Catalog, id: &RoomId, query: Option<&str>) -> Response<Body> {
+    let mut last = DEFAULT_HISTORY_LAST;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("last", v)) => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_HISTORY_LAST).contains(&n) => last = n,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("last must be a number from 1 to {MAX_HISTORY_LAST}"),
+                    );
+                }
+            },
+            _ => return error(StatusCode::BAD_REQUEST, "the only parameter is last"),
+        }
+    }
+    match catalog.get(id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, &format!("room {id} does not exist")),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+    match catalog.history(id, last).await {
+        Ok(events) => json_response(
+            StatusCode::OK,
+            &json!({"room": id.as_str(), "events": events}),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }
 

@@ -50,6 +50,15 @@ pub struct PresenceUser {
     pub connections: usize,
 }
 
+/// One broadcast of a room's history.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HistoryEvent {
+    /// The stream id (also the payload's `"id"`).
+    pub id: String,
+    pub event: String,
+    pub payload: serde_json::Value,
+}
+
 pub struct Catalog {
     pool: Pool,
     keys: Keys,
@@ -114,8 +123,8 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Deletes the record and the room's presence keys; tells every node to close the room's
-    /// channels (a `{"deleted":true}` control message on the room's channel).
+    /// Deletes the record, the room's presence keys and its history; tells every node to close
+    /// the room's channels (a `{"deleted":true}` control message on the room's channel).
     pub async fn delete(&self, id: &RoomId) -> Result<(), CatalogError> {
         let mut c = self.pool.get().await?;
         let k = self.keys.room(id);
@@ -125,6 +134,7 @@ impl Catalog {
             .arg(&k.anon)
             .arg(&k.nodes)
             .arg(&k.seq)
+            .arg(&k.history)
             .query_async(&mut c)
             .await?;
         let _: i64 = redis::cmd(c.publish_command())
@@ -136,6 +146,39 @@ impl Catalog {
             return Err(CatalogError::Missing(id.clone()));
         }
         Ok(())
+    }
+
+    /// The room's newest `last` broadcasts from its history stream, oldest first, each with its
+    /// payload as clients got it (the stream id as `"id"`).
+    pub async fn history(
+        &self,
+        id: &RoomId,
+        last: usize,
+    ) -> Result<Vec<HistoryEvent>, CatalogError> {
+        let mut c = self.pool.get().await?;
+        let k = self.keys.room(id);
+        let rows: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XREVRANGE")
+            .arg(&k.history)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(last)
+            .query_async(&mut c)
+            .await?;
+        let mut out: Vec<HistoryEvent> = rows
+            .into_iter()
+            .filter_map(|(sid, fields)| {
+                let event = String::from_utf8(fields.get("event")?.clone()).ok()?;
+                let payload = crate::history::with_id(fields.get("payload")?, &sid);
+                Some(HistoryEvent {
+                    payload: serde_json::from_slice(&payload).ok()?,
+                    id: sid,
+                    event,
+                })
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
     }
 
     /// Presence as stored in Redis (read-only: lapsed leases are reported, not swept).

@@ -25,6 +25,10 @@ const SECTIONS: [&str; 6] = ["server", "admin", "redis", "auth", "presence", "ro
 /// offline from any single token.
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
+/// Room in a socket's outbound queue beyond a full recovery (`rooms.history_len` events): the
+/// join reply, `presence_state`, `presence_count` and the live frames that arrive meanwhile.
+pub const HISTORY_QUEUE_SLACK: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -180,6 +184,13 @@ pub struct RoomsConfig {
     /// Largest `body` of a push, in bytes: a `new_msg`'s string, another event's body as JSON.
     /// The broadcast carries nothing else of the client's, so this bounds what a push fans out.
     pub max_body_bytes: usize,
+    /// Broadcasts kept per room in its Redis stream `<p>:room:{R}:history` (`MAXLEN ~`: Redis
+    /// trims in whole blocks, so a few more may linger) and in each subscribed node's memory; a
+    /// reconnecting client recovers at most this many. 0 turns history off (no stream, no `id`).
+    pub history_len: usize,
+    /// Events a channel gets right after its join reply (oldest first, as the frames live viewers
+    /// got), and after a recovery that found a gap. At most `history_len`.
+    pub history_on_join: usize,
 }
 
 impl Default for ServerConfig {
@@ -262,6 +273,8 @@ impl Default for RoomsConfig {
             anonymous_events: Vec::new(),
             unsubscribe_delay_ms: 2_000,
             max_body_bytes: 4_096,
+            history_len: 100,
+            history_on_join: 20,
         }
     }
 }
@@ -548,6 +561,26 @@ impl Config {
                 "push_rate_per_s and push_burst must be positive",
             ));
         }
+        let r = &self.rooms;
+        if r.history_len > 0 && r.history_on_join > r.history_len {
+            return Err(bad(
+                "rooms.history_on_join",
+                format!("at most rooms.history_len ({})", r.history_len),
+            ));
+        }
+        if r.history_len > 100_000 {
+            return Err(bad("rooms.history_len", "at most 100000"));
+        }
+        // a recovery queues up to history_len events at once, besides the join's own frames
+        if r.history_len > 0 && self.server.outbound_queue < r.history_len + HISTORY_QUEUE_SLACK {
+            return Err(bad(
+                "server.outbound_queue",
+                format!(
+                    "must be at least rooms.history_len + {HISTORY_QUEUE_SLACK} ({}): a recovery queues up to history_len events at once",
+                    r.history_len + HISTORY_QUEUE_SLACK
+                ),
+            ));
+        }
         if self.redis.command_timeout_ms == 0 || self.redis.connect_timeout_ms == 0 {
             return Err(bad("redis.command_timeout_ms", "timeouts must be positive"));
         }
@@ -794,6 +827,38 @@ mod tests {
                 .is_err()
         );
         assert!(Config::from_toml_and_env("[redis]\nprefix = \"a b\"\n", "t", &[]).is_err());
+    }
+
+    #[test]
+    fn history_settings_are_checked() {
+        let c = Config::from_toml_and_env("", "t", &[]).unwrap();
+        assert_eq!((c.rooms.history_len, c.rooms.history_on_join), (100, 20));
+        let e = Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[
+                ("GATEWAY_ROOMS_HISTORY_LEN", "10"),
+                ("GATEWAY_ROOMS_HISTORY_ON_JOIN", "11"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rooms.history_on_join"), "{e}");
+        // history off: history_on_join does not matter
+        let c = Config::from_toml_and_env("", "t", &env(&[("GATEWAY_ROOMS_HISTORY_LEN", "0")]))
+            .unwrap();
+        assert_eq!(c.rooms.history_len, 0);
+        let e = Config::from_toml_and_env("", "t", &env(&[("GATEWAY_ROOMS_HISTORY_LEN", "1000")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("server.outbound_queue"), "{e}");
+        Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[
+                ("GATEWAY_ROOMS_HISTORY_LEN", "1000"),
+                ("GATEWAY_SERVER_OUTBOUND_QUEUE", "1016"),
+            ]),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -19,13 +19,15 @@
 //! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames |
 //! | [`presence`] | the Redis presence store (Lua scripts) and the node-local `Mirror` |
 //! | [`redis`] | key names, scripts, and the connections — hot [`redis::Redis`], cold [`redis::Pool`], [`redis::Subscriber`] — each hiding standalone vs cluster |
+//! | [`history`] | room history on Redis Streams: broadcasts appended and published, reads, ids |
 //! | [`catalog`] | room records for the CLI and the admin API |
 //! | [`admin`], [`metrics`] | admin HTTP (health, metrics, rooms API), metric families |
 //! | [`app`] | the assembled node |
 //!
 //! One frame's path: socket → `session` → `protocol::decode_text` → `rooms` rules → `presence`
-//! (one Lua call) or `fanout` publish → Redis → every node's `fanout` subscriber → `Mirror` /
-//! the shared frame → each local session's queue → writer → socket.
+//! (one Lua call) or `fanout` publish (`history`: one Lua call appends and publishes) → Redis →
+//! every node's `fanout` subscriber → `Mirror` / the room's history tail and the shared frame →
+//! each local session's queue → writer → socket.
 
 pub mod admin;
 pub mod app;
@@ -35,6 +37,7 @@ pub mod config;
 pub mod demo;
 pub mod expiry;
 pub mod fanout;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod outbox;

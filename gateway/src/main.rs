@@ -69,8 +69,15 @@ enum RoomsCommand {
     List,
     /// Show a room: signed-in users and the anonymous count (per node).
     Show { id: String },
-    /// Delete a room; its channels are closed on every node.
+    /// Delete a room (and its history); its channels are closed on every node.
     Delete { id: String },
+    /// Print a room's newest broadcasts, oldest first: `<id> <event> <payload JSON>` per line.
+    History {
+        id: String,
+        /// How many (at most 1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        last: u16,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -204,6 +211,19 @@ async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
         RoomsCommand::Delete { id } => {
             cat.delete(&room_id(&id)?).await?;
             println!("deleted room {id}");
+        }
+        RoomsCommand::History { id, last } => {
+            let id = room_id(&id)?;
+            cat.get(&id)
+                .await?
+                .with_context(|| format!("room {id} does not exist"))?;
+            let events = cat.history(&id, usize::from(last)).await?;
+            if events.is_empty() {
+                eprintln!("room {id} has no history");
+            }
+            for e in events {
+                println!("{}\t{}\t{}", e.id, e.event, e.payload);
+            }
         }
     }
     Ok(())

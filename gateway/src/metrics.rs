@@ -60,7 +60,23 @@ pub mod script {
     pub const HEARTBEAT: &str = "heartbeat";
     pub const SNAPSHOT: &str = "snapshot";
     pub const SYNC: &str = "sync";
-    pub const ALL: [&str; 5] = [JOIN, LEAVE, HEARTBEAT, SNAPSHOT, SYNC];
+    /// `publish.lua`: a broadcast appended to the room's history and published.
+    pub const BROADCAST: &str = "broadcast";
+    /// `history.lua`: a read of a room's history (a cold room, or a recovery not in memory).
+    pub const HISTORY: &str = "history";
+    pub const ALL: [&str; 7] = [JOIN, LEAVE, HEARTBEAT, SNAPSHOT, SYNC, BROADCAST, HISTORY];
+}
+
+/// Label values of `gateway_history_recoveries_total{outcome}`: joins with `since`.
+pub mod recovery_outcome {
+    /// Every event after `since` was delivered (at least one).
+    pub const RECOVERED: &str = "recovered";
+    /// Some events after `since` are gone (trimmed, or an id the room never had): the reply said
+    /// `"recovered": false` and the last `rooms.history_on_join` events followed.
+    pub const GAP: &str = "gap";
+    /// Nothing had happened since `since` (`"recovered": true`, no event to deliver).
+    pub const NONE: &str = "none";
+    pub const ALL: [&str; 3] = [RECOVERED, GAP, NONE];
 }
 
 /// Label values of `gateway_redis_errors_total{op}`: every script, plus the plain commands and
@@ -73,12 +89,14 @@ pub mod redis_op {
     pub const NODE_RECORD: &str = "node_record";
     /// The pub/sub connection was lost or its probe did not come back.
     pub const PUBSUB: &str = "pubsub";
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         script::JOIN,
         script::LEAVE,
         script::HEARTBEAT,
         script::SNAPSHOT,
         script::SYNC,
+        script::BROADCAST,
+        script::HISTORY,
         PUBLISH,
         EXISTS,
         PING,
@@ -129,6 +147,7 @@ struct Inner {
     slow_closes: IntCounter,
     closes: IntCounterVec,
     heartbeat_rooms: IntGauge,
+    recoveries: IntCounterVec,
 }
 
 /// Cheap to clone; every component holds one.
@@ -227,6 +246,13 @@ impl Metrics {
             "gateway_presence_heartbeat_rooms",
             "Rooms renewed by the last presence heartbeat of this node",
         ));
+        let recoveries = must(IntCounterVec::new(
+            Opts::new(
+                "gateway_history_recoveries_total",
+                "Joins with `since` (lossless reconnect) by outcome",
+            ),
+            &["outcome"],
+        ));
         let build = must(IntGaugeVec::new(
             Opts::new("gateway_build_info", "Build information"),
             &["version"],
@@ -246,6 +272,7 @@ impl Metrics {
         reg(Box::new(slow_closes.clone()));
         reg(Box::new(closes.clone()));
         reg(Box::new(heartbeat_rooms.clone()));
+        reg(Box::new(recoveries.clone()));
         reg(Box::new(build));
         #[cfg(target_os = "linux")]
         reg(Box::new(
@@ -261,6 +288,7 @@ impl Metrics {
         init(&pubsub_events, &pubsub_event::ALL);
         init(&script_seconds, &script::ALL);
         init(&redis_errors, &redis_op::ALL);
+        init(&recoveries, &recovery_outcome::ALL);
         Metrics(Arc::new(Inner {
             registry,
             connections,
@@ -277,6 +305,7 @@ impl Metrics {
             slow_closes,
             closes,
             heartbeat_rooms,
+            recoveries,
         }))
     }
 
@@ -336,6 +365,9 @@ impl Metrics {
     pub fn heartbeat_rooms(&self, n: usize) {
         self.0.heartbeat_rooms.set(n as i64);
     }
+    pub fn recovery(&self, outcome: &'static str) {
+        self.0.recoveries.with_label_values(&[outcome]).inc();
+    }
 
     /// The text exposition format.
     pub fn render(&self) -> (String, Vec<u8>) {
@@ -393,7 +425,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     /// Every labelled family and the closed set of its one label.
-    const CLOSED_SETS: [(&str, &str, &[&str]); 8] = [
+    const CLOSED_SETS: [(&str, &str, &[&str]); 9] = [
         ("gateway_connections", "kind", &conn_kind::ALL),
         ("gateway_joins_total", "result", &join_result::ALL),
         ("gateway_pushes_total", "result", &push_result::ALL),
@@ -413,6 +445,11 @@ mod tests {
             "gateway_pubsub_interruptions_total",
             "event",
             &pubsub_event::ALL,
+        ),
+        (
+            "gateway_history_recoveries_total",
+            "outcome",
+            &recovery_outcome::ALL,
         ),
     ];
 
@@ -506,6 +543,7 @@ mod tests {
             ("redis_op", &redis_op::ALL[..]),
             ("close_code", &close_code::ALL[..]),
             ("pubsub_event", &pubsub_event::ALL[..]),
+            ("recovery_outcome", &recovery_outcome::ALL[..]),
         ]
         .into_iter()
         .collect();

@@ -47,6 +47,8 @@ pub mod reason {
     pub const SHUTTING_DOWN: &str = "shutting down";
     pub const RATE_LIMITED: &str = "rate limited";
     pub const TOKEN_EXPIRED: &str = "token expired";
+    /// A join's `since` is not a stream id `<ms>-<seq>` (nothing of the join happened).
+    pub const INVALID_SINCE: &str = "invalid since";
 }
 
 /// A decoded client frame. Refs stay as the client sent them.

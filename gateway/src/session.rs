@@ -20,7 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::expiry::{Expiring, ExpiryKey};
-use crate::fanout::{JoinError, Joiner, Room};
+use crate::fanout::{JoinError, Joiner, Room, Want};
+use crate::history::HistoryError;
 use crate::metrics::{join_result, push_result};
 use crate::outbox::{NO_STATUS, Outbox, run_writer};
 use crate::protocol::{self, Inbound, Payload, close, reason};
@@ -276,6 +277,15 @@ impl Session {
                 return self.reply_error(&f, e.reason());
             }
         };
+        // `since` (a lossless rejoin) is checked before anything of the join happens
+        let want = match crate::history::since_param(params) {
+            Ok(Some(since)) => Want::Since(since),
+            Ok(None) => Want::Last,
+            Err(_) => {
+                app.metrics.join(join_result::INVALID);
+                return self.reply_error(&f, reason::INVALID_SINCE);
+            }
+        };
         let join_ref: Arc<str> = Arc::from(
             f.join_ref
                 .clone()
@@ -320,19 +330,15 @@ impl Session {
                 }
             }
         }
-        let reply = protocol::reply_ok(
-            Some(&join_ref),
-            f.reference.as_deref(),
-            &f.topic,
-            Value::Object(response),
-        );
         let joiner = Joiner {
             socket: self.socket,
             conn: &self.conn,
             user: identity.user(),
             join_ref: &join_ref,
             out: self.out.clone(),
-            reply,
+            reference: f.reference.as_deref(),
+            response,
+            want,
         };
         match app.hub.join(&id, joiner).await {
             Ok(room) => {
@@ -493,10 +499,9 @@ impl Session {
             Ok(p) => p,
             Err(refusal) => return refused(refusal),
         };
-        let frame = protocol::broadcast(&f.topic, &f.event, &payload);
         let room = ch.room.clone();
-        match app.hub.publish(&room, &frame).await {
-            Ok(()) => {
+        match app.hub.publish(&room, &f.event, &payload).await {
+            Ok(_) => {
                 app.metrics.push(push_result::OK);
                 self.out.send(protocol::reply_ok(
                     f.join_ref.as_deref(),
@@ -504,6 +509,13 @@ impl Session {
                     &f.topic,
                     json!({}),
                 ));
+            }
+            Err(HistoryError::NoRoom) => {
+                // deleted meanwhile: the hub closed its channels; nothing was written
+                self.reply_error(&f, reason::ROOM_DOES_NOT_EXIST);
+                if let Some(ch) = self.channels.remove(&f.topic) {
+                    self.end_channel(&ch).await;
+                }
             }
             Err(e) => {
                 tracing::warn!(room = %room.id, error = %e, "broadcast failed");

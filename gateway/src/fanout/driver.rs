@@ -82,7 +82,26 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 st.resnapshot_at = None;
                 st.resnapshotting = true;
                 st.mirror.begin_resync();
+                // what made presence re-snapshot (a rebuilt subscription, a lost envelope) may
+                // have lost broadcasts too: the history tail starts over and is reloaded. A retry
+                // after a failed snapshot is no new loss (frames arriving meanwhile still reset
+                // the tail: see `Hub::deliver_event`)
+                if st.resnapshot_backoff.is_zero() {
+                    st.history.invalidate();
+                }
                 tokio::spawn(resnapshot(hub.clone(), room.clone()));
+            }
+            // the history tail's (re)load, once the room is installed (a cold room's first load is
+            // part of its install)
+            if st.installed && !room.is_deleted() {
+                match st.history.load_due(now) {
+                    Ok(()) => {
+                        let (generation, req) = st.history.begin_load();
+                        tokio::spawn(reload_history(hub.clone(), room.clone(), generation, req));
+                    }
+                    Err(Some(t)) => soonest(t),
+                    Err(None) => {}
+                }
             }
             let sync_due = st.sync_retry_at.is_none_or(|t| now >= t);
             if st.needs_sync
@@ -222,6 +241,28 @@ pub(super) async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
         }
     }
     drop(st);
+    room.wake.notify_one();
+}
+
+/// Reloads a room's history tail (the newest `rooms.history_len` entries), merged as
+/// `history.rs` explains; a failure is retried with back-off.
+pub(super) async fn reload_history(
+    hub: Arc<Hub>,
+    room: Arc<Room>,
+    generation: u64,
+    req: crate::history::ReadReq,
+) {
+    let r = match hub.history.read(&room.keys, room.topic(), req).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(room = %room.id, error = %e, "reloading the room's history failed; retrying");
+            None
+        }
+    };
+    let max = hub.cfg.presence.heartbeat_interval();
+    lock(&room.state)
+        .history
+        .end_load(generation, r.as_ref(), max);
     room.wake.notify_one();
 }
 

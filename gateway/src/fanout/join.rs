@@ -2,6 +2,7 @@
 //! subscribed and snapshotted, signed-in presence written with one script call; leaves remove it.
 
 use super::driver::drive;
+use super::history;
 use super::*;
 
 impl Hub {
@@ -25,6 +26,11 @@ impl Hub {
         }
         let room = self.acquire(id);
         let r = Box::pin(self.join_inner(&room, &j, until)).await;
+        // the reads the channel's history needs (none in a warm room), before the final lock
+        let read = match r {
+            Ok(()) => Box::pin(self.history_reads(&room, j.want, until)).await,
+            Err(_) => None,
+        };
         let mut st = lock(&room.state);
         st.pending_joins -= 1;
         if let Err(e) = r {
@@ -44,7 +50,20 @@ impl Hub {
         let cap = self.presence_cap();
         let state = st.mirror.state_payload(cap);
         let counts = st.counts();
-        let ok = j.out.send(j.reply.clone())
+        // everything the channel gets is queued here, under the room lock: the reply, its
+        // presence, its history; live frames follow once it is a member
+        let served = self.serve_history(&st, j.want, read.as_ref());
+        let mut response = j.response.clone();
+        if let Some(recovered) = served.recovered {
+            response.insert("recovered".into(), Value::Bool(recovered));
+        }
+        let reply = protocol::reply_ok(
+            Some(j.join_ref),
+            j.reference,
+            &room.topic,
+            Value::Object(response),
+        );
+        let ok = j.out.send(reply)
             && j.out.send_wrapped(
                 protocol::push_head(j.join_ref, &room.topic, "presence_state"),
                 state,
@@ -54,15 +73,18 @@ impl Hub {
                 &room.topic,
                 "presence_count",
                 &count_payload(counts),
-            ));
+            ))
+            && history::send_history(&j.out, j.join_ref, &served);
         self.metrics.presence_frames("presence_state", 1);
         self.metrics.presence_frames("presence_count", 1);
+        let delivered = st.history.delivered();
         st.members.insert(
             j.socket,
             Member {
                 out: j.out.clone(),
                 join_ref: Arc::from(j.join_ref),
                 anonymous: j.user.is_none(),
+                skip_until: served.last.filter(|l| delivered.is_none_or(|d| *l > d)),
             },
         );
         drop(st);
@@ -85,11 +107,18 @@ impl Hub {
         let room = rooms
             .entry(id.clone())
             .or_insert_with(|| {
+                let rooms_cfg = &self.cfg.rooms;
                 let room = Arc::new(Room {
                     id: id.clone(),
                     topic: Arc::from(id.topic()),
                     keys: self.keys.room(id),
-                    state: Mutex::new(RoomState::default()),
+                    state: Mutex::new(RoomState {
+                        history: history::Tail::new(
+                            rooms_cfg.history_len,
+                            rooms_cfg.history_on_join,
+                        ),
+                        ..Default::default()
+                    }),
                     wake: Notify::new(),
                     deleted: AtomicBool::new(false),
                 });
@@ -201,10 +230,16 @@ impl Hub {
         if Instant::now() >= until {
             return Err(JoinError::Unavailable("join deadline passed".into()));
         }
-        let snap = match meta {
-            Some(meta) => self.write_join(room, conn, meta, true).await?,
-            None => self.store.snapshot(&room.keys).await?,
+        // the presence snapshot and the history tail, read side by side (both after the
+        // subscription: see `history.rs` for why that order matters)
+        let presence = async {
+            Ok::<_, JoinError>(match meta {
+                Some(meta) => self.write_join(room, conn, meta, true).await?,
+                None => self.store.snapshot(&room.keys).await?,
+            })
         };
+        let (snap, ()) = tokio::join!(presence, self.load_history(room, until));
+        let snap = snap?;
         let Some(snap) = snap else {
             self.remember_missing(&room.id);
             return Err(JoinError::NoRoom);
@@ -355,13 +390,23 @@ impl Hub {
         current
     }
 
-    /// Publishes a ready Phoenix frame to a room on every node.
-    pub async fn publish(&self, room: &Room, frame: &[u8]) -> Result<(), StoreError> {
-        let cmd = redis::cmd(self.store.redis().publish_command())
-            .arg(&room.keys.events)
-            .arg(frame)
-            .clone();
-        self.store.command::<i64>("publish", &cmd).await.map(|_| ())
+    /// Broadcasts `event` with `payload` to a room on every node: appended to the room's history
+    /// and published in one script call (see [`crate::history`]).
+    pub async fn publish(
+        &self,
+        room: &Room,
+        event: &str,
+        payload: &Value,
+    ) -> Result<crate::history::Published, crate::history::HistoryError> {
+        let r = self
+            .history
+            .broadcast(&room.keys, room.topic(), event, payload)
+            .await;
+        if let Err(crate::history::HistoryError::NoRoom) = r {
+            // the record is gone: exactly as if its `deleted` message had arrived
+            self.mark_deleted(room);
+        }
+        r
     }
 
     /// Asks the subscriber for the room's channel and waits for its answer until `until` (and no

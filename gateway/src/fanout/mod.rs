@@ -5,6 +5,9 @@
 //!   UNSUBSCRIBEs `rooms.unsubscribe_delay_ms` after the last one leaves (churn does not flap).
 //! * Every message from Redis is turned into bytes once per node and the same `Bytes` is queued to
 //!   each local member (a room broadcast arrives already encoded as a Phoenix frame).
+//! * Each room keeps the tail of its history (the newest `rooms.history_len` broadcasts) from its
+//!   own subscription, so joins get their history, and recoveries (`since`) what they missed,
+//!   without a Redis read once the room is warm (see `history.rs`).
 //! * Presence envelopes go into the room's [`Mirror`]; the room's driver task sends at most one
 //!   `presence_diff` per `presence.diff_interval` and one `presence_count` per
 //!   `presence.count_interval`, and batches anonymous joins/leaves into one `HINCRBY` per
@@ -24,11 +27,15 @@
 //! | `subscriber.rs` | the pub/sub connection: subscribe, dispatch, probe, reconnect |
 //! | `driver.rs` | the per-room task: coalesced diffs and counts, anonymous batching, re-snapshot, sync, teardown |
 //! | `heartbeat.rs` | the lease heartbeat and the release on drain |
+//! | `history.rs` | the room's history tail: broadcasts as they arrive, joins' history and recoveries |
 
 mod driver;
 mod heartbeat;
+mod history;
 mod join;
 mod subscriber;
+
+pub use history::{Served, Want};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +49,7 @@ use tokio::time::Instant;
 
 use crate::auth::User;
 use crate::config::Config;
+use crate::history::{History, PublishCommand};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 #[cfg(test)]
@@ -97,6 +105,9 @@ struct Member {
     out: Outbox,
     join_ref: Arc<str>,
     anonymous: bool,
+    /// The channel's history went beyond what the subscription has delivered here: live frames up
+    /// to this id are not sent to it again (cleared by the first one above it).
+    skip_until: Option<crate::history::StreamId>,
 }
 
 /// Who is joining.
@@ -108,8 +119,12 @@ pub struct Joiner<'a> {
     pub user: Option<&'a User>,
     pub join_ref: &'a str,
     pub out: Outbox,
-    /// The `phx_reply` to queue first, under the room lock, so nothing overtakes it.
-    pub reply: Bytes,
+    /// The `phx_reply`'s ref and response: the reply is queued first, under the room lock, so
+    /// nothing overtakes it; a join with `since` gets `"recovered"` added to the response.
+    pub reference: Option<&'a str>,
+    pub response: serde_json::Map<String, Value>,
+    /// The history the channel asks for (`since` in the join payload, or the last events).
+    pub want: Want,
 }
 
 pub struct Room {
@@ -167,6 +182,8 @@ struct RoomState {
     /// Signed-in leaves whose script call is under way (teardown and drain wait for them).
     pending_leaves: usize,
     mirror: Mirror,
+    /// The newest broadcasts of the room, from this node's subscription (see `history.rs`).
+    history: history::Tail,
     installed: bool,
     subscribed: bool,
     resnapshot: bool,
@@ -320,6 +337,8 @@ pub struct Hub {
     keys: Keys,
     node: Arc<str>,
     store: Store,
+    /// Broadcasts (append to the room's history and publish) and history reads.
+    history: History,
     metrics: Metrics,
     rooms: Mutex<HashMap<RoomId, Arc<Room>>>,
     sub_tx: mpsc::UnboundedSender<SubCmd>,
@@ -369,11 +388,24 @@ impl Hub {
     ) -> Arc<Self> {
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();
         let probe_channel = keys.probe(&node);
+        // the channel kind the subscriber listens to: shard channels on Redis Cluster
+        let publish = if store.redis().publish_command() == "SPUBLISH" {
+            PublishCommand::SPublish
+        } else {
+            PublishCommand::Publish
+        };
+        let history = History::new(
+            store.clone(),
+            metrics.clone(),
+            cfg.rooms.history_len,
+            publish,
+        );
         Arc::new(Self {
             cfg,
             keys,
             node,
             store,
+            history,
             metrics,
             rooms: Mutex::new(HashMap::new()),
             sub_tx,
@@ -392,6 +424,11 @@ impl Hub {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Broadcasts and history reads (the admin API broadcasts through it too).
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     /// Whether the subscriber hears every shard it needs: connected, and each shard's last

@@ -36,11 +36,7 @@ impl Hub {
             return;
         };
         match payload.first() {
-            Some(b'[') => {
-                let frame = Bytes::copy_from_slice(payload);
-                let n = lock(&room.state).send_all(&frame);
-                self.metrics.fanout(n);
-            }
+            Some(b'[') => self.deliver_event(&room, payload),
             // the room was deleted (admin API / CLI)
             Some(b'{') if payload.starts_with(br#"{"deleted""#) => self.mark_deleted(&room),
             Some(b'{') => match serde_json::from_slice::<Envelope>(payload) {

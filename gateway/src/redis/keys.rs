@@ -10,6 +10,7 @@
 //! | `<p>:room:{R}:nodes` | ZSET | node id → lease expiry (ms, Redis clock) |
 //! | `<p>:room:{R}:seq` | STRING | presence change counter |
 //! | `<p>:room:{R}:events` | channel | room events and presence changes |
+//! | `<p>:room:{R}:history` | STREAM | the room's recent broadcasts (`MAXLEN ~ rooms.history_len`) |
 //! | `<p>:node:<node>` | STRING (TTL) | node record for operators |
 //! | `<p>:node:<node>:probe` | channel | the node's own pub/sub liveness probe |
 
@@ -30,6 +31,8 @@ pub struct RoomKeys {
     pub nodes: String,
     pub seq: String,
     pub events: String,
+    /// The history stream (not one of the presence scripts' keys).
+    pub history: String,
 }
 
 impl RoomKeys {
@@ -69,6 +72,7 @@ impl Keys {
             nodes: format!("{base}:nodes"),
             seq: format!("{base}:seq"),
             events: format!("{base}:events"),
+            history: format!("{base}:history"),
             room: base,
         }
     }
@@ -125,6 +129,7 @@ mod tests {
         assert_eq!(rk.nodes, "gw:room:{lobby}:nodes");
         assert_eq!(rk.seq, "gw:room:{lobby}:seq");
         assert_eq!(rk.events, "gw:room:{lobby}:events");
+        assert_eq!(rk.history, "gw:room:{lobby}:history");
         assert_eq!(k.events(&r), rk.events);
         assert_eq!(k.node("n1"), "gw:node:n1");
         assert_eq!(k.probe("n1"), "gw:node:n1:probe");

@@ -1,6 +1,7 @@
-//! The presence scripts of `lua/`, compiled into the binary. Each is `lua/common.lua` followed by
-//! the script itself (Redis has no `require`); they run by SHA (`EVALSHA`) and are loaded again
-//! when Redis answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+//! The Lua scripts of `lua/`, compiled into the binary. Each presence script is `lua/common.lua`
+//! followed by the script itself (Redis has no `require`); the history scripts (`publish`,
+//! `history`) stand alone. They run by SHA (`EVALSHA`) and are loaded again when Redis answers
+//! `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
 
 use redis::Script;
 
@@ -26,6 +27,11 @@ fn script(text: &str, cluster: bool) -> Script {
     }
 }
 
+/// `lua/publish.lua`: a broadcast appended to the room's history stream and published.
+pub const PUBLISH_LUA: &str = include_str!("../../../lua/publish.lua");
+/// `lua/history.lua`: a read of the room's history stream.
+pub const HISTORY_LUA: &str = include_str!("../../../lua/history.lua");
+
 /// The loaded scripts.
 pub struct Scripts {
     pub join: Script,
@@ -33,6 +39,8 @@ pub struct Scripts {
     pub heartbeat: Script,
     pub snapshot: Script,
     pub sync: Script,
+    pub publish: Script,
+    pub history: Script,
 }
 
 impl Scripts {
@@ -49,16 +57,20 @@ impl Scripts {
             heartbeat: script!("heartbeat.lua", cluster),
             snapshot: script!("snapshot.lua", cluster),
             sync: script!("sync.lua", cluster),
+            publish: Script::new(PUBLISH_LUA),
+            history: Script::new(HISTORY_LUA),
         }
     }
 
-    fn all(&self) -> [(&'static str, &Script); 5] {
+    fn all(&self) -> [(&'static str, &Script); 7] {
         [
             ("join", &self.join),
             ("leave", &self.leave),
             ("heartbeat", &self.heartbeat),
             ("snapshot", &self.snapshot),
             ("sync", &self.sync),
+            ("publish", &self.publish),
+            ("history", &self.history),
         ]
     }
 
@@ -89,8 +101,11 @@ mod tests {
     #[test]
     fn cluster_scripts_publish_on_shard_channels() {
         let (s, c) = (Scripts::new(false), Scripts::new(true));
-        for ((_, a), (_, b)) in s.all().iter().zip(c.all().iter()) {
-            assert_ne!(a.get_hash(), b.get_hash());
+        for ((name, a), (_, b)) in s.all().iter().zip(c.all().iter()) {
+            // publish/history take the publish command as an argument
+            if *name != "publish" && *name != "history" {
+                assert_ne!(a.get_hash(), b.get_hash(), "{name}");
+            }
         }
         let text = include_str!("../../../lua/common.lua");
         assert!(text.contains("redis.call('PUBLISH'"));
