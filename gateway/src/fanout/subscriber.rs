@@ -235,7 +235,10 @@ impl Hub {
                             }
                         }
                         self.send_probes(&publisher, sub.reconnects_itself());
-                        probe_deadline = Some(Instant::now() + t * 2);
+                        // a standalone connection is rebuilt on a miss, so it gets two command
+                        // deadlines; a cluster shard is only reported down (readiness), after one
+                        let wait = if sub.reconnects_itself() { t } else { t * 2 };
+                        probe_deadline = Some(Instant::now() + wait);
                     }
                 }
             }
