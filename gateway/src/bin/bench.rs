@@ -220,6 +220,29 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     Ok(ticks(11)? + ticks(12)?)
 }
 
+/// Sends `messages` `new_msg` pushes at `rate` per second, each body the send time (µs since
+/// `epoch`), then keeps reading (replies, its own copies) until aborted.
+fn paced_publisher(
+    mut publisher: Ws,
+    topic: String,
+    messages: usize,
+    rate: u32,
+    epoch: Instant,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+        for i in 0..messages {
+            tick.tick().await;
+            let sent = epoch.elapsed().as_micros() as u64;
+            let frame = serde_json::json!(["1", (i + 2).to_string(), &topic, "new_msg", {"body": sent.to_string()}]);
+            if send(&mut publisher, frame.to_string()).await.is_err() {
+                break;
+            }
+        }
+        while publisher.read_frame().await.is_ok() {}
+    })
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -408,20 +431,7 @@ async fn main() -> anyhow::Result<()> {
             let token = hs256(&secret, "bench-publisher")?;
             let mut publisher = open(&cli.gateways[0], Some(&token)).await?;
             join(&mut publisher, &topic).await?;
-            let publisher_drain = tokio::spawn(async move {
-                let mut tick =
-                    tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
-                for i in 0..messages {
-                    tick.tick().await;
-                    let sent = epoch.elapsed().as_micros() as u64;
-                    let frame = serde_json::json!(["1", (i + 2).to_string(), &topic, "new_msg", {"body": sent.to_string()}]);
-                    if send(&mut publisher, frame.to_string()).await.is_err() {
-                        break;
-                    }
-                }
-                // keep reading replies and our own copies until the subscribers are done
-                while publisher.read_frame().await.is_ok() {}
-            });
+            let publisher_drain = paced_publisher(publisher, topic.clone(), messages, rate, epoch);
             let mut all = Vec::with_capacity(subscribers * messages);
             for t in tasks {
                 all.extend(t.await?);
@@ -507,13 +517,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// CPU time (user + system) of a process, in seconds (`/proc/<pid>/stat`, clock ticks of 10 ms).
 fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // the fields after the command name (in parentheses, which may hold spaces)
-    let rest = s.rsplit_once(')').context("bad /proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime: fields 14 and 15 of stat, i.e. 11 and 12 after the name
-    let ticks = |i: usize| -> anyhow::Result<f64> { Ok(f.get(i).context("short stat")?.parse()?) };
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+    Ok(cpu_ticks(pid)? as f64 / 100.0)
 }
 
 /// Redis's own CPU time (`used_cpu_user + used_cpu_sys` of `INFO cpu`), in seconds.
@@ -672,19 +676,7 @@ async fn fanout_cost(gateways: &[String], topic: &str, c: FanoutCost) -> anyhow:
     let redis0 = redis_cpu_seconds(&mut rc).await?;
     let t0 = Instant::now();
     let rate = c.rate.max(1);
-    let topic_s = topic.to_string();
-    let publisher_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-        for i in 0..messages {
-            tick.tick().await;
-            let sent = epoch.elapsed().as_micros() as u64;
-            let frame = serde_json::json!(["1", (i + 2).to_string(), &topic_s, "new_msg", {"body": sent.to_string()}]);
-            if send(&mut publisher, frame.to_string()).await.is_err() {
-                break;
-            }
-        }
-        while publisher.read_frame().await.is_ok() {}
-    });
+    let publisher_task = paced_publisher(publisher, topic.to_string(), messages, rate, epoch);
     let mut all = Vec::with_capacity(c.subscribers * messages);
     for t in tasks {
         all.extend(t.await?);
