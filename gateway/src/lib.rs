@@ -47,6 +47,7 @@ pub mod redis;
 pub mod rooms;
 pub mod server;
 pub mod session;
+pub mod wsread;
 
 /// Milliseconds since the Unix epoch (`online_at`, `at`, room `created_at`).
 pub fn unix_ms() -> i64 {

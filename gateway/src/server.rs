@@ -175,26 +175,21 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
     resp
 }
 
-/// Takes the TCP stream back from hyper (dropping hyper's read buffer) and splits it into owned
-/// halves: no lock between reader and writer.
+/// Takes the TCP stream back from hyper (dropping hyper's read buffer, after copying what it held
+/// past the request) and splits it into owned halves: no lock between reader and writer.
 async fn run_upgraded(
     app: Arc<App>,
     io: TokioIo<hyper::upgrade::Upgraded>,
     identity: (Identity, Option<AuthError>),
     socket: u64,
 ) {
-    let upgraded = io.into_inner();
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
+    match io.into_inner().downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
-            let tcp = parts.io.into_inner();
-            let (r, w) = tcp.into_split();
-            let read = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(parts.read_buf), r);
-            crate::session::run(app, read, w, identity, socket).await;
+            let (r, w) = parts.io.into_inner().into_split();
+            crate::session::run(app, (r, parts.read_buf), w, identity, socket).await;
         }
-        Err(upgraded) => {
-            let (r, w) = tokio::io::split(TokioIo::new(upgraded));
-            crate::session::run(app, r, w, identity, socket).await;
-        }
+        // the public listener only ever serves plain TCP streams
+        Err(_) => tracing::error!(socket, "upgraded connection is not a TCP stream; dropped"),
     }
 }
 

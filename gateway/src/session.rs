@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
+use tokio::net::tcp::OwnedReadHalf;
 
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
@@ -26,6 +26,7 @@ use crate::metrics::{join_result, push_result};
 use crate::outbox::{NO_STATUS, Outbox, run_writer};
 use crate::protocol::{self, Inbound, Payload, close, reason};
 use crate::rooms::{PushRefusal, RoomId};
+use crate::wsread::{FrameReader, OpCode, ReadError};
 
 struct Channel {
     room: Arc<Room>,
@@ -61,16 +62,14 @@ enum ReadEnd {
 }
 
 /// Serves one upgraded connection until it closes, then removes its presence.
-pub async fn run<R, W>(
+/// `early`: bytes the HTTP layer read past the upgrade request.
+pub async fn run<W: AsyncWrite + Unpin>(
     app: Arc<App>,
-    read: R,
+    (read, early): (OwnedReadHalf, Bytes),
     write: W,
     (identity, auth_error): (Identity, Option<AuthError>),
     socket: u64,
-) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) {
     let out = Outbox::new(app.cfg.server.outbound_queue, app.metrics.clone());
     let signed_in = identity.user().is_some();
     app.metrics.connection_opened(signed_in);
@@ -93,16 +92,7 @@ pub async fn run<R, W>(
         app.expiries
             .add(u.valid_until_ms, Expiring::Socket(out.clone()))
     });
-    let mut ws = fastwebsockets::after_handshake_split(
-        read,
-        tokio::io::sink(),
-        fastwebsockets::Role::Server,
-    )
-    .0;
-    // fastwebsockets refuses frames with len >= max; we allow exactly max
-    ws.set_max_message_size(app.cfg.server.max_frame_bytes + 1);
-    ws.set_auto_close(false);
-    ws.set_auto_pong(true);
+    let mut ws = FrameReader::new(read, early, app.cfg.server.max_frame_bytes);
 
     // Both halves run to the end: the reader is never dropped in the middle of a join or leave
     // (which would leave presence half-written). Whichever stops first makes the other stop: the
@@ -131,46 +121,30 @@ pub async fn run<R, W>(
 }
 
 impl Session {
-    async fn read_loop<R: AsyncRead + Unpin>(&mut self, ws: &mut WebSocketRead<R>) -> ReadEnd {
+    async fn read_loop(&mut self, ws: &mut FrameReader) -> ReadEnd {
         let idle = self.app.cfg.server.idle_timeout();
         let max = self.app.cfg.server.max_frame_bytes;
         let mut fragments: Option<(OpCode, Vec<u8>)> = None;
-        let pong_out = self.out.clone();
-        let mut send_fn = move |f: Frame<'_>| {
-            // obligated pong for a client ping
-            pong_out.pong(Bytes::copy_from_slice(&f.payload));
-            std::future::ready(Ok::<(), std::convert::Infallible>(()))
-        };
         loop {
             let read = tokio::select! {
                 biased;
                 // the writer stopped (close sent, slow consumer, write error): stop reading
                 _ = self.out.writer_done().notified() => return ReadEnd::Closing,
-                r = tokio::time::timeout(idle, ws.read_frame(&mut send_fn)) => r,
+                r = tokio::time::timeout(idle, ws.next()) => r,
             };
             let frame = match read {
                 Err(_) => {
                     self.out.close(close::IDLE_TIMEOUT);
                     return ReadEnd::Closing;
                 }
-                Ok(Err(e)) => {
-                    return match e {
-                        WebSocketError::FrameTooLarge => {
-                            self.out.close(close::TOO_BIG);
-                            ReadEnd::Closing
-                        }
-                        WebSocketError::InvalidUTF8 => {
-                            self.out.close(close::MALFORMED);
-                            ReadEnd::Closing
-                        }
-                        WebSocketError::UnexpectedEOF
-                        | WebSocketError::ConnectionClosed
-                        | WebSocketError::IoError(_) => ReadEnd::Gone,
-                        _ => {
-                            self.out.close(1002);
-                            ReadEnd::Closing
-                        }
-                    };
+                Ok(Err(ReadError::Gone)) => return ReadEnd::Gone,
+                Ok(Err(ReadError::TooBig)) => {
+                    self.out.close(close::TOO_BIG);
+                    return ReadEnd::Closing;
+                }
+                Ok(Err(ReadError::Protocol)) => {
+                    self.out.close(1002);
+                    return ReadEnd::Closing;
                 }
                 Ok(Ok(f)) => f,
             };
@@ -184,20 +158,24 @@ impl Session {
                     self.out.close(code);
                     return ReadEnd::Closing;
                 }
-                OpCode::Ping | OpCode::Pong => continue,
+                OpCode::Ping => {
+                    self.out.pong(Bytes::from(frame.payload));
+                    continue;
+                }
+                OpCode::Pong => continue,
                 OpCode::Text | OpCode::Binary if frame.fin => {
                     if fragments.is_some() {
                         self.out.close(1002);
                         return ReadEnd::Closing;
                     }
-                    (frame.opcode, frame.payload.to_vec())
+                    (frame.opcode, frame.payload)
                 }
                 OpCode::Text | OpCode::Binary => {
                     if fragments.is_some() {
                         self.out.close(1002);
                         return ReadEnd::Closing;
                     }
-                    fragments = Some((frame.opcode, frame.payload.to_vec()));
+                    fragments = Some((frame.opcode, frame.payload));
                     continue;
                 }
                 OpCode::Continuation => {
