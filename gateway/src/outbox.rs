@@ -44,8 +44,6 @@ pub struct Shared {
 const ABORT: u32 = u32::MAX;
 /// The client closed without a status code; the echo carries none either.
 pub(crate) const NO_STATUS: u16 = 1005;
-/// A drained queue keeps at most this many slots.
-const KEEP_SLOTS: usize = 8;
 
 /// The sending side of a socket; cloned into every room the socket is a member of.
 #[derive(Clone)]
@@ -128,7 +126,7 @@ impl Outbox {
         let mut q = self.queue();
         let k = q.len().min(n);
         into.extend(q.drain(..k));
-        if q.is_empty() && q.capacity() > KEEP_SLOTS {
+        if q.is_empty() && q.capacity() > 0 {
             *q = VecDeque::new();
         }
     }
@@ -168,8 +166,9 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(out: Outbox, w: W, write_t
 /// Frames per write: several queued frames go out in one syscall.
 const BATCH: usize = 64;
 /// A write buffer larger than this is released after use, so one burst does not pin memory on
-/// every idle socket.
-const KEEP_BUFFER: usize = 1024;
+/// every idle socket. (0: an idle socket keeps none; allocating one per wake-up is cheaper than
+/// the memory of 10,000 idle ones.)
+const KEEP_BUFFER: usize = 0;
 /// Frames larger than this (a big `presence_state`) are written straight from the shared bytes
 /// instead of being copied into the write buffer.
 const COPY_LIMIT: usize = 2048;
@@ -190,7 +189,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout:
                 break;
             }
             // a peer that does not read for write_timeout is dropped: the writer never hangs
-            let wrote = tokio::time::timeout(write_timeout, async {
+            // (boxed: an idle socket's task does not hold a write's state)
+            let wrote = Box::pin(tokio::time::timeout(write_timeout, async {
                 for m in batch.drain(..) {
                     write_out(&mut w, &mut buf, m).await?;
                 }
@@ -198,7 +198,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout:
                     w.write_all(&buf).await?;
                 }
                 Ok::<(), std::io::Error>(())
-            })
+            }))
             .await;
             match wrote {
                 Ok(Ok(())) => buf.clear(),
@@ -217,7 +217,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout:
         if buf.capacity() > KEEP_BUFFER {
             buf = Vec::new();
         }
-        if batch.capacity() > KEEP_SLOTS {
+        if batch.capacity() > 0 {
             batch = Vec::new();
         }
         match out.code() {
@@ -232,11 +232,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout:
                     frame.push(2);
                     frame.extend_from_slice(&code.to_be_bytes());
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), async {
                     let _ = w.write_all(&frame).await;
                     let _ = w.flush().await;
                     let _ = w.shutdown().await;
-                })
+                }))
                 .await;
                 return;
             }

@@ -115,7 +115,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     if let Some(k) = expiry {
         app.expiries.remove(k);
     }
-    session.leave_all().await;
+    Box::pin(session.leave_all()).await;
     app.sessions.remove(socket);
     app.metrics.connection_closed(signed_in, closed_code);
 }
@@ -206,7 +206,8 @@ impl Session {
                 return ReadEnd::Closing;
             }
             match decoded {
-                Ok(f) => self.handle(f).await,
+                // boxed: an idle socket's task holds only the read state, not a join's
+                Ok(f) => Box::pin(self.handle(f)).await,
                 Err(e) => {
                     tracing::debug!(socket = self.socket, error = %e, "malformed frame");
                     self.out.close(close::MALFORMED);
