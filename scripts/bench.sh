@@ -9,6 +9,21 @@
 #   GATEWAY_BIN=/path/to/other/gateway scripts/bench.sh   # an A/B build
 #   scripts/bench.sh history         # the cost of room history: fan-out CPU with history on vs off,
 #                                    # join latency with history_on_join 20 vs 0 (medians of RUNS)
+#   scripts/bench.sh compare         # the gateway against the bare stack (shared/perf/ceiling, one
+#                                    # process): per run, in alternating order, on each: idle RSS per
+#                                    # viewer (VIEWERS, default 10000, one process), warm-room joins
+#                                    # (JOINS 2000, 64 in flight: joins/s, server CPU per join),
+#                                    # fan-out to SUBSCRIBERS at 100/s and 20/s for FANOUT_SECONDS
+#                                    # (10) each (deliveries per server CPU-second, Redis CPU apart,
+#                                    # p50/p99, loss); then medians [ranges] of RUNS, gateway/ceiling
+#                                    # ratios, and one JSON line. CEILING_DIR overrides where the
+#                                    # ceiling's source is (default ../shared/perf/ceiling).
+#   RUNS=1 VIEWERS=1000 SUBSCRIBERS=500 FANOUT_SECONDS=3 scripts/bench.sh compare   # a quick look
+#   scripts/bench.sh churn           # CHURN_VIEWERS (10000) anonymous viewers over two gateways,
+#                                    # then CHURN_RATE (1000) joins and as many leaves per second for
+#                                    # CHURN_SECONDS (60); a sample every CHURN_SAMPLE (5) s of the
+#                                    # gateways' CPU and RSS, Redis's commands/s and CPU, the sockets;
+#                                    # min/median/max of each and whether it stayed flat; a JSON line
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -16,6 +31,7 @@ ensure_redis_server
 ulimit -n 65536 2>/dev/null || true
 cargo build --release --quiet --bins
 
+COMPARE_VIEWERS=${VIEWERS:-10000}   # compare mode's default differs from the others'
 VIEWERS=${VIEWERS:-5000}
 SUBSCRIBERS=${SUBSCRIBERS:-2000}
 MESSAGES=${MESSAGES:-200}
@@ -205,6 +221,159 @@ history_redis_bench() {
 if [ "${1:-}" = history ]; then
   start_standalone
   history_bench
+  exit 0
+fi
+
+# Runs one bench scenario of the compare mode: its prose goes to the screen (tagged with the
+# server), its JSON line to the results with the server, run and case added. A scenario that fails
+# without figures is reported and the run goes on; fanout-cost prints its figures before it fails
+# on lost deliveries, so loss is recorded.
+compare_case() {
+  local server=$1 run=$2 case=$3 out="$work/case.out" rc=0 json
+  shift 3
+  "$@" >"$out" 2>&1 || rc=$?
+  grep -v -e '^machine' -e '^{' "$out" | sed "s/^/   [$server] /" || true
+  json=$(grep '^{' "$out" | tail -1 || true)
+  if [ -n "$json" ]; then
+    echo "{\"server\":\"$server\",\"run\":$run,\"case\":\"$case\",\"exit\":$rc,${json#\{}" >>"$compare_results"
+  else
+    echo "   [$server] !! $case failed (exit $rc) without figures"
+  fi
+}
+
+start_ceiling() {
+  local port
+  port=$(free_port)
+  : >"$work/ceiling.err"
+  "$ceiling_bin" --listen "127.0.0.1:$port" 2>"$work/ceiling.err" &
+  ceiling_pid=$!
+  pids+=($!)
+  for _ in $(seq 100); do grep -q listening "$work/ceiling.err" && break; sleep 0.05; done
+  grep -q listening "$work/ceiling.err" || { echo "error: ceiling did not start: $(cat "$work/ceiling.err")" >&2; exit 1; }
+  # one process is one world: both bench URLs point at it, its pid is the only server pid
+  url1="127.0.0.1:$port" url2="127.0.0.1:$port" idle_pid=$ceiling_pid
+  pid_args=(--pid "$ceiling_pid") redis_args=()
+}
+stop_ceiling() {
+  kill "$ceiling_pid" 2>/dev/null || true
+  wait "$ceiling_pid" 2>/dev/null || true
+  grep -v listening "$work/ceiling.err" | sed 's/^/   [ceiling] /' || true
+}
+start_gw_pair() {
+  start_gateway 1
+  start_gateway 2
+  url1=$gw1 url2=$gw2 idle_pid=$gw1_pid
+  pid_args=(--pid "$gw1_pid" --pid "$gw2_pid") redis_args=(--redis "$GATEWAY_REDIS_URL")
+}
+
+# `scripts/bench.sh compare`: the gateway (two fresh gateways per run on one standalone Redis)
+# and the ceiling (one fresh process per run), which goes first alternating from run to run.
+compare_bench() {
+  local ceiling_dir=${CEILING_DIR:-$(dirname "$PWD")/shared/perf/ceiling}
+  if [ ! -f "$ceiling_dir/Cargo.toml" ]; then
+    echo "error: compare needs the ceiling server's source, not found at $ceiling_dir (set CEILING_DIR to its folder)" >&2
+    exit 1
+  fi
+  cargo build --release --quiet --manifest-path "$ceiling_dir/Cargo.toml" --target-dir target/ceiling
+  ceiling_bin=target/ceiling/release/ceiling
+  compare_results="$work/compare.jsonl"
+  : >"$compare_results"
+  local viewers=$COMPARE_VIEWERS joins=${JOINS:-2000} secs=${FANOUT_SECONDS:-10} order server rate i r
+  start_standalone
+  echo "== compare: gateway (2 processes, standalone Redis $(redis-server --version | awk '{print $3}')) vs ceiling (1 process) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "== $RUNS run(s); idle $viewers viewers; joins $joins (warm room, 64 in flight); fan-out $SUBSCRIBERS subscribers at 100/s and 20/s for $secs s each"
+  for i in $(seq "$RUNS"); do
+    if [ $((i % 2)) -eq 1 ]; then order="ceiling gateway"; else order="gateway ceiling"; fi
+    for server in $order; do
+      echo "-- run $i/$RUNS: $server: start"
+      if [ "$server" = ceiling ]; then start_ceiling; else start_gw_pair; fi
+      if [ "$server" = gateway ]; then   # the ceiling has any room
+        for r in idle joins f100 f20; do target/release/gateway rooms create "cmp$i-$r" >/dev/null; done
+      fi
+      echo "-- run $i/$RUNS: $server idle ($viewers anonymous viewers on one process)"
+      compare_case "$server" "$i" idle target/release/bench --gateway "$url1" --room "cmp$i-idle" \
+        idle --viewers "$viewers" --pid "$idle_pid"
+      sleep 3   # the viewers' leaves settle
+      echo "-- run $i/$RUNS: $server joins ($joins to a warm room, 64 in flight)"
+      compare_case "$server" "$i" joins target/release/bench --gateway "$url1" --gateway "$url2" \
+        --room "cmp$i-joins" joins --viewers "$joins" --in-flight 64 --warm "${pid_args[@]}"
+      sleep 3
+      for rate in 100 20; do
+        echo "-- run $i/$RUNS: $server fanout $rate/s ($SUBSCRIBERS subscribers, $((rate * secs)) messages)"
+        compare_case "$server" "$i" "fanout$rate" target/release/bench --gateway "$url1" --gateway "$url2" \
+          --room "cmp$i-f$rate" fanout-cost --subscribers "$SUBSCRIBERS" --messages $((rate * secs)) \
+          --rate "$rate" --secret "$secret" "${pid_args[@]}" "${redis_args[@]}"
+        sleep 2
+      done
+      if [ "$server" = ceiling ]; then stop_ceiling; else stop_gateways; fi
+      sleep 1
+    done
+  done
+  python3 - "$compare_results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def with_redis(r):
+    # deliveries per CPU-second of the server and its Redis together
+    cpu = r["gateway_cpu_s"] + (r["redis_cpu_ms"] / 1000 if r.get("redis") else 0)
+    return r["delivered"] / max(cpu, 0.01)
+METRICS = [
+    ("idle", "idle: RSS per anonymous viewer (KiB)", lambda r: r["bytes_per_viewer"] / 1024),
+    ("joins", "joins: joins/s (warm room, 64 in flight)", lambda r: r["joins_per_s"]),
+    ("joins", "joins: server CPU per join (µs)", lambda r: r["server_cpu_us_per_join"]),
+    ("joins", "joins: latency p50 (ms)", lambda r: r["p50_ms"]),
+    ("joins", "joins: latency p99 (ms)", lambda r: r["p99_ms"]),
+]
+for rate in (100, 20):
+    c = f"fanout{rate}"
+    METRICS += [
+        (c, f"fanout {rate}/s: deliveries per server CPU-second", lambda r: r["deliveries_per_cpu_s"]),
+        (c, f"fanout {rate}/s: deliveries per CPU-second incl. Redis", with_redis),
+        (c, f"fanout {rate}/s: Redis CPU per message (µs)", lambda r: r["redis_us_per_message"] if r.get("redis") else None),
+        (c, f"fanout {rate}/s: latency p50 (ms)", lambda r: r["p50_ms"]),
+        (c, f"fanout {rate}/s: latency p99 (ms)", lambda r: r["p99_ms"]),
+        (c, f"fanout {rate}/s: loss (%)", lambda r: 100 * r["lost"] / max(r["expected"], 1)),
+    ]
+def figures(server, case, f):
+    v = [f(r) for r in sorted(rows, key=lambda r: r["run"]) if r["server"] == server and r["case"] == case]
+    v = [x for x in v if x is not None]
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} if v else None
+def fmt(x):
+    return "—" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
+out, table = [], []
+for case, label, f in METRICS:
+    c, g = figures("ceiling", case, f), figures("gateway", case, f)
+    ratio = g["median"] / c["median"] if c and g and c["median"] else None
+    out.append({"metric": label, "case": case, "ceiling": c, "gateway": g, "ratio_gateway_to_ceiling": ratio})
+    cell = lambda s: "—" if s is None else f"{fmt(s['median'])} [{fmt(s['min'])}–{fmt(s['max'])}]"
+    table.append((label, cell(c), cell(g), "—" if ratio is None else f"{ratio:.3f}"))
+runs = max((r["run"] for r in rows), default=0)
+print(f"== compare: medians of {runs} run(s) [min–max]; ratio = gateway / ceiling")
+w = [max(len(t[i]) for t in table + [("metric", "ceiling", "gateway", "ratio")]) for i in range(4)]
+for t in [("metric", "ceiling median [range]", "gateway median [range]", "ratio")] + table:
+    print(" | ".join(x.ljust(w[i]) for i, x in enumerate(t)))
+failed = [f"{r['server']} run {r['run']} {r['case']} (exit {r['exit']})" for r in rows if r["exit"] != 0]
+if failed:
+    print("non-zero exits (figures kept; see above): " + ", ".join(failed))
+print(json.dumps({"compare": {"runs": runs, "rows": out, "raw": rows}}, ensure_ascii=False))
+PY
+}
+if [ "${1:-}" = compare ]; then
+  compare_bench
+  exit 0
+fi
+
+# `scripts/bench.sh churn`: one standalone Redis, two gateways, the `churn` scenario.
+if [ "${1:-}" = churn ]; then
+  start_standalone
+  start_gateway 1
+  start_gateway 2
+  target/release/gateway rooms create churn >/dev/null
+  echo "== churn on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}'); load $(cut -d' ' -f1-3 /proc/loadavg)"
+  target/release/bench --gateway "$gw1" --gateway "$gw2" --room churn churn \
+    --viewers "${CHURN_VIEWERS:-10000}" --rate "${CHURN_RATE:-1000}" --seconds "${CHURN_SECONDS:-60}" \
+    --sample "${CHURN_SAMPLE:-5}" --pid "$gw1_pid" --pid "$gw2_pid" \
+    --redis "$GATEWAY_REDIS_URL" --redis-pid "${redis_pids[0]}" | grep -v '^machine'
+  stop_gateways
   exit 0
 fi
 
