@@ -63,7 +63,7 @@ enum ReadEnd {
 
 /// Serves one upgraded connection until it closes, then removes its presence.
 /// `early`: bytes the HTTP layer read past the upgrade request.
-pub async fn run<W: AsyncWrite + Unpin>(
+pub async fn run<W: AsyncWrite + Unpin + Send + 'static>(
     app: Arc<App>,
     (read, early): (OwnedReadHalf, Bytes),
     write: W,
@@ -96,20 +96,19 @@ pub async fn run<W: AsyncWrite + Unpin>(
 
     // Both halves run to the end: the reader is never dropped in the middle of a join or leave
     // (which would leave presence half-written). Whichever stops first makes the other stop: the
-    // reader sets a close code or aborts, the writer fires `writer_done`.
-    let closed_code = {
-        let write_timeout = app.cfg.server.write_timeout();
-        let reader = async {
-            if let ReadEnd::Gone = session.read_loop(&mut ws).await {
-                out.abort();
-            }
-        };
-        let writer = async {
-            run_writer(out.clone(), write, write_timeout).await;
-        };
-        tokio::join!(reader, writer);
-        out.closed_code()
-    };
+    // reader sets a close code or aborts, the writer fires `writer_done`. The writer is its own
+    // task, so a delivery wakes only the writer, not the reader's poll of its socket and timers.
+    let writer = tokio::spawn(run_writer(
+        out.clone(),
+        write,
+        app.cfg.server.write_timeout(),
+    ));
+    if let ReadEnd::Gone = session.read_loop(&mut ws).await {
+        out.abort();
+    }
+    drop(ws);
+    let _ = writer.await;
+    let closed_code = out.closed_code();
     // nothing more is queued for this socket, whoever still holds its outbox
     out.abort();
     if let Some(k) = expiry {
