@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use std::io::IoSlice;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use crate::protocol::close;
@@ -158,25 +161,23 @@ impl Outbox {
 }
 
 /// Runs the socket's single writer to its end, then wakes the reader.
-pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(out: Outbox, w: W, write_timeout: Duration) {
+pub(crate) async fn run_writer(out: Outbox, w: OwnedWriteHalf, write_timeout: Duration) {
     write_loop(out.clone(), w, write_timeout).await;
     out.0.writer_done.notify_one();
 }
 
 /// Frames per write: several queued frames go out in one syscall.
 const BATCH: usize = 64;
-/// A write buffer larger than this is released after use, so one burst does not pin memory on
-/// every idle socket. (0: an idle socket keeps none; allocating one per wake-up is cheaper than
-/// the memory of 10,000 idle ones.)
-const KEEP_BUFFER: usize = 0;
-/// Frames larger than this (a big `presence_state`) are written straight from the shared bytes
-/// instead of being copied into the write buffer.
-const COPY_LIMIT: usize = 2048;
+/// The longest frame header: FIN + opcode, 127, a 64-bit length (server frames are not masked).
+const HEAD_MAX: usize = 10;
 
-/// The single writer: drains the queue, frames text with a header written here (server frames
-/// are unmasked, so a shared `Bytes` body is written as is), and sends the close frame last.
-async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout: Duration) {
-    let mut buf: Vec<u8> = Vec::new();
+/// The single writer: drains the queue and sends the close frame last.
+///
+/// A batch is first handed to the kernel without waiting (`writev` over the frames' own bytes:
+/// headers built on the stack, shared bodies not copied), which takes it whole unless the client
+/// reads slowly. Only then is the rest copied and awaited, under `server.write_timeout`. So an
+/// idle socket holds no write buffer, and a delivery costs no allocation or timer here.
+async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration) {
     let mut batch: Vec<Out> = Vec::new();
     loop {
         out.0.notify.notified().await;
@@ -188,20 +189,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout:
             if batch.is_empty() {
                 break;
             }
+            let rest = write_now(&w, &batch);
+            batch.clear();
+            let rest = match rest {
+                Ok(None) => continue,
+                Ok(Some(rest)) => rest,
+                Err(_) => {
+                    out.abort();
+                    return;
+                }
+            };
             // a peer that does not read for write_timeout is dropped: the writer never hangs
-            // (boxed: an idle socket's task does not hold a write's state)
-            let wrote = Box::pin(tokio::time::timeout(write_timeout, async {
-                for m in batch.drain(..) {
-                    write_out(&mut w, &mut buf, m).await?;
-                }
-                if !buf.is_empty() {
-                    w.write_all(&buf).await?;
-                }
-                Ok::<(), std::io::Error>(())
-            }))
-            .await;
-            match wrote {
-                Ok(Ok(())) => buf.clear(),
+            match Box::pin(tokio::time::timeout(write_timeout, w.write_all(&rest))).await {
+                Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     out.abort();
                     return;
@@ -213,10 +213,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout:
                 }
             }
         }
-        // an idle socket keeps no write buffers beyond small ones
-        if buf.capacity() > KEEP_BUFFER {
-            buf = Vec::new();
-        }
+        // an idle socket keeps no batch storage
         if batch.capacity() > 0 {
             batch = Vec::new();
         }
@@ -244,45 +241,69 @@ async fn write_loop<W: AsyncWrite + Unpin>(out: Outbox, mut w: W, write_timeout:
     }
 }
 
-/// Adds a frame to the batch; a large body is written directly from its shared bytes, after
-/// what is batched before it.
-async fn write_out<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    buf: &mut Vec<u8>,
-    m: Out,
-) -> std::io::Result<()> {
-    let (head, body, tail): (&[u8], &[u8], &[u8]) = match &m {
-        Out::Text(b) | Out::Pong(b) => (&[], b, &[]),
-        Out::Wrapped(h, b) => (h, b, b"]"),
-    };
-    put_head(buf, &m, head.len() + body.len() + tail.len());
-    buf.extend_from_slice(head);
-    if body.len() <= COPY_LIMIT {
-        buf.extend_from_slice(body);
-    } else {
-        w.write_all(buf).await?;
-        buf.clear();
-        w.write_all(body).await?;
+/// Writes what the kernel takes of `batch` (at most [`BATCH`] frames) without waiting; returns
+/// the bytes it did not take, copied, or None when it took them all.
+fn write_now(w: &OwnedWriteHalf, batch: &[Out]) -> std::io::Result<Option<Vec<u8>>> {
+    let mut heads = [([0u8; HEAD_MAX], 0usize); BATCH];
+    let mut bodies: [[&[u8]; 3]; BATCH] = [[&[]; 3]; BATCH];
+    for ((head, body), m) in heads.iter_mut().zip(bodies.iter_mut()).zip(batch) {
+        (*head, *body) = frame_parts(m);
     }
-    buf.extend_from_slice(tail);
-    Ok(())
+    let mut slices = [IoSlice::new(&[]); 4 * BATCH];
+    let (mut k, mut total) = (0, 0);
+    for ((head, n), body) in heads.iter().zip(&bodies).take(batch.len()) {
+        for part in std::iter::once(&head[..*n]).chain(body.iter().copied()) {
+            if !part.is_empty() {
+                slices[k] = IoSlice::new(part);
+                k += 1;
+                total += part.len();
+            }
+        }
+    }
+    let written = match w.try_write_vectored(&slices[..k]) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if written == total {
+        return Ok(None);
+    }
+    let mut rest = Vec::with_capacity(total - written);
+    let mut skip = written;
+    for part in &slices[..k] {
+        if skip >= part.len() {
+            skip -= part.len();
+        } else {
+            rest.extend_from_slice(&part[skip..]);
+            skip = 0;
+        }
+    }
+    Ok(Some(rest))
 }
 
-/// The frame header: FIN + opcode, then the payload length (server frames are not masked).
-fn put_head(buf: &mut Vec<u8>, m: &Out, n: usize) {
-    buf.push(match m {
-        Out::Text(_) | Out::Wrapped(..) => 0x81u8,
-        Out::Pong(_) => 0x8Au8,
-    });
-    if n < 126 {
-        buf.push(n as u8);
-    } else if n <= u16::MAX as usize {
-        buf.push(126);
-        buf.extend_from_slice(&(n as u16).to_be_bytes());
+/// A frame's header (and its length) and its payload's parts: `head ++ body ++ tail`.
+fn frame_parts(m: &Out) -> (([u8; HEAD_MAX], usize), [&[u8]; 3]) {
+    let (op, parts): (u8, [&[u8]; 3]) = match m {
+        Out::Text(b) => (0x81, [&[], b, &[]]),
+        Out::Pong(b) => (0x8A, [&[], b, &[]]),
+        Out::Wrapped(h, b) => (0x81, [h, b, b"]"]),
+    };
+    let n: usize = parts.iter().map(|p| p.len()).sum();
+    let mut head = [0u8; HEAD_MAX];
+    head[0] = op;
+    let len = if n < 126 {
+        head[1] = n as u8;
+        2
+    } else if n <= usize::from(u16::MAX) {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+        4
     } else {
-        buf.push(127);
-        buf.extend_from_slice(&(n as u64).to_be_bytes());
-    }
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+        10
+    };
+    ((head, len), parts)
 }
 
 #[cfg(test)]
@@ -290,10 +311,9 @@ mod tests {
     use super::*;
 
     async fn framed(m: Out) -> Vec<u8> {
-        let mut wire = Vec::new();
-        let mut buf = Vec::new();
-        write_out(&mut wire, &mut buf, m).await.unwrap();
-        wire.extend_from_slice(&buf);
+        let ((head, n), parts) = frame_parts(&m);
+        let mut wire = head[..n].to_vec();
+        parts.iter().for_each(|p| wire.extend_from_slice(p));
         wire
     }
 
@@ -334,6 +354,48 @@ mod tests {
         assert_eq!(usize::from(u16::from_be_bytes([b[2], b[3]])), text.len());
         let v: serde_json::Value = serde_json::from_str(text).unwrap();
         assert_eq!(v[4]["k"].as_str().unwrap().len(), 5000);
+    }
+
+    #[tokio::test]
+    async fn what_the_kernel_does_not_take_at_once_is_returned_in_order() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (_r, mut w) = server.into_split();
+        let frame = |i: usize| {
+            Out::Wrapped(
+                Bytes::from_static(b"[1,"),
+                Bytes::from(vec![b'a' + (i % 26) as u8; 100_000]),
+            )
+        };
+        // the client reads nothing until the socket's buffers are full
+        let mut expected = Vec::new();
+        let mut rest = None;
+        for batch in 0..100 {
+            let chunk: Vec<Out> = (0..4).map(|i| frame(batch * 4 + i)).collect();
+            for i in 0..4 {
+                expected.extend(framed(frame(batch * 4 + i)).await);
+            }
+            if let Some(r) = write_now(&w, &chunk).unwrap() {
+                rest = Some(r);
+                break;
+            }
+        }
+        let rest = rest.expect("40 MB to a client that does not read fill the socket");
+        assert!(!rest.is_empty());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        w.write_all(&rest).await.unwrap();
+        w.shutdown().await.unwrap();
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "the stream differs from the frames in order");
     }
 
     #[test]

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
-use tokio::io::AsyncWrite;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
@@ -63,10 +62,10 @@ enum ReadEnd {
 
 /// Serves one upgraded connection until it closes, then removes its presence.
 /// `early`: bytes the HTTP layer read past the upgrade request.
-pub async fn run<W: AsyncWrite + Unpin + Send + 'static>(
+pub async fn run(
     app: Arc<App>,
     (read, early): (OwnedReadHalf, Bytes),
-    write: W,
+    write: OwnedWriteHalf,
     (identity, auth_error): (Identity, Option<AuthError>),
     socket: u64,
 ) {
