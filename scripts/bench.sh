@@ -278,6 +278,9 @@ compare_bench() {
   ceiling_bin=target/ceiling/release/ceiling
   compare_results="$work/compare.jsonl"
   : >"$compare_results"
+  # CASES / RATES run a part only, e.g. CASES=fanout RATES=100 for a quick A/B
+  local CASES=${CASES:-idle joins fanout} RATES=${RATES:-100 20}
+  [[ " $CASES " == *" fanout "* ]] || RATES=""
   local viewers=$COMPARE_VIEWERS joins=${JOINS:-2000} secs=${FANOUT_SECONDS:-10} order server rate i r
   start_standalone
   echo "== compare: gateway (2 processes, standalone Redis $(redis-server --version | awk '{print $3}')) vs ceiling (1 process) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -290,15 +293,19 @@ compare_bench() {
       if [ "$server" = gateway ]; then   # the ceiling has any room
         for r in idle joins f100 f20; do target/release/gateway rooms create "cmp$i-$r" >/dev/null; done
       fi
+      if [[ " $CASES " == *" idle "* ]]; then
       echo "-- run $i/$RUNS: $server idle ($viewers anonymous viewers on one process)"
       compare_case "$server" "$i" idle target/release/bench --gateway "$url1" --room "cmp$i-idle" \
         idle --viewers "$viewers" --pid "$idle_pid"
       sleep 3   # the viewers' leaves settle
+      fi
+      if [[ " $CASES " == *" joins "* ]]; then
       echo "-- run $i/$RUNS: $server joins ($joins to a warm room, 64 in flight)"
       compare_case "$server" "$i" joins target/release/bench --gateway "$url1" --gateway "$url2" \
         --room "cmp$i-joins" joins --viewers "$joins" --in-flight 64 --warm "${pid_args[@]}"
       sleep 3
-      for rate in 100 20; do
+      fi
+      for rate in $RATES; do
         echo "-- run $i/$RUNS: $server fanout $rate/s ($SUBSCRIBERS subscribers, $((rate * secs)) messages)"
         compare_case "$server" "$i" "fanout$rate" target/release/bench --gateway "$url1" --gateway "$url2" \
           --room "cmp$i-f$rate" fanout-cost --subscribers "$SUBSCRIBERS" --messages $((rate * secs)) \

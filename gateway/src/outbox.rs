@@ -167,7 +167,7 @@ pub(crate) async fn run_writer(out: Outbox, w: OwnedWriteHalf, write_timeout: Du
 }
 
 /// Frames per write: several queued frames go out in one syscall.
-const BATCH: usize = 64;
+const BATCH: usize = 16;
 /// The longest frame header: FIN + opcode, 127, a 64-bit length (server frames are not masked).
 const HEAD_MAX: usize = 10;
 
@@ -244,15 +244,15 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
 /// Writes what the kernel takes of `batch` (at most [`BATCH`] frames) without waiting; returns
 /// the bytes it did not take, copied, or None when it took them all.
 fn write_now(w: &OwnedWriteHalf, batch: &[Out]) -> std::io::Result<Option<Vec<u8>>> {
+    // small arrays on the stack: a delivery is usually a batch of one frame
     let mut heads = [([0u8; HEAD_MAX], 0usize); BATCH];
-    let mut bodies: [[&[u8]; 3]; BATCH] = [[&[]; 3]; BATCH];
-    for ((head, body), m) in heads.iter_mut().zip(bodies.iter_mut()).zip(batch) {
-        (*head, *body) = frame_parts(m);
+    for (head, m) in heads.iter_mut().zip(batch) {
+        *head = frame_parts(m).0;
     }
     let mut slices = [IoSlice::new(&[]); 4 * BATCH];
     let (mut k, mut total) = (0, 0);
-    for ((head, n), body) in heads.iter().zip(&bodies).take(batch.len()) {
-        for part in std::iter::once(&head[..*n]).chain(body.iter().copied()) {
+    for ((head, n), m) in heads.iter().zip(batch) {
+        for part in std::iter::once(&head[..*n]).chain(frame_parts(m).1) {
             if !part.is_empty() {
                 slices[k] = IoSlice::new(part);
                 k += 1;
