@@ -19,6 +19,8 @@
 #                                    # ratios, and one JSON line. CEILING_DIR overrides where the
 #                                    # ceiling's source is (default ../shared/perf/ceiling).
 #   RUNS=1 VIEWERS=1000 SUBSCRIBERS=500 FANOUT_SECONDS=3 scripts/bench.sh compare   # a quick look
+#   scripts/bench.sh scale           # idle RSS per anonymous viewer at 1k / 10k (one gateway),
+#                                    # 38k (two) and 50k (three): SCALE_STEPS="viewers:gateways ..."
 #   scripts/bench.sh churn           # CHURN_VIEWERS (10000) anonymous viewers over two gateways,
 #                                    # then CHURN_RATE (1000) joins and as many leaves per second for
 #                                    # CHURN_SECONDS (60); a sample every CHURN_SAMPLE (5) s of the
@@ -366,6 +368,52 @@ PY
 }
 if [ "${1:-}" = compare ]; then
   compare_bench
+  exit 0
+fi
+
+# `scripts/bench.sh scale`: idle memory per anonymous viewer as the sockets grow. Each step starts
+# fresh gateways and one `bench idle` per gateway in parallel (a process may hold at most
+# `ulimit -Hn` descriptors, 20,000 on the reference machine, so no gateway or client takes more
+# than SCALE_PER_PROCESS sockets). SCALE_STEPS: "viewers:gateways" pairs.
+scale_bench() {
+  local steps=${SCALE_STEPS:-1000:1 10000:1 38000:2 50000:3} step n g i per pids_all=() bench_pids=()
+  start_standalone
+  echo "== scale on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); open files: soft $(ulimit -Sn), hard $(ulimit -Hn)"
+  for step in $steps; do
+    n=${step%%:*}; g=${step##*:}; per=$((n / g))
+    if [ "$per" -gt "${SCALE_PER_PROCESS:-19000}" ]; then
+      echo "-- $n viewers over $g gateway(s): skipped, $per sockets per process exceed SCALE_PER_PROCESS"
+      continue
+    fi
+    echo "-- $n anonymous viewers over $g gateway(s), $per each"
+    pids_all=(); bench_pids=()
+    for i in $(seq "$g"); do start_gateway "$i"; eval "pids_all+=(\$gw${i}_pid)"; done
+    target/release/gateway rooms create "scale-$n" >/dev/null
+    for i in $(seq "$g"); do
+      eval "url=\$gw$i; pid=\$gw${i}_pid"
+      target/release/bench --gateway "$url" --room "scale-$n" idle --viewers "$per" --pid "$pid" \
+        >"$work/scale-$n-$i.out" &
+      bench_pids+=($!)
+    done
+    wait "${bench_pids[@]}" || echo "-- a bench process failed (see above)"
+    python3 - "$n" "$g" "$work"/scale-"$n"-*.out <<'PY'
+import json, sys
+n, g, files = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+rows = [json.loads(l) for f in files for l in open(f) if l.startswith("{")]
+for f in files:
+    for l in open(f):
+        if not l.startswith("{") and not l.startswith("machine"): print("   " + l.rstrip())
+total = sum(r["rss_after_kib"] - r["rss_before_kib"] for r in rows) * 1024
+print(json.dumps({"scenario": "scale", "viewers": n, "gateways": g, "measured": sum(r["viewers"] for r in rows),
+                  "rss_growth_bytes": total, "bytes_per_viewer": total / max(1, sum(r["viewers"] for r in rows))}))
+PY
+    kill "${pids_all[@]}" 2>/dev/null || true
+    wait "${pids_all[@]}" 2>/dev/null || true
+    sleep 2
+  done
+}
+if [ "${1:-}" = scale ]; then
+  scale_bench
   exit 0
 fi
 

@@ -124,14 +124,17 @@ impl Outbox {
         self.0.code.load(Ordering::Acquire)
     }
 
-    /// Takes up to `n` queued frames; a drained queue gives back its storage.
-    fn take(&self, n: usize, into: &mut Vec<Out>) {
+    /// Takes as many queued frames as `into` holds; a drained queue gives back its storage.
+    fn take_into(&self, into: &mut [Option<Out>]) -> usize {
         let mut q = self.queue();
-        let k = q.len().min(n);
-        into.extend(q.drain(..k));
+        let k = q.len().min(into.len());
+        for (slot, m) in into.iter_mut().zip(q.drain(..k)) {
+            *slot = Some(m);
+        }
         if q.is_empty() && q.capacity() > 0 {
             *q = VecDeque::new();
         }
+        k
     }
 }
 
@@ -178,22 +181,16 @@ const HEAD_MAX: usize = 10;
 /// reads slowly. Only then is the rest copied and awaited, under `server.write_timeout`. So an
 /// idle socket holds no write buffer, and a delivery costs no allocation or timer here.
 async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration) {
-    let mut batch: Vec<Out> = Vec::new();
     loop {
         out.0.notify.notified().await;
         loop {
             if out.code() != 0 {
                 break;
             }
-            out.take(BATCH, &mut batch);
-            if batch.is_empty() {
-                break;
-            }
-            let rest = write_now(&w, &batch);
-            batch.clear();
-            let rest = match rest {
-                Ok(None) => continue,
-                Ok(Some(rest)) => rest,
+            let rest = match flush_now(&out, &w) {
+                Ok(Flushed::Empty) => break,
+                Ok(Flushed::All) => continue,
+                Ok(Flushed::Rest(rest)) => rest,
                 Err(_) => {
                     out.abort();
                     return;
@@ -212,10 +209,6 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
                     return;
                 }
             }
-        }
-        // an idle socket keeps no batch storage
-        if batch.capacity() > 0 {
-            batch = Vec::new();
         }
         match out.code() {
             0 => continue,
@@ -241,12 +234,38 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
     }
 }
 
+enum Flushed {
+    /// Nothing was queued.
+    Empty,
+    /// The kernel took every frame taken from the queue.
+    All,
+    /// What it did not take, to be written before anything else.
+    Rest(Vec<u8>),
+}
+
+/// Takes up to [`BATCH`] frames from the queue and writes what the kernel takes of them without
+/// waiting. The frames live on this function's stack only, never in the writer's state.
+fn flush_now(out: &Outbox, w: &OwnedWriteHalf) -> std::io::Result<Flushed> {
+    let mut batch: [Option<Out>; BATCH] = Default::default();
+    let n = out.take_into(&mut batch);
+    if n == 0 {
+        return Ok(Flushed::Empty);
+    }
+    Ok(match write_now(w, batch[..n].iter().flatten())? {
+        None => Flushed::All,
+        Some(rest) => Flushed::Rest(rest),
+    })
+}
+
 /// Writes what the kernel takes of `batch` (at most [`BATCH`] frames) without waiting; returns
 /// the bytes it did not take, copied, or None when it took them all.
-fn write_now(w: &OwnedWriteHalf, batch: &[Out]) -> std::io::Result<Option<Vec<u8>>> {
+fn write_now<'a>(
+    w: &OwnedWriteHalf,
+    batch: impl Iterator<Item = &'a Out> + Clone,
+) -> std::io::Result<Option<Vec<u8>>> {
     // small arrays on the stack: a delivery is usually a batch of one frame
     let mut heads = [([0u8; HEAD_MAX], 0usize); BATCH];
-    for (head, m) in heads.iter_mut().zip(batch) {
+    for (head, m) in heads.iter_mut().zip(batch.clone()) {
         *head = frame_parts(m).0;
     }
     let mut slices = [IoSlice::new(&[]); 4 * BATCH];
@@ -379,7 +398,7 @@ mod tests {
             for i in 0..4 {
                 expected.extend(framed(frame(batch * 4 + i)).await);
             }
-            if let Some(r) = write_now(&w, &chunk).unwrap() {
+            if let Some(r) = write_now(&w, chunk.iter()).unwrap() {
                 rest = Some(r);
                 break;
             }
@@ -395,7 +414,10 @@ mod tests {
         w.shutdown().await.unwrap();
         let got = reader.await.unwrap();
         assert_eq!(got.len(), expected.len());
-        assert!(got == expected, "the stream differs from the frames in order");
+        assert!(
+            got == expected,
+            "the stream differs from the frames in order"
+        );
     }
 
     #[test]
@@ -416,9 +438,8 @@ mod tests {
         assert!(c.send(Bytes::from_static(b"1")) && c.send(Bytes::from_static(b"2")));
         assert!(!c.send(Bytes::from_static(b"3")));
         assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
-        let mut got = Vec::new();
-        c.take(10, &mut got);
-        assert_eq!(got.len(), 2);
+        let mut got: [Option<Out>; 10] = Default::default();
+        assert_eq!(c.take_into(&mut got), 2);
     }
 
     #[test]
@@ -427,11 +448,10 @@ mod tests {
         for _ in 0..40 {
             assert!(c.send(Bytes::from_static(b"x")));
         }
-        let mut got = Vec::new();
-        c.take(30, &mut got);
+        let mut got: [Option<Out>; 30] = Default::default();
+        assert_eq!(c.take_into(&mut got), 30);
         assert!(c.queue().capacity() >= 10, "not drained yet: storage kept");
-        c.take(30, &mut got);
-        assert_eq!(got.len(), 40);
+        assert_eq!(c.take_into(&mut got), 10);
         let cap = c.queue().capacity();
         assert_eq!(cap, 0);
     }

@@ -199,14 +199,20 @@ mod tests {
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
         let (r, _w) = server.into_split();
-        (FrameReader::new(r, Bytes::copy_from_slice(early), max), client)
+        (
+            FrameReader::new(r, Bytes::copy_from_slice(early), max),
+            client,
+        )
     }
 
     #[tokio::test]
     async fn reads_frames_and_holds_no_buffer_between_them() {
         let (mut rd, mut client) = pair(&frame(0x81, b"early"), 1024).await;
         let f = rd.next().await.unwrap();
-        assert_eq!((f.fin, f.opcode, &f.payload[..]), (true, OpCode::Text, &b"early"[..]));
+        assert_eq!(
+            (f.fin, f.opcode, &f.payload[..]),
+            (true, OpCode::Text, &b"early"[..])
+        );
         assert_eq!(rd.buffered_capacity(), 0);
 
         // two frames in one write, then one split over two writes
@@ -214,7 +220,10 @@ mod tests {
         two.extend(frame(0x80, b"ment"));
         client.write_all(&two).await.unwrap();
         let f = rd.next().await.unwrap();
-        assert_eq!((f.fin, f.opcode, &f.payload[..]), (false, OpCode::Text, &b"frag"[..]));
+        assert_eq!(
+            (f.fin, f.opcode, &f.payload[..]),
+            (false, OpCode::Text, &b"frag"[..])
+        );
         let f = rd.next().await.unwrap();
         assert_eq!((f.fin, f.opcode), (true, OpCode::Continuation));
         assert_eq!(rd.buffered_capacity(), 0);
