@@ -200,62 +200,66 @@ test('failover: kill the master of a room, three times; presence and messages re
       }
     })();
 
-    const t0 = Date.now();
-    await cluster.kill(victimPort);
-    const slot = cluster.slotOf(roomKeys(PREFIX, roomA).record);
-    await waitFor(() => {
-      const m = cluster.masters().find((x) => x.slots.some(([a, b]) => a <= slot && slot <= b));
-      return m && m.port !== victimPort;
-    }, 20000, 'a replica to take over', 100);
-    const promoted = Date.now() - t0;
-    const keys = roomKeys(PREFIX, roomA);
-    // presence complete again in Redis (the new master)
-    await waitFor(() => {
-      try {
-        const fields = cluster.onOwner(keys.presence, 'HKEYS', keys.presence).split('\n').filter(Boolean);
-        const anon = cluster.onOwner(keys.anon, 'HVALS', keys.anon).split('\n').filter(Boolean).map(Number).reduce((x, y) => x + y, 0);
-        return fields.length === 4 && anon === 2;
-      } catch { return false; }
-    }, 15000, 'presence complete in Redis', 100);
-    const redisDone = Date.now() - t0;
-    // every viewer's view, and a new viewer's
-    await waitRows(o1, want, 15000, 'gw1 view after');
-    await waitRows(o2, want, 15000, 'gw2 view after');
-    const late = await observer(gw2.publicUrl, A, { sub: '15', username: 'pia' });
-    await waitRows(late, [...want, 'pia: 1'], 15000, 'a new viewer after the failover').catch((e) => {
-      const ch = keys.events;
-      throw new Error(`${e.message}; owner ${cluster.masterOf(ch)} SHARDNUMSUB ${cluster.onOwner(ch, 'PUBSUB', 'SHARDNUMSUB', ch)}`);
-    });
-    // new_msg crosses both ways in the failed-over room
-    await waitFor(async () => {
-      const tag = `a${round}-${Date.now()}`;
-      const r1 = await push(u1A.channel, 'new_msg', { body: `${tag}-1` }).catch(() => ({}));
-      const r2 = await push(u2A.channel, 'new_msg', { body: `${tag}-2` }).catch(() => ({}));
-      if (r1.status !== 'ok' || r2.status !== 'ok') return false;
-      await sleep(300);
-      return u2A.got.some((m) => m.body === `${tag}-1`) && u1A.got.some((m) => m.body === `${tag}-2`);
-    }, 15000, 'new_msg both ways in the failed-over room', 200);
-    const allDone = Date.now() - t0;
-    talking = false;
-    await talker;
-    await watcher;
-    await waitFor(() => u2B.got.length >= sent, 5000, 'every room-B message delivered');
-    const bodies = new Set(u2B.got.map((m) => m.body));
-    for (let i = 0; i < sent; i++) assert.ok(bodies.has(`b${round}-${i}`), `room B message ${i} delivered`);
-    assert.equal(failed, 0, 'room B pushes never failed during the failover');
-    assert.ok(notReady > 0, 'readiness turned false while the shard was unreachable');
-    await waitFor(async () => (await fetch(`${gw1.adminUrl}/health/ready`)).status === 200, 10000, 'ready again');
-    assert.ok(await metric(gw1, 'gateway_pubsub_interruptions_total') > interruptionsBefore, 'the metric counted the topology change');
-    const afterPromotion = allDone - promoted;
-    timings.push({ round, promoted, redisDone, allDone, afterPromotion, roomBMessages: sent });
-    t.diagnostic(`round ${round}: replica promoted ${promoted} ms after the kill; presence complete in Redis at ${redisDone} ms; every view, a new viewer and new_msg both ways at ${allDone} ms (${afterPromotion} ms after the promotion); room B: ${sent} messages, none lost`);
-    assert.ok(afterPromotion <= 10000, `recovered ${afterPromotion} ms after the promotion (limit 10 s)`);
-    for (const c of [u1A, u2A, u1B, u2B, o1, o2, late]) c.socket.disconnect();
-    // the killed node comes back as a replica, so the next round has one to promote
-    await cluster.restart(victimPort);
-    await cluster.waitOk();
-    await waitFor(() => cluster.masters().length === 3 && cluster.masters().every((m) => m.replicas.length === 1), 20000, 'every master has a replica again', 200);
-    await waitFor(() => cluster.masters().every((m) => /master_link_status:up/.test(cluster.cli(m.replicas[0], 'INFO', 'replication'))), 20000, 'replicas in sync', 200);
+    // the loops stop however this round ends, so a failure cannot keep the file running forever
+    const stopLoops = async () => { talking = false; await talker; await watcher; };
+    try {
+      const t0 = Date.now();
+      await cluster.kill(victimPort);
+      const slot = cluster.slotOf(roomKeys(PREFIX, roomA).record);
+      await waitFor(() => {
+        const m = cluster.masters().find((x) => x.slots.some(([a, b]) => a <= slot && slot <= b));
+        return m && m.port !== victimPort;
+      }, 20000, 'a replica to take over', 100);
+      const promoted = Date.now() - t0;
+      const keys = roomKeys(PREFIX, roomA);
+      // presence complete again in Redis (the new master)
+      await waitFor(() => {
+        try {
+          const fields = cluster.onOwner(keys.presence, 'HKEYS', keys.presence).split('\n').filter(Boolean);
+          const anon = cluster.onOwner(keys.anon, 'HVALS', keys.anon).split('\n').filter(Boolean).map(Number).reduce((x, y) => x + y, 0);
+          return fields.length === 4 && anon === 2;
+        } catch { return false; }
+      }, 15000, 'presence complete in Redis', 100);
+      const redisDone = Date.now() - t0;
+      // every viewer's view, and a new viewer's
+      await waitRows(o1, want, 15000, 'gw1 view after');
+      await waitRows(o2, want, 15000, 'gw2 view after');
+      const late = await observer(gw2.publicUrl, A, { sub: '15', username: 'pia' });
+      await waitRows(late, [...want, 'pia: 1'], 15000, 'a new viewer after the failover').catch((e) => {
+        const ch = keys.events;
+        throw new Error(`${e.message}; owner ${cluster.masterOf(ch)} SHARDNUMSUB ${cluster.onOwner(ch, 'PUBSUB', 'SHARDNUMSUB', ch)}`);
+      });
+      // new_msg crosses both ways in the failed-over room
+      await waitFor(async () => {
+        const tag = `a${round}-${Date.now()}`;
+        const r1 = await push(u1A.channel, 'new_msg', { body: `${tag}-1` }).catch(() => ({}));
+        const r2 = await push(u2A.channel, 'new_msg', { body: `${tag}-2` }).catch(() => ({}));
+        if (r1.status !== 'ok' || r2.status !== 'ok') return false;
+        await sleep(300);
+        return u2A.got.some((m) => m.body === `${tag}-1`) && u1A.got.some((m) => m.body === `${tag}-2`);
+      }, 15000, 'new_msg both ways in the failed-over room', 200);
+      const allDone = Date.now() - t0;
+      await stopLoops();
+      await waitFor(() => u2B.got.length >= sent, 5000, 'every room-B message delivered');
+      const bodies = new Set(u2B.got.map((m) => m.body));
+      for (let i = 0; i < sent; i++) assert.ok(bodies.has(`b${round}-${i}`), `room B message ${i} delivered`);
+      assert.equal(failed, 0, 'room B pushes never failed during the failover');
+      assert.ok(notReady > 0, 'readiness turned false while the shard was unreachable');
+      await waitFor(async () => (await fetch(`${gw1.adminUrl}/health/ready`)).status === 200, 10000, 'ready again');
+      assert.ok(await metric(gw1, 'gateway_pubsub_interruptions_total') > interruptionsBefore, 'the metric counted the topology change');
+      const afterPromotion = allDone - promoted;
+      timings.push({ round, promoted, redisDone, allDone, afterPromotion, roomBMessages: sent });
+      t.diagnostic(`round ${round}: replica promoted ${promoted} ms after the kill; presence complete in Redis at ${redisDone} ms; every view, a new viewer and new_msg both ways at ${allDone} ms (${afterPromotion} ms after the promotion); room B: ${sent} messages, none lost`);
+      assert.ok(afterPromotion <= 10000, `recovered ${afterPromotion} ms after the promotion (limit 10 s)`);
+      for (const c of [u1A, u2A, u1B, u2B, o1, o2, late]) c.socket.disconnect();
+      // the killed node comes back as a replica, so the next round has one to promote
+      await cluster.restart(victimPort);
+      await cluster.waitOk();
+      await waitFor(() => cluster.masters().length === 3 && cluster.masters().every((m) => m.replicas.length === 1), 20000, 'every master has a replica again', 200);
+      await waitFor(() => cluster.masters().every((m) => /master_link_status:up/.test(cluster.cli(m.replicas[0], 'INFO', 'replication'))), 20000, 'replicas in sync', 200);
+    } finally {
+      if (talking) await stopLoops();
+    }
   }
   const med = (k) => timings.map((x) => x[k]).sort((a, b) => a - b)[1];
   t.diagnostic(`median of 3: promoted ${med('promoted')} ms, presence in Redis ${med('redisDone')} ms, all views + messages ${med('allDone')} ms after the kill (${med('afterPromotion')} ms after the promotion)`);

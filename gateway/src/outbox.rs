@@ -420,6 +420,20 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_idle_writer_holds_no_write_state() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (_r, w) = l.accept().await.unwrap().0.into_split();
+        let out = Outbox::new(4, crate::metrics::Metrics::new());
+        let writer = run_writer(out, w, Duration::from_secs(1));
+        // the task of every idle socket is this big: a write under way is boxed
+        let size = std::mem::size_of_val(&writer);
+        assert!(size <= 256, "writer future: {size} bytes");
+    }
+
     #[test]
     fn first_close_request_wins() {
         let c = Outbox::new(4, crate::metrics::Metrics::new());
