@@ -30,8 +30,8 @@ enum Out {
 /// A socket's outbound queue and close request, shared by the reader, every room the socket is
 /// in (the hub), the drain, and the single writer that empties it.
 ///
-/// The queue is a `VecDeque` that starts empty and gives its memory back when drained, so an idle
-/// socket holds no queue storage at all (a tokio channel would keep a 32-slot block per socket).
+/// The queue is a `VecDeque` that starts empty and, when drained, keeps at most [`KEEP_SLOTS`]
+/// slots (a tokio channel would keep a 32-slot block per socket).
 pub struct Shared {
     queue: std::sync::Mutex<VecDeque<Out>>,
     cap: usize,
@@ -45,6 +45,12 @@ pub struct Shared {
 }
 
 const ABORT: u32 = u32::MAX;
+/// A drained queue keeps its storage up to this many slots (256 bytes, the smallest a `VecDeque`
+/// of frames allocates): a delivery to a socket with an empty queue then allocates nothing, and
+/// the allocation is not freed on the writer's thread after being made on the subscriber's — that
+/// traffic cost 10 % of fan-out throughput with glibc's malloc (BENCHMARKS.md). Anything a burst
+/// grew beyond it is given back.
+const KEEP_SLOTS: usize = 4;
 /// The client closed without a status code; the echo carries none either.
 pub(crate) const NO_STATUS: u16 = 1005;
 
@@ -131,7 +137,7 @@ impl Outbox {
         for (slot, m) in into.iter_mut().zip(q.drain(..k)) {
             *slot = Some(m);
         }
-        if q.is_empty() && q.capacity() > 0 {
+        if q.is_empty() && q.capacity() > KEEP_SLOTS {
             *q = VecDeque::new();
         }
         k
