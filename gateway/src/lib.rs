@@ -11,6 +11,7 @@
 //! | [`http`] | accept loop, HTTP/1 builder, response helpers (shared by `server` and `admin`) |
 //! | [`demo`] | the demo page, phoenix.js and demo tokens on the public port |
 //! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit |
+//! | [`wsread`] | client WebSocket frames read from the TCP stream, no buffer held while idle |
 //! | [`expiry`] | token lifetimes of open sockets and channels: one deadline list per node |
 //! | [`outbox`] | a socket's bounded outbound queue and its single writer (used by `session` and `fanout`) |
 //! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
@@ -24,7 +25,7 @@
 //! | [`admin`], [`metrics`] | admin HTTP (health, metrics, rooms API), metric families |
 //! | [`app`] | the assembled node |
 //!
-//! One frame's path: socket → `session` → `protocol::decode_text` → `rooms` rules → `presence`
+//! One frame's path: socket → `wsread` → `session` → `protocol::decode_text` → `rooms` rules → `presence`
 //! (one Lua call) or `fanout` publish (`history`: one Lua call appends and publishes) → Redis →
 //! every node's `fanout` subscriber → `Mirror` / the room's history tail and the shared frame →
 //! each local session's queue → writer → socket.
