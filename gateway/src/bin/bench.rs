@@ -110,73 +110,18 @@ enum Scenario {
     /// The cost of fan-out: like `fanout`, and the CPU the gateways (`--pid`) and Redis
     /// (`--redis`, `INFO cpu`) used while the messages went out: deliveries per gateway
     /// CPU-second, Redis CPU per message. Prints a JSON line.
-    FanoutCost {
-        #[arg(long, default_value_t = 2000)]
-        subscribers: usize,
-        #[arg(long, default_value_t = 400)]
-        messages: usize,
-        #[arg(long, default_value_t = 100)]
-        rate: u32,
-        #[arg(long, env = "GATEWAY_AUTH_HS256_SECRET")]
-        secret: String,
-        /// PID of each gateway, whose CPU time is counted.
-        #[arg(long = "pid", required = true)]
-        pids: Vec<u32>,
-        /// Redis URL, whose `used_cpu_user + used_cpu_sys` is counted (none: a server without
-        /// Redis, such as `ceiling`).
-        #[arg(long)]
-        redis: Option<String>,
-    },
+    FanoutCost(FanoutCost),
     /// Join latency in a warm room (a member on every gateway): `--fill` messages are said
     /// first, then N anonymous sockets (already open) join, `--in-flight` at a time; reports the
     /// reply's latency and the latency until the `--expect` history frames have arrived. Prints
     /// a JSON line.
-    JoinLatency {
-        #[arg(long, default_value_t = 2000)]
-        viewers: usize,
-        #[arg(long, default_value_t = 50)]
-        fill: usize,
-        /// History frames each join gets (`rooms.history_on_join`, or fewer in a short room).
-        #[arg(long, default_value_t = 20)]
-        expect: usize,
-        #[arg(long, default_value_t = 64)]
-        in_flight: usize,
-        #[arg(long, env = "GATEWAY_AUTH_HS256_SECRET")]
-        secret: String,
-        /// PID of each gateway, whose CPU time per join is reported.
-        #[arg(long = "pid")]
-        pids: Vec<u32>,
-    },
+    JoinLatency(JoinLatency),
     /// Churn in a big room: `--viewers` anonymous viewers join over the gateways, then for
     /// `--seconds` `--rate` new anonymous sockets open and join per second and as many of the
     /// oldest leave (a close frame), so the room stays at about `--viewers`. Every `--sample`
     /// seconds: each gateway's CPU and RSS, Redis's commands per second (`INFO commandstats`) and
     /// CPU, the open sockets. Prints a JSON line.
-    Churn {
-        #[arg(long, default_value_t = 10_000)]
-        viewers: usize,
-        /// Joins and leaves per second.
-        #[arg(long, default_value_t = 1000)]
-        rate: u32,
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
-        /// Seconds between samples.
-        #[arg(long, default_value_t = 5)]
-        sample: u64,
-        /// Joins under way at most; when the pacer would need more, the joins it cannot start
-        /// are skipped (and counted): the achieved rate is reported.
-        #[arg(long, default_value_t = 256)]
-        in_flight: usize,
-        /// PID of each gateway, whose CPU and RSS are sampled.
-        #[arg(long = "pid", required = true)]
-        pids: Vec<u32>,
-        /// Redis URL, for `INFO commandstats` (and `INFO cpu` without `--redis-pid`).
-        #[arg(long)]
-        redis: String,
-        /// PID of the Redis server, whose CPU is read from /proc.
-        #[arg(long)]
-        redis_pid: Option<u32>,
-    },
+    Churn(Churn),
 }
 
 struct SpawnExecutor;
@@ -603,64 +548,9 @@ async fn main() -> anyhow::Result<()> {
                 bail!("lost deliveries: {} of {expected}", expected - all.len());
             }
         }
-        Scenario::FanoutCost {
-            subscribers,
-            messages,
-            rate,
-            secret,
-            pids,
-            redis,
-        } => {
-            let c = FanoutCost {
-                subscribers,
-                messages,
-                rate,
-                secret,
-                pids,
-                redis,
-            };
-            fanout_cost(&cli.gateways, &topic, c).await?;
-        }
-        Scenario::JoinLatency {
-            viewers,
-            fill,
-            expect,
-            in_flight,
-            secret,
-            pids,
-        } => {
-            let j = JoinLatency {
-                viewers,
-                fill,
-                expect,
-                in_flight,
-                secret,
-                pids,
-            };
-            join_latency(&cli.gateways, &topic, j).await?;
-        }
-        Scenario::Churn {
-            viewers,
-            rate,
-            seconds,
-            sample,
-            in_flight,
-            pids,
-            redis,
-            redis_pid,
-        } => {
-            let c = Churn {
-                viewers,
-                rate,
-                seconds,
-                sample,
-                in_flight,
-                pids,
-                redis,
-                redis_pid,
-            };
-            churn(&cli.gateways, &topic, c).await?;
-        }
+        Scenario::FanoutCost(c) => fanout_cost(&cli.gateways, &topic, c).await?,
+        Scenario::JoinLatency(c) => join_latency(&cli.gateways, &topic, c).await?,
+        Scenario::Churn(c) => churn(&cli.gateways, &topic, c).await?,
     }
     Ok(())
 }
@@ -722,12 +612,22 @@ async fn redis_cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> anyh
     Ok(field("used_cpu_user")? + field("used_cpu_sys")?)
 }
 
+#[derive(clap::Args)]
 struct FanoutCost {
+    #[arg(long, default_value_t = 2000)]
     subscribers: usize,
+    #[arg(long, default_value_t = 400)]
     messages: usize,
+    #[arg(long, default_value_t = 100)]
     rate: u32,
+    #[arg(long, env = "GATEWAY_AUTH_HS256_SECRET")]
     secret: String,
+    /// PID of each gateway, whose CPU time is counted.
+    #[arg(long = "pid", required = true)]
     pids: Vec<u32>,
+    /// Redis URL, whose `used_cpu_user + used_cpu_sys` is counted (none: a server without
+    /// Redis, such as `ceiling`).
+    #[arg(long)]
     redis: Option<String>,
 }
 
@@ -930,12 +830,21 @@ async fn fanout_cost(gateways: &[String], topic: &str, c: FanoutCost) -> anyhow:
     Ok(())
 }
 
+#[derive(clap::Args)]
 struct JoinLatency {
+    #[arg(long, default_value_t = 2000)]
     viewers: usize,
+    #[arg(long, default_value_t = 50)]
     fill: usize,
+    /// History frames each join gets (`rooms.history_on_join`, or fewer in a short room).
+    #[arg(long, default_value_t = 20)]
     expect: usize,
+    #[arg(long, default_value_t = 64)]
     in_flight: usize,
+    #[arg(long, env = "GATEWAY_AUTH_HS256_SECRET")]
     secret: String,
+    /// PID of each gateway, whose CPU time per join is reported.
+    #[arg(long = "pid")]
     pids: Vec<u32>,
 }
 
@@ -1061,14 +970,30 @@ async fn join_latency(gateways: &[String], topic: &str, j: JoinLatency) -> anyho
     Ok(())
 }
 
+#[derive(clap::Args)]
 struct Churn {
+    #[arg(long, default_value_t = 10_000)]
     viewers: usize,
+    /// Joins and leaves per second.
+    #[arg(long, default_value_t = 1000)]
     rate: u32,
+    #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 5)]
     sample: u64,
+    /// Joins under way at most; when the pacer would need more, the joins it cannot start
+    /// are skipped (and counted): the achieved rate is reported.
+    #[arg(long, default_value_t = 256)]
     in_flight: usize,
+    /// PID of each gateway, whose CPU and RSS are sampled.
+    #[arg(long = "pid", required = true)]
     pids: Vec<u32>,
+    /// Redis URL, for `INFO commandstats` (and `INFO cpu` without `--redis-pid`).
+    #[arg(long)]
     redis: String,
+    /// PID of the Redis server, whose CPU is read from /proc.
+    #[arg(long)]
     redis_pid: Option<u32>,
 }
 
