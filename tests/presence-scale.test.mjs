@@ -3,7 +3,7 @@
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  test, startRedis, startGateway, createRoom, teardown, uid, waitFor, sleep,
+  test, startRedis, startGateway, createRoom, teardown, uid, waitFor, sleep, hs256, claims,
 } from './lib/harness.mjs';
 import {
   observer, waitCount, roomKeys, lightCrowd, lightOpen, pool, closeAllLight, memoryUsage, anonTotal,
@@ -11,6 +11,7 @@ import {
 
 const PREFIX = 'pz';
 const DIFF_INTERVAL = 50; // the default
+const ANON_DIFF_INTERVAL = 1000; // the default presence.anonymous_diff_interval_ms
 let redis; let gw1; let gw2;
 
 before(async () => {
@@ -84,7 +85,7 @@ test('1,000 anonymous viewers on two gateways: exact count, no per-viewer Redis 
   for (const c of [...first1, ...first2, ...more.flat()]) c.terminate();
 });
 
-test('coalescing: 500 anonymous joins in one second → ≤ 1000/diff_interval + 2 diffs per observer', { timeout: 90000 }, async (t) => {
+test('coalescing: 500 anonymous joins in one second → ≤ 1000/anonymous_diff_interval + 2 diffs per observer', { timeout: 90000 }, async (t) => {
   const room = uid('burst');
   const topic = `rooms:${room}`;
   createRoom(redis, PREFIX, room);
@@ -114,7 +115,9 @@ test('coalescing: 500 anonymous joins in one second → ≤ 1000/diff_interval +
   const perObserver = observers.map((o) => o.diffTimes.filter((x) => x >= t0 && x <= t0 + 1000).length);
   const max = Math.max(...perObserver);
   const min = Math.min(...perObserver);
-  const bound = 1000 / DIFF_INTERVAL + 2;
+  // only the anonymous list moves: at most one diff per anonymous diff interval (the window's
+  // first one goes at once, the last may fall on its edge)
+  const bound = 1000 / ANON_DIFF_INTERVAL + 2;
 
   const want = OBSERVERS + JOINS;
   await waitFor(() => observers.every((o) => o.anonMetas === want), 10000,
@@ -128,4 +131,54 @@ test('coalescing: 500 anonymous joins in one second → ≤ 1000/diff_interval +
   assert.ok(max <= bound, msg);
   assert.ok(min >= 1, 'every observer saw the burst');
   assert.equal(anonTotal(redis, PREFIX, room), want);
+});
+
+// A burst of anonymous joins spread over ~600 ms, seen by one anonymous observer: the `""` list moves
+// at the anonymous cadence, while a signed-in join in the same window goes out at the diff cadence
+// (carrying the anonymous change with it). With the setting at 0, the same burst moves the list
+// at the diff cadence: the bound above is the setting's doing.
+async function anonymousBurst(gw, room) {
+  const topic = `rooms:${room}`;
+  createRoom(redis, PREFIX, room);
+  const obs = await lightOpen(gw, { trackAnon: true });
+  await obs.join(topic);
+  const joiners = await pool(40, 20, () => lightOpen(gw));
+  const member = await lightOpen(gw, { token: hs256(claims('burst-user')) });
+  // past the observer's own join's diff: the burst's first diff goes at once
+  await sleep(ANON_DIFF_INTERVAL + 200);
+  obs.diffLog.length = 0;
+  const t0 = Date.now();
+  for (let i = 0; i < 40; i += 4) {
+    for (const j of joiners.slice(i, i + 4)) j.sendJoin(topic);
+    await sleep(60);
+  }
+  await Promise.all(joiners.map((j) => j.reply('1', 10000)));
+  const anonDiffs = obs.diffLog.filter((d) => d.at - t0 <= 700 && d.anon !== 0).length;
+  // a signed-in join now, inside the anonymous interval: not held back
+  const joinedAt = Date.now();
+  await member.join(topic);
+  await waitFor(() => obs.diffLog.some((d) => d.keys.includes('burst-user')), 5000, 'the signed-in join\'s diff');
+  const memberDiff = obs.diffLog.find((d) => d.keys.includes('burst-user'));
+  await waitFor(() => obs.anonMetas === 41, 5000, `the observer's "" metas = 41 (now ${obs.anonMetas})`);
+  for (const c of [obs, member, ...joiners]) c.terminate();
+  return { anonDiffs, memberLagMs: memberDiff.at - joinedAt, log: obs.diffLog.map((d) => ({ ...d, at: d.at - t0 })) };
+}
+
+test('anonymous-only diffs follow presence.anonymous_diff_interval_ms; a signed-in join is not held back', { timeout: 60000 }, async (t) => {
+  const paced = await anonymousBurst(gw1, uid('paced'));
+  t.diagnostic(`default (${ANON_DIFF_INTERVAL} ms): ${JSON.stringify(paced)}`);
+  assert.equal(paced.anonDiffs, 1, `one diff moves "" in the burst's first 700 ms: ${JSON.stringify(paced.log)}`);
+  assert.ok(paced.memberLagMs < ANON_DIFF_INTERVAL / 2, `the signed-in join's diff came ${paced.memberLagMs} ms after its reply`);
+
+  const gw0 = await startGateway({
+    redisPort: redis.port, prefix: PREFIX, name: 'scale-anon0',
+    env: { GATEWAY_PRESENCE_ANONYMOUS_DIFF_INTERVAL_MS: '0' },
+  });
+  try {
+    const eager = await anonymousBurst(gw0, uid('eager'));
+    t.diagnostic(`0 ms: ${JSON.stringify(eager)}`);
+    assert.ok(eager.anonDiffs >= 4, `with the setting at 0 the burst moves "" at the diff cadence: ${JSON.stringify(eager.log)}`);
+  } finally {
+    await teardown({ gateways: [gw0] });
+  }
 });

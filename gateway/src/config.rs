@@ -165,6 +165,11 @@ pub struct PresenceConfig {
     pub diff_interval_ms: u64,
     /// At most one `presence_count` per room per interval on each node.
     pub count_interval_ms: u64,
+    /// A `presence_diff` that only moves the anonymous `""` list (no signed-in change) waits until
+    /// this long after the last diff that moved it: the seed's "Anonymous: N" follows a crowd at
+    /// the count's cadence, and a burst of anonymous joins costs each viewer one frame a second.
+    /// 0: they go at `diff_interval_ms` like any other change.
+    pub anonymous_diff_interval_ms: u64,
     /// Anonymous viewers expanded as synthetic metas `a1..aN` up to this many.
     pub anonymous_list_max: u64,
     /// Anonymous joins/leaves are summed per room and written with one `HINCRBY` per interval.
@@ -260,6 +265,7 @@ impl Default for PresenceConfig {
             heartbeat_interval_ms: 5_000,
             diff_interval_ms: 50,
             count_interval_ms: 1_000,
+            anonymous_diff_interval_ms: 1_000,
             anonymous_list_max: 1_000,
             anon_flush_ms: 20,
         }
@@ -327,6 +333,9 @@ impl PresenceConfig {
     }
     pub fn count_interval(&self) -> Duration {
         ms(self.count_interval_ms)
+    }
+    pub fn anonymous_diff_interval(&self) -> Duration {
+        ms(self.anonymous_diff_interval_ms)
     }
     pub fn anon_flush(&self) -> Duration {
         ms(self.anon_flush_ms)

@@ -218,7 +218,17 @@ impl Mirror {
 
     /// Whether a flush would send anything, given the anonymous count to show now.
     pub fn has_pending(&self, anon_now: u64, cap: u64) -> bool {
-        !self.dirty.is_empty() || anon_now.min(cap) != self.anon_announced.min(cap)
+        self.members_changed() || self.anon_moved(anon_now, cap)
+    }
+
+    /// Whether a signed-in connection joined, left or changed since the last flush.
+    pub fn members_changed(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Whether the anonymous `""` list shown differs from the announced one.
+    pub fn anon_moved(&self, anon_now: u64, cap: u64) -> bool {
+        anon_now.min(cap) != self.anon_announced.min(cap)
     }
 
     /// Builds the `presence_diff` payload for everything changed since the last flush and makes

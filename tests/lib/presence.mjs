@@ -87,13 +87,15 @@ const HEAD = /^\[(?:null|"[^"]*"),(?:null|"[^"]*"),"[^"]*","([^"]+)"/;
 
 /**
  * Open a raw socket (no join yet). Options: token, trackAnon (parse presence frames and keep the
- * size of the `""` key: o.anonMetas), keepDiffTimes (record arrival time of every presence_diff).
+ * size of the `""` key: o.anonMetas, and log every presence_diff in o.diffLog as {at, anon: how
+ * far it moved the `""` list, keys: the signed-in keys it names}). o.diffTimes holds the arrival
+ * time of every presence_diff.
  */
 export function lightOpen(gw, { token, trackAnon = false, timeoutMs = 10000 } = {}) {
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(wsUrl(gw, { token }), { handshakeTimeout: timeoutMs, perMessageDeflate: false });
     const c = {
-      ws, events: {}, diffTimes: [], replies: new Map(), lastCount: null, anonMetas: 0, closeInfo: null,
+      ws, events: {}, diffTimes: [], diffLog: [], replies: new Map(), lastCount: null, anonMetas: 0, closeInfo: null,
       stateSeen: false, waiters: new Set(),
     };
     lights.add(c);
@@ -114,8 +116,11 @@ export function lightOpen(gw, { token, trackAnon = false, timeoutMs = 10000 } = 
         c.stateSeen = true;
       } else if (trackAnon && ev === 'presence_diff') {
         const p = JSON.parse(s)[4];
-        if (p.joins && p.joins['']) c.anonMetas += p.joins[''].metas.length;
-        if (p.leaves && p.leaves['']) c.anonMetas -= p.leaves[''].metas.length;
+        const moved = (p.joins && p.joins[''] ? p.joins[''].metas.length : 0)
+          - (p.leaves && p.leaves[''] ? p.leaves[''].metas.length : 0);
+        c.anonMetas += moved;
+        const keys = [...Object.keys(p.joins || {}), ...Object.keys(p.leaves || {})].filter((k) => k !== '');
+        c.diffLog.push({ at: Date.now(), anon: moved, keys });
       }
       for (const w of c.waiters) w();
     });

@@ -19,10 +19,18 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 return;
             }
             if st.installed && st.mirror.is_synced() {
-                // presence_diff, at most one per diff interval
+                // presence_diff, at most one per diff interval; one that only moves the
+                // anonymous list, at most one per anonymous diff interval
                 let anon = st.anon_display();
                 if st.mirror.has_pending(anon, cap) {
-                    let due = st.last_diff.map_or(now, |t| t + p.diff_interval());
+                    let anon_moved = st.mirror.anon_moved(anon, cap);
+                    let mut due = st.last_diff.map_or(now, |t| t + p.diff_interval());
+                    if !st.mirror.members_changed() {
+                        let anon_due = st
+                            .last_anon_diff
+                            .map_or(now, |t| t + p.anonymous_diff_interval());
+                        due = due.max(anon_due);
+                    }
                     if now >= due {
                         if let Some(diff) = st.mirror.take_diff(anon, cap) {
                             let frame = protocol::broadcast(&room.topic, "presence_diff", &diff);
@@ -30,6 +38,9 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                             hub.metrics.presence_frames("presence_diff", n);
                         }
                         st.last_diff = Some(now);
+                        if anon_moved {
+                            st.last_anon_diff = Some(now);
+                        }
                     } else {
                         soonest(due);
                     }

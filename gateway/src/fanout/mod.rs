@@ -191,6 +191,8 @@ struct RoomState {
     needs_sync: bool,
     syncing: bool,
     last_diff: Option<Instant>,
+    /// The last diff that moved the anonymous list (see `presence.anonymous_diff_interval_ms`).
+    last_anon_diff: Option<Instant>,
     last_count: Option<Instant>,
     count_sent: (u64, usize, usize),
     pending_joins: usize,
