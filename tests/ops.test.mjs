@@ -280,3 +280,18 @@ test('SIGTERM drain: unready, presence and node record gone before exit, every s
   await waitFor(() => observer.frames.some((f) => f[3] === 'presence_count' && f[4].anonymous === 1 && f[4].users === 0), 3000,
     'observer to see the drained node leave');
 });
+
+// server.worker_threads: the runtime gets that many worker threads (0, the default: one per core)
+test('server.worker_threads sizes the runtime', async () => {
+  const fs = await import('node:fs');
+  const workers = (pid) => fs.readdirSync(`/proc/${pid}/task`)
+    .filter((t) => fs.readFileSync(`/proc/${pid}/task/${t}/comm`, 'utf8').trim() === 'tokio-rt-worker').length;
+  const one = await startGateway({ redisPort: redis.port, prefix: 'ops', env: { GATEWAY_SERVER_WORKER_THREADS: '1' } });
+  const three = await startGateway({ redisPort: redis.port, prefix: 'ops', env: { GATEWAY_SERVER_WORKER_THREADS: '3' } });
+  gws.push(one, three);
+  assert.equal(workers(one.proc.pid), 1);
+  assert.equal(workers(three.proc.pid), 3);
+  const bad = cli(['check-config'], { GATEWAY_SERVER_WORKER_THREADS: 'many' });
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.out, /worker_threads/i);
+});

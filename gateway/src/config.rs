@@ -58,6 +58,10 @@ pub struct Config {
 pub struct ServerConfig {
     /// Public WebSocket listener (`/socket/websocket`).
     pub listen: String,
+    /// Runtime worker threads; 0 = one per core. Several gateways on one host: give each
+    /// cores / gateways (two processes with a thread per core each, on the same cores, spend
+    /// their CPU switching between threads: BENCHMARKS.md).
+    pub worker_threads: usize,
     /// Largest accepted WebSocket message (after reassembly of fragments). Larger → close 1009.
     pub max_frame_bytes: usize,
     /// Frames queued per socket before it counts as a slow consumer and is closed (4008).
@@ -202,6 +206,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:4000".into(),
+            worker_threads: 0,
             max_frame_bytes: 64 * 1024,
             outbound_queue: 256,
             idle_timeout_ms: 60_000,

@@ -90,17 +90,26 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // the settings are read before the runtime is built: they say how many threads it has
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.server.worker_threads > 0 {
+        builder.worker_threads(cfg.server.worker_threads);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, cfg)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -109,8 +118,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let cfg = Config::load(cli.config.as_deref())?;
+async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(cfg, None).await,
         Command::Dev => dev(cfg).await,
