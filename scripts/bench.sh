@@ -2,6 +2,7 @@
 # Benchmarks on this machine: starts its own Redis (a standalone server, and for the cluster run a
 # local 3-master cluster with a replica each, all on free ports, in memory) and two release
 # gateways per run, then runs target/release/bench's scenarios against them and prints the figures.
+# Each gateway runs cores / 2 worker threads (GATEWAY_SERVER_WORKER_THREADS overrides it).
 #   scripts/bench.sh                          # standalone: idle memory, joins, fan-out; then cluster: fan-out
 #   MODES=standalone VIEWERS=10000 scripts/bench.sh
 #   MODES=cluster RUNS=3 scripts/bench.sh
@@ -66,6 +67,9 @@ export GATEWAY_REDIS_PREFIX=bench GATEWAY_AUTH_HS256_SECRET="$secret" \
   GATEWAY_SERVER_LISTEN=127.0.0.1:0 GATEWAY_ADMIN_LISTEN=127.0.0.1:0 GATEWAY_LOG=warn \
   GATEWAY_SERVER_PUSH_RATE_PER_S=100000 GATEWAY_SERVER_PUSH_BURST=100000
 # (the fan-out scenario's one publisher sends far more than a person's 10 pushes per second)
+# Two gateways share this machine: each gets half its cores as worker threads, as an operator running
+# several gateways on one host would set it (a thread per core in each process only adds switches)
+export GATEWAY_SERVER_WORKER_THREADS=${GATEWAY_SERVER_WORKER_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
 
 start_standalone() {
   port=$(free_port)
@@ -285,7 +289,7 @@ compare_bench() {
   [[ " $CASES " == *" fanout "* ]] || RATES=""
   local viewers=$COMPARE_VIEWERS joins=${JOINS:-2000} secs=${FANOUT_SECONDS:-10} order server rate i r
   start_standalone
-  echo "== compare: gateway (2 processes, standalone Redis $(redis-server --version | awk '{print $3}')) vs ceiling (1 process) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "== compare: gateway (2 processes, $GATEWAY_SERVER_WORKER_THREADS worker thread(s) each, standalone Redis $(redis-server --version | awk '{print $3}')) vs ceiling (1 process) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "== $RUNS run(s); idle $viewers viewers; joins $joins (warm room, 64 in flight); fan-out $SUBSCRIBERS subscribers at 100/s and 20/s for $secs s each"
   for i in $(seq "$RUNS"); do
     if [ $((i % 2)) -eq 1 ]; then order="ceiling gateway"; else order="gateway ceiling"; fi
