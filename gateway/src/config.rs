@@ -53,6 +53,9 @@ pub struct Config {
     pub rooms: RoomsConfig,
 }
 
+/// More worker threads than any host has cores is a typo, not a setting.
+const MAX_WORKER_THREADS: usize = 1024;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -522,6 +525,12 @@ impl Config {
         if self.server.outbound_queue < 4 {
             return Err(bad("server.outbound_queue", "at least 4"));
         }
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return Err(bad(
+                "server.worker_threads",
+                format!("at most {MAX_WORKER_THREADS} (0: one per core)"),
+            ));
+        }
         if self.server.idle_timeout_ms < 100 || self.server.write_timeout_ms < 100 {
             return Err(bad(
                 "server.idle_timeout_ms",
@@ -857,6 +866,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("rooms.history_on_join"), "{e}");
+        // worker threads: 0 (one per core) up to the cap
+        for (v, ok) in [("0", true), ("1", true), ("1024", true), ("1025", false)] {
+            let r =
+                Config::from_toml_and_env("", "t", &env(&[("GATEWAY_SERVER_WORKER_THREADS", v)]));
+            assert_eq!(r.is_ok(), ok, "worker_threads = {v}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("server.worker_threads"), "{e}");
+            }
+        }
         // history off: history_on_join does not matter
         let c = Config::from_toml_and_env("", "t", &env(&[("GATEWAY_ROOMS_HISTORY_LEN", "0")]))
             .unwrap();
