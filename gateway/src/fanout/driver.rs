@@ -22,10 +22,11 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 // presence_diff, at most one per diff interval; one that only moves the
                 // anonymous list, at most one per anonymous diff interval
                 let anon = st.anon_display();
-                if st.mirror.has_pending(anon, cap) {
-                    let anon_moved = st.mirror.anon_moved(anon, cap);
+                let anon_moved = st.mirror.anon_moved(anon, cap);
+                let members_changed = st.mirror.members_changed();
+                if members_changed || anon_moved {
                     let mut due = st.last_diff.map_or(now, |t| t + p.diff_interval());
-                    if !st.mirror.members_changed() {
+                    if !members_changed {
                         let anon_due = st
                             .last_anon_diff
                             .map_or(now, |t| t + p.anonymous_diff_interval());
