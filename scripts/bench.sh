@@ -172,10 +172,13 @@ for key, label in [("deliveries_per_cpu_s", "fan-out deliveries per gateway CPU-
     on, on_all = med(key, scenario="fanout_cost", history_len=100)
     off, off_all = med(key, scenario="fanout_cost", history_len=0)
     print(f"{label}: history on {on:.1f} {[round(x, 1) for x in on_all]}, off {off:.1f} {[round(x, 1) for x in off_all]}, on/off {on / off:.3f}")
-for key, label in [("cpu_us", "Redis alone: CPU per broadcast (µs, INFO cpu)"), ("command_us", "Redis alone: command time per broadcast (µs, commandstats)")]:
-    on, on_all = med(key, scenario="redis_alone", history="on")
-    off, off_all = med(key, scenario="redis_alone", history="off")
-    print(f"{label}: publish.lua {on:.2f} {[round(x, 2) for x in on_all]}, PUBLISH {off:.2f} {[round(x, 2) for x in off_all]}, on/off {on / off:.3f}")
+for rate in sorted({r["rate"] for r in rows if r.get("scenario") == "redis_broadcast"}):
+    pace = "back to back" if rate == 0 else f"{rate}/s"
+    for key, label in [("cpu_us", "CPU per broadcast (µs, INFO cpu)"), ("command_us", "command time per broadcast (µs, commandstats)")]:
+        off, _ = med(key, scenario="redis_broadcast", shape="publish", rate=rate)
+        for shape in ["publish", "script", "pipeline", "multi"]:
+            v, v_all = med(key, scenario="redis_broadcast", shape=shape, rate=rate)
+            print(f"Redis alone, {pace}: {label}: {shape} {v:.2f} {[round(x, 2) for x in v_all]}, / publish {v / off:.3f}")
 for r in rows:
     if r.get("scenario") == "memory":
         print(f"history at the cap: {r['entries']} entries of a {r['payload_bytes']}-byte payload: MEMORY USAGE {r['memory_usage_bytes']} bytes")
@@ -188,36 +191,31 @@ for key, label in [("reply_p50_ms", "join reply p50 (ms)"), ("reply_p99_ms", "jo
 print(json.dumps({"history_bench": rows}))
 PY
 }
-# Redis alone, no gateway and nothing else running: one broadcast as a plain PUBLISH (history off)
-# and as publish.lua (history on), to a room channel with two subscribers (two gateways), by
-# redis-benchmark from one connection; Redis's CPU (INFO cpu) and command time (commandstats) per
-# broadcast. Then the memory of a room's history at the cap (100 typical chat messages).
+# Redis alone, no gateway and nothing else running: one room broadcast as a plain PUBLISH (history
+# off), as publish.lua (history on), and as XADD + PUBLISH without a script (pipelined, and in
+# MULTI: the least a per-broadcast append costs), to a room channel with two subscribers, from one
+# connection (`bench redis-broadcast`), back to back (H_REDIS_CALLS per shape and run, 3 × RUNS
+# runs) and paced (H_REDIS_PACED_CALLS at H_REDIS_RATE per second, RUNS runs); Redis's CPU
+# (INFO cpu) and command time (commandstats) per broadcast. With two cores or more, Redis and the client are pinned to different cores (steadier
+# figures: a VM's wake-ups across idle cores vary). Then the memory of a room's history at the cap
+# (100 typical chat messages).
 history_redis_bench() {
-  local results=$1 cli="redis-cli -p $port" n=${H_REDIS_CALLS:-50000}
+  local results=$1 cli="redis-cli -p $port" n=${H_REDIS_CALLS:-30000} pin=()
   local key='hr:room:{r}' head='[null,null,"rooms:r","new_msg",'
   local payload='{"at":1795860262969,"body":"hello there, a typical chat line of about fifty chars","user":{"id":"42","username":"ann"}}'
+  if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+    taskset -cp 1 "${redis_pids[0]}" >/dev/null
+    pin=(taskset -c 0)
+  fi
+  # back to back (Redis busy, its caches warm), then at a chat's pace (Redis idle between calls)
+  "${pin[@]}" target/release/bench redis-broadcast --redis "$GATEWAY_REDIS_URL" --calls "$n" --runs "$((RUNS * 3))" \
+    | grep -v '^machine' | while read -r l; do case "$l" in '{'*) echo "$l" >>"$results";; *) echo "$l";; esac; done
+  "${pin[@]}" target/release/bench redis-broadcast --redis "$GATEWAY_REDIS_URL" --calls "${H_REDIS_PACED_CALLS:-1000}" \
+    --rate "${H_REDIS_RATE:-100}" --runs "$RUNS" \
+    | grep -v '^machine' | while read -r l; do case "$l" in '{'*) echo "$l" >>"$results";; *) echo "$l";; esac; done
+  [ "${#pin[@]}" -eq 0 ] || taskset -cp 0-$(($(nproc) - 1)) "${redis_pids[0]}" >/dev/null
   $cli HSET "$key" name r >/dev/null
-  local subs=()
-  for _ in 1 2; do redis-cli -p "$port" SUBSCRIBE "$key:events" >/dev/null & subs+=($!); done
-  sleep 0.3
   local sha; sha=$($cli SCRIPT LOAD "$(cat lua/publish.lua)")
-  cpu() { $cli INFO cpu | awk -F: '/used_cpu_(user|sys):/{s+=$2} END{printf "%.6f", s}'; }
-  usec() { $cli INFO commandstats | awk -F'[:,=]' -v c="cmdstat_$1" '$1==c{print $5}'; }
-  for i in $(seq "$RUNS"); do
-    for mode in off on; do
-      $cli CONFIG RESETSTAT >/dev/null
-      local c0; c0=$(cpu)
-      if [ "$mode" = off ]; then
-        redis-benchmark -p "$port" -n "$n" -c 1 PUBLISH "$key:events" "$head$payload]" >/dev/null 2>&1
-      else
-        redis-benchmark -p "$port" -n "$n" -c 1 EVALSHA "$sha" 3 "$key" "$key:history" "$key:events" PUBLISH 100 "$head" new_msg "$payload" >/dev/null 2>&1
-      fi
-      local c1; c1=$(cpu)
-      local cmd; if [ "$mode" = off ]; then cmd=$(usec publish); else cmd=$(usec evalsha); fi
-      python3 -c "import json; print(json.dumps({'scenario': 'redis_alone', 'history': '$mode', 'cpu_us': ($c1 - $c0) / $n * 1e6, 'command_us': $cmd / $n}))" | tee -a "$results"
-    done
-  done
-  kill "${subs[@]}" 2>/dev/null || true
   $cli DEL "$key:history" >/dev/null
   for _ in $(seq 100); do
     $cli EVALSHA "$sha" 3 "$key" "$key:history" "$key:events" PUBLISH 100 "$head" new_msg "$payload" >/dev/null

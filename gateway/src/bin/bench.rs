@@ -12,6 +12,8 @@
 //!   (history on vs off: `scripts/bench.sh history`).
 //! * `join-latency` — joins to a warm room that has history: latency of the reply and of the
 //!   last history frame (`rooms.history_on_join` 20 vs 0).
+//! * `redis-broadcast` — Redis alone, no gateway: the CPU of one room broadcast as `PUBLISH`
+//!   (history off), as `publish.lua` (history on), and as `XADD` + `PUBLISH` without a script.
 //! * `churn` — a room of N anonymous viewers over the gateways, then R joins and R leaves per
 //!   second for a while; every few seconds the gateways' CPU and RSS, Redis's commands per
 //!   second and CPU, and the open sockets, then whether they stayed flat.
@@ -39,6 +41,9 @@ use hyper::header::{CONNECTION, UPGRADE};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+#[path = "bench/redis_broadcast.rs"]
+mod redis_broadcast;
+
 #[derive(Parser)]
 #[command(
     name = "bench",
@@ -46,7 +51,8 @@ use tokio::net::TcpStream;
 )]
 struct Cli {
     /// Public address of each gateway (host:port); clients are spread over them round-robin.
-    #[arg(long = "gateway", required = true)]
+    /// Required by every scenario but `redis-broadcast`.
+    #[arg(long = "gateway")]
     gateways: Vec<String>,
     /// Room to use (must exist).
     #[arg(long, default_value = "bench")]
@@ -122,6 +128,10 @@ enum Scenario {
     /// seconds: each gateway's CPU and RSS, Redis's commands per second (`INFO commandstats`) and
     /// CPU, the open sockets. Prints a JSON line.
     Churn(Churn),
+    /// Redis alone, no gateway: Redis's CPU and command time per room broadcast as a `PUBLISH`
+    /// (history off), as `lua/publish.lua` (history on), and as `XADD` + `PUBLISH` pipelined
+    /// or in `MULTI` (no script: the least a per-broadcast append costs). Prints JSON lines.
+    RedisBroadcast(redis_broadcast::RedisBroadcast),
 }
 
 struct SpawnExecutor;
@@ -341,6 +351,9 @@ async fn main() -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
+    if cli.gateways.is_empty() && !matches!(cli.scenario, Scenario::RedisBroadcast(_)) {
+        bail!("--gateway is required (the public address of a gateway, host:port)");
+    }
     match cli.scenario {
         Scenario::Idle {
             viewers,
@@ -551,6 +564,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::FanoutCost(c) => fanout_cost(&cli.gateways, &topic, c).await?,
         Scenario::JoinLatency(c) => join_latency(&cli.gateways, &topic, c).await?,
         Scenario::Churn(c) => churn(&cli.gateways, &topic, c).await?,
+        Scenario::RedisBroadcast(c) => redis_broadcast::run(c).await?,
     }
     Ok(())
 }
