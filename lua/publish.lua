@@ -11,12 +11,12 @@
 -- ARGV[3] the frame's head: '[null,null,"rooms:<R>","<event>",'
 -- ARGV[4] the event name
 -- ARGV[5] the payload: a compact JSON object without "id"
--- Reply: {0} when the room does not exist (nothing is written or published);
---        else {1, id, n}: the entry's stream id and how many subscribers the publish reached
---        (nodes subscribed to the room). The frame published is
---        ARGV[3] .. <payload with ,"id":"<id>" before its closing brace> .. ']'
---        (a payload of '{}' becomes {"id":"<id>"}); gateway/src/history.rs builds the same bytes
---        from a stream entry.
+-- Reply: nil when the room does not exist (nothing is written or published); else the entry's
+--        stream id. (A bare string, not a table: building and converting a reply table cost about
+--        a tenth of this script's time on Redis 7.0 — `bench redis-broadcast`, BENCHMARKS.md.)
+--        The frame published is ARGV[3] .. <payload with ,"id":"<id>" before its closing brace>
+--        .. ']' (a payload of '{}' becomes {"id":"<id>"}); gateway/src/history.rs builds the same
+--        bytes from a stream entry.
 
 local command = ARGV[1]
 if command ~= 'PUBLISH' and command ~= 'SPUBLISH' then
@@ -29,7 +29,7 @@ local payload = ARGV[5]
 local id = redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[2], '*',
   'event', ARGV[4], 'payload', payload)
 if not id then
-  if redis.call('EXISTS', KEYS[1]) == 0 then return { 0 } end
+  if redis.call('EXISTS', KEYS[1]) == 0 then return false end
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[4], 'payload', payload)
 end
 local body
@@ -38,5 +38,5 @@ if payload == '{}' then
 else
   body = string.sub(payload, 1, -2) .. ',"id":"' .. id .. '"}'
 end
-local n = redis.call(command, KEYS[3], ARGV[3] .. body .. ']')
-return { 1, id, n }
+redis.call(command, KEYS[3], ARGV[3] .. body .. ']')
+return id

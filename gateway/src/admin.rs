@@ -227,7 +227,6 @@ async fn broadcast(app: &App, catalog: &Catalog, id: &RoomId, body: &Value) -> R
                 "room": id.as_str(),
                 "event": event,
                 "id": p.id.map(|i| i.to_string()),
-                "nodes": p.receivers,
             }),
         ),
         Err(HistoryError::NoRoom) => {

@@ -229,8 +229,6 @@ impl Read {
 pub struct Published {
     /// The entry's stream id (None: history is off).
     pub id: Option<StreamId>,
-    /// Subscribers the publish reached (nodes with members in the room).
-    pub receivers: i64,
 }
 
 /// The history script calls, over the store's hot connection. Scripts run by SHA (`EVALSHA`);
@@ -297,14 +295,10 @@ impl History {
                 .arg(&keys.events)
                 .arg(frame)
                 .clone();
-            let receivers = self
-                .store
+            self.store
                 .command::<i64>(crate::metrics::redis_op::PUBLISH, &cmd)
                 .await?;
-            return Ok(Published {
-                id: None,
-                receivers,
-            });
+            return Ok(Published { id: None });
         }
         let len = self.len.to_string();
         let args: [&[u8]; 5] = [
@@ -328,21 +322,14 @@ impl History {
                 &args,
             )
             .await?;
-        let redis::Value::Array(v) = v else {
-            return Err(HistoryError::Reply(format!("{v:?}")));
-        };
-        match v.as_slice() {
-            [redis::Value::Int(0)] => Err(HistoryError::NoRoom),
-            [redis::Value::Int(1), id, redis::Value::Int(receivers)] => {
-                let id = bulk_str(id)
+        match v {
+            redis::Value::Nil => Err(HistoryError::NoRoom),
+            id => {
+                let id = bulk_str(&id)
                     .and_then(StreamId::parse)
                     .ok_or_else(|| HistoryError::Reply(format!("{id:?}")))?;
-                Ok(Published {
-                    id: Some(id),
-                    receivers: *receivers,
-                })
+                Ok(Published { id: Some(id) })
             }
-            other => Err(HistoryError::Reply(format!("{other:?}"))),
         }
     }
 
