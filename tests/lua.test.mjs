@@ -2,7 +2,8 @@
 // gateway loads them (lua/common.lua prepended): sweeps, seq, idempotent leaves, the "leave the
 // anonymous count alone" heartbeat, release-if-idle, that a snapshot of a missing room writes
 // nothing, that a deleted room is never written back, that entries without a live lease are swept
-// even when the lease set itself is gone, and that every renewed lease keeps a TTL.
+// even when the lease set itself is gone, and that every renewed lease keeps a TTL; and publish.lua:
+// its reply (the stream id, nil without a room record) and the frame it publishes.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -335,4 +336,34 @@ test('every call that renews a lease leaves the lease set and the other presence
   assert.equal(run('sync', R, 'A', '60000', '120000', '2', '0')[0], '0', 'nothing changed');
   assert.ok(Number(redis.cli('PTTL', k[2])) > 0, 'sync: :anon has a TTL');
   assert.ok(Number(redis.cli('PTTL', k[3])) > 0, 'sync: :nodes has a TTL');
+});
+
+test('publish.lua: replies with the stream id, publishes the frame carrying it; a room without a record gets nil and nothing', async () => {
+  const publish = fs.readFileSync(path.join(LUA, 'publish.lua'), 'utf8');
+  const b = 'lt:room:{pub1}';
+  const head = '[null,null,"rooms:pub1","new_msg",';
+  const pub = (...payload) => redis.cli('EVAL', publish, '3', b, `${b}:history`, `${b}:events`, 'PUBLISH', '100', head, 'new_msg', ...payload);
+  const proc = spawn('redis-cli', ['-h', '127.0.0.1', '-p', String(redis.port), '--raw', 'SUBSCRIBE', `${b}:events`],
+    { stdio: ['ignore', 'pipe', 'ignore'] });
+  let out = '';
+  proc.stdout.on('data', (d) => { out += d; });
+  try {
+    await waitFor(() => redis.numsub(`${b}:events`)[`${b}:events`] >= 1, 5000, 'the subscriber');
+    // no record: nil (empty in --raw), no stream, nothing published
+    assert.equal(pub('{"body":"x"}'), '');
+    assert.equal(redis.cli('EXISTS', `${b}:history`), '0');
+    redis.cli('HSET', b, 'name', 'pub1');
+    const id1 = pub('{"body":"x"}');
+    const id2 = pub('{}');
+    assert.match(id1, /^\d+-\d+$/);
+    assert.match(id2, /^\d+-\d+$/);
+    assert.deepEqual(redis.lines('XRANGE', `${b}:history`, '-', '+'), [id1, 'event', 'new_msg', 'payload', '{"body":"x"}', id2, 'event', 'new_msg', 'payload', '{}']);
+    await waitFor(() => out.split('\n').filter((l) => l.startsWith('[')).length >= 2, 5000, 'two frames');
+    assert.deepEqual(out.split('\n').filter((l) => l.startsWith('[')).map((l) => JSON.parse(l)), [
+      [null, null, 'rooms:pub1', 'new_msg', { body: 'x', id: id1 }],
+      [null, null, 'rooms:pub1', 'new_msg', { id: id2 }],
+    ]);
+  } finally {
+    proc.kill();
+  }
 });
