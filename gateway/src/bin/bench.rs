@@ -900,7 +900,8 @@ async fn join_latency(gateways: &[String], topic: &str, j: JoinLatency) -> anyho
             socks.push(h.await??);
         }
     }
-    let cpu0 = cpu_seconds(&pids)?;
+    // per thread (schedstat): the joins take a fraction of a second, too short for 10 ms ticks
+    let cpu0 = thread_cpu_ns(&pids)?;
     let started = Instant::now();
     let mut reply_us = Vec::with_capacity(viewers);
     let mut done_us = Vec::with_capacity(viewers);
@@ -957,7 +958,7 @@ async fn join_latency(gateways: &[String], topic: &str, j: JoinLatency) -> anyho
         }
     }
     let took = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(&pids)? - cpu0;
+    let cpu = thread_cpu_seconds(&cpu0, &thread_cpu_ns(&pids)?);
     let cpu_us_per_join = cpu * 1e6 / viewers as f64;
     reply_us.sort_unstable();
     done_us.sort_unstable();
