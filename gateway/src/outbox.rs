@@ -1,8 +1,13 @@
 //! A socket's outbound side: its bounded queue and the single writer that empties it onto the
 //! socket. Every frame a socket gets (replies, room broadcasts, presence, pongs, the close frame)
 //! goes through the one queue, so per-socket order is the order of enqueueing. A queue that fills
-//! up closes the socket as a slow consumer (4008): a slow client never slows a room or grows
-//! memory. Used by `session` (replies), `fanout` (room frames) and the drain alike.
+//! up — in frames (`server.outbound_queue`) or in bytes (`server.outbound_queue_bytes`) — closes
+//! the socket as a slow consumer (4008): a slow client never slows a room or grows memory.
+//! Used by `session` (replies), `fanout` (room frames) and the drain alike.
+//!
+//! A close the gateway starts (a refusal's 4009, a drain's 1012, a 1002/1007/1009 for bad input)
+//! goes out after everything queued before it, within the write timeout; only the slow-consumer
+//! close (4008) and an abort (the peer is gone) drop the queue.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -27,14 +32,37 @@ enum Out {
     Wrapped(Bytes, Bytes),
 }
 
+impl Out {
+    /// The payload bytes this frame holds, counted against `server.outbound_queue_bytes`. A
+    /// payload shared by many sockets counts in full for each: the bound is per socket and must
+    /// hold whatever the others do.
+    fn len(&self) -> usize {
+        match self {
+            Out::Text(b) | Out::Pong(b) => b.len(),
+            Out::Wrapped(h, b) => h.len() + b.len() + 1,
+        }
+    }
+}
+
+/// The queued frames and their payload bytes, under one lock.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Out>,
+    bytes: usize,
+}
+
 /// A socket's outbound queue and close request, shared by the reader, every room the socket is
 /// in (the hub), the drain, and the single writer that empties it.
 ///
 /// The queue is a `VecDeque` that starts empty and, when drained, keeps at most [`KEEP_SLOTS`]
 /// slots (a tokio channel would keep a 32-slot block per socket).
 pub struct Shared {
-    queue: std::sync::Mutex<VecDeque<Out>>,
+    queue: std::sync::Mutex<Queue>,
+    /// At most this many frames queued (`server.outbound_queue`).
     cap: usize,
+    /// At most this many payload bytes queued (`server.outbound_queue_bytes`), except that an
+    /// empty queue always takes one frame: a large `presence_state` is never refused by itself.
+    cap_bytes: usize,
     /// 0 = open; a close code; [`ABORT`] = stop without a close frame (the peer is gone).
     code: AtomicU32,
     notify: Notify,
@@ -58,11 +86,30 @@ pub(crate) const NO_STATUS: u16 = 1005;
 #[derive(Clone)]
 pub struct Outbox(Arc<Shared>);
 
+/// The bounds of a socket's queue: frames and bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+impl Limits {
+    /// A bound in frames only (tests).
+    #[cfg(test)]
+    pub(crate) const fn frames(frames: usize) -> Limits {
+        Limits {
+            frames,
+            bytes: usize::MAX,
+        }
+    }
+}
+
 impl Outbox {
-    pub fn new(cap: usize, metrics: crate::metrics::Metrics) -> Self {
+    pub fn new(limits: Limits, metrics: crate::metrics::Metrics) -> Self {
         Outbox(Arc::new(Shared {
-            queue: std::sync::Mutex::new(VecDeque::new()),
-            cap,
+            queue: std::sync::Mutex::new(Queue::default()),
+            cap: limits.frames,
+            cap_bytes: limits.bytes,
             code: AtomicU32::new(0),
             notify: Notify::new(),
             writer_done: Notify::new(),
@@ -70,7 +117,7 @@ impl Outbox {
         }))
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Out>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.0.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -89,8 +136,11 @@ impl Outbox {
         if self.code() != 0 {
             return false;
         }
+        let len = out.len();
         let mut q = self.queue();
-        if q.len() >= self.0.cap {
+        let full = q.frames.len() >= self.0.cap
+            || (!q.frames.is_empty() && q.bytes + len > self.0.cap_bytes);
+        if full {
             drop(q);
             if self.code() == 0 {
                 self.0.metrics.slow_consumer();
@@ -98,14 +148,18 @@ impl Outbox {
             self.close(close::SLOW_CONSUMER);
             return false;
         }
-        q.push_back(out);
+        q.frames.push_back(out);
+        q.bytes += len;
         drop(q);
         self.0.notify.notify_one();
         true
     }
 
-    /// Asks the writer to send a close frame with `code` and stop. The first request wins.
+    /// Asks the writer to send what is queued, then a close frame with `code`, and stop (4008
+    /// drops the queue). The first request wins. Code 0 (which no peer may send, and which would
+    /// read as "open") is taken as 1002, so no close request can ever be lost.
     pub fn close(&self, code: u16) {
+        let code = if code == 0 { 1002 } else { code };
         self.set_code(u32::from(code));
     }
 
@@ -133,12 +187,15 @@ impl Outbox {
     /// Takes as many queued frames as `into` holds; a drained queue gives back its storage.
     fn take_into(&self, into: &mut [Option<Out>]) -> usize {
         let mut q = self.queue();
-        let k = q.len().min(into.len());
-        for (slot, m) in into.iter_mut().zip(q.drain(..k)) {
+        let k = q.frames.len().min(into.len());
+        let mut taken = 0;
+        for (slot, m) in into.iter_mut().zip(q.frames.drain(..k)) {
+            taken += m.len();
             *slot = Some(m);
         }
-        if q.is_empty() && q.capacity() > KEEP_SLOTS {
-            *q = VecDeque::new();
+        q.bytes -= taken;
+        if q.frames.is_empty() && q.frames.capacity() > KEEP_SLOTS {
+            q.frames = VecDeque::new();
         }
         k
     }
@@ -180,7 +237,9 @@ const BATCH: usize = 16;
 /// The longest frame header: FIN + opcode, 127, a 64-bit length (server frames are not masked).
 const HEAD_MAX: usize = 10;
 
-/// The single writer: drains the queue and sends the close frame last.
+/// The single writer: drains the queue and sends the close frame last. Once a close is asked
+/// for, what was queued before it still goes out first, unless the close is 4008 (the queue is
+/// the problem) or an abort (nobody to write to).
 ///
 /// A batch is first handed to the kernel without waiting (`writev` over the frames' own bytes:
 /// headers built on the stack, shared bodies not copied), which takes it whole unless the client
@@ -190,7 +249,7 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
     loop {
         out.0.notify.notified().await;
         loop {
-            if out.code() != 0 {
+            if drops_queue(out.code()) {
                 break;
             }
             let rest = match flush_now(&out, &w) {
@@ -238,6 +297,11 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
             }
         }
     }
+}
+
+/// Closes that leave the queue unsent.
+fn drops_queue(code: u32) -> bool {
+    code == ABORT || code == u32::from(close::SLOW_CONSUMER)
 }
 
 enum Flushed {
@@ -433,7 +497,7 @@ mod tests {
             .await
             .unwrap();
         let (_r, w) = l.accept().await.unwrap().0.into_split();
-        let out = Outbox::new(4, crate::metrics::Metrics::new());
+        let out = Outbox::new(Limits::frames(4), crate::metrics::Metrics::new());
         let writer = run_writer(out, w, Duration::from_secs(1));
         // the task of every idle socket is this big: a write under way is boxed
         let size = std::mem::size_of_val(&writer);
@@ -442,7 +506,7 @@ mod tests {
 
     #[test]
     fn first_close_request_wins() {
-        let c = Outbox::new(4, crate::metrics::Metrics::new());
+        let c = Outbox::new(Limits::frames(4), crate::metrics::Metrics::new());
         c.close(close::SLOW_CONSUMER);
         c.close(close::RESTART);
         assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
@@ -454,7 +518,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_closes_the_socket_as_slow() {
-        let c = Outbox::new(2, crate::metrics::Metrics::new());
+        let c = Outbox::new(Limits::frames(2), crate::metrics::Metrics::new());
         assert!(c.send(Bytes::from_static(b"1")) && c.send(Bytes::from_static(b"2")));
         assert!(!c.send(Bytes::from_static(b"3")));
         assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
@@ -463,16 +527,105 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_is_bounded_in_bytes_too_but_an_empty_one_takes_any_frame() {
+        let limits = Limits {
+            frames: 100,
+            bytes: 100,
+        };
+        let c = Outbox::new(limits, crate::metrics::Metrics::new());
+        assert!(
+            c.send(Bytes::from(vec![b'x'; 1000])),
+            "an empty queue takes one big frame"
+        );
+        let mut got: [Option<Out>; 4] = Default::default();
+        assert_eq!(c.take_into(&mut got), 1);
+        assert_eq!(c.queue().bytes, 0);
+        assert!(c.send(Bytes::from(vec![b'x'; 60])));
+        assert!(c.send_wrapped(Bytes::from_static(b"[1,"), Bytes::from(vec![b'y'; 36])));
+        assert_eq!(c.queue().bytes, 100);
+        assert!(
+            !c.send(Bytes::from_static(b"z")),
+            "101 bytes: over the bound"
+        );
+        assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
+    }
+
+    /// Everything the client reads until the server closes: (opcode, payload) per frame.
+    async fn frames_written(out: Outbox) -> Vec<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (_r, w) = l.accept().await.unwrap().0.into_split();
+        run_writer(out, w, Duration::from_secs(2)).await;
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).await.unwrap();
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            let (op, len) = (wire[at] & 0x0f, usize::from(wire[at + 1] & 0x7f));
+            assert!(len < 126, "short frames only");
+            frames.push((op, wire[at + 2..at + 2 + len].to_vec()));
+            at += 2 + len;
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn what_was_queued_before_a_close_goes_out_first_except_for_4008() {
+        let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
+        out.send(Bytes::from_static(b"reply 1"));
+        out.send(Bytes::from_static(b"reply 2"));
+        out.close(close::REFUSED_JOINS);
+        assert!(
+            !out.send(Bytes::from_static(b"late")),
+            "nothing after the close"
+        );
+        let got = frames_written(out).await;
+        assert_eq!(
+            got,
+            vec![
+                (1, b"reply 1".to_vec()),
+                (1, b"reply 2".to_vec()),
+                (8, 4009u16.to_be_bytes().to_vec()),
+            ]
+        );
+
+        // a slow consumer's queue is what it could not take: it is dropped
+        let out = Outbox::new(Limits::frames(2), crate::metrics::Metrics::new());
+        out.send(Bytes::from_static(b"1"));
+        out.send(Bytes::from_static(b"2"));
+        out.send(Bytes::from_static(b"3"));
+        let got = frames_written(out).await;
+        assert_eq!(got, vec![(8, 4008u16.to_be_bytes().to_vec())]);
+    }
+
+    #[test]
+    fn a_close_with_code_0_is_not_lost() {
+        let out = Outbox::new(Limits::frames(2), crate::metrics::Metrics::new());
+        out.close(0);
+        assert_eq!(
+            out.code(),
+            1002,
+            "0 reads as open: it becomes a protocol error"
+        );
+    }
+
+    #[test]
     fn a_drained_queue_gives_its_memory_back() {
-        let c = Outbox::new(100, crate::metrics::Metrics::new());
+        let c = Outbox::new(Limits::frames(100), crate::metrics::Metrics::new());
         for _ in 0..40 {
             assert!(c.send(Bytes::from_static(b"x")));
         }
         let mut got: [Option<Out>; 30] = Default::default();
         assert_eq!(c.take_into(&mut got), 30);
-        assert!(c.queue().capacity() >= 10, "not drained yet: storage kept");
+        assert!(
+            c.queue().frames.capacity() >= 10,
+            "not drained yet: storage kept"
+        );
         assert_eq!(c.take_into(&mut got), 10);
-        let cap = c.queue().capacity();
+        let cap = c.queue().frames.capacity();
         assert_eq!(cap, 0);
     }
 }

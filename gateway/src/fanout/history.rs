@@ -908,7 +908,10 @@ mod tests {
 
     #[test]
     fn members_skip_what_their_history_already_had() {
-        let out = Outbox::new(16, crate::metrics::Metrics::new());
+        let out = Outbox::new(
+            crate::outbox::Limits::frames(16),
+            crate::metrics::Metrics::new(),
+        );
         let mut st = RoomState::default();
         st.members.insert(
             1,
