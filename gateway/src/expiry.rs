@@ -117,13 +117,18 @@ impl Expiries {
                         conn,
                         join_ref,
                     } => {
-                        if hub.expire_member(&room, socket, &conn, &join_ref).await {
-                            out.send(protocol::phx_error(
-                                &join_ref,
-                                room.topic(),
-                                "token expired",
-                            ));
-                        }
+                        // the leave waits on Redis: in its own task, so that a slow or paused
+                        // Redis never holds back the 4001s and phx_errors due at the same moment
+                        let hub = hub.clone();
+                        tokio::spawn(async move {
+                            if hub.expire_member(&room, socket, &conn, &join_ref).await {
+                                out.send(protocol::phx_error(
+                                    &join_ref,
+                                    room.topic(),
+                                    "token expired",
+                                ));
+                            }
+                        });
                     }
                 }
             }
@@ -146,7 +151,10 @@ mod tests {
     use super::*;
 
     fn socket() -> Expiring {
-        Expiring::Socket(Outbox::new(4, crate::metrics::Metrics::new()))
+        Expiring::Socket(Outbox::new(
+            crate::outbox::Limits::frames(4),
+            crate::metrics::Metrics::new(),
+        ))
     }
 
     #[test]
