@@ -69,6 +69,10 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Frames queued per socket before it counts as a slow consumer and is closed (4008).
     pub outbound_queue: usize,
+    /// Bytes queued per socket before it counts as a slow consumer (4008), so a client that
+    /// reads nothing holds at most this much however large its frames (an empty queue still
+    /// takes one frame of any size: a big room's `presence_state`).
+    pub outbound_queue_bytes: usize,
     /// Phoenix closes a socket that sent nothing for 60 s; clients heartbeat every 30 s.
     pub idle_timeout_ms: u64,
     /// A socket whose peer accepts no bytes for this long is dropped (its writer never hangs).
@@ -87,6 +91,13 @@ pub struct ServerConfig {
     pub push_rate_per_s: u32,
     /// Pushes a socket may make at once before the rate applies (the bucket's size).
     pub push_burst: u32,
+    /// Joins per second one socket may make on average (a token bucket; a re-join of a joined
+    /// topic counts). Over it: `rate limited`, nothing written, the joined channel kept. Each
+    /// join is a Lua call and a publish in Redis: a loop of joins must not be free.
+    pub join_rate_per_s: u32,
+    /// Joins a socket may make at once before the rate applies: a page joining many rooms, or
+    /// phoenix.js rejoining every channel after a reconnect, stays under it.
+    pub join_burst: u32,
     /// How long a SIGTERM drain may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
     /// Sockets closed per drain batch, so clients do not all reconnect in the same millisecond.
@@ -212,6 +223,7 @@ impl Default for ServerConfig {
             worker_threads: 0,
             max_frame_bytes: 64 * 1024,
             outbound_queue: 256,
+            outbound_queue_bytes: 4 * 1024 * 1024,
             idle_timeout_ms: 60_000,
             write_timeout_ms: 10_000,
             max_channels_per_socket: 100,
@@ -219,6 +231,8 @@ impl Default for ServerConfig {
             max_refused_joins_per_min: 30,
             push_rate_per_s: 10,
             push_burst: 20,
+            join_rate_per_s: 10,
+            join_burst: 30,
             shutdown_timeout_ms: 10_000,
             drain_batch: 500,
             drain_grace_ms: 0,
@@ -583,6 +597,15 @@ impl Config {
                 "server.push_rate_per_s",
                 "push_rate_per_s and push_burst must be positive",
             ));
+        }
+        if self.server.join_rate_per_s == 0 || self.server.join_burst == 0 {
+            return Err(bad(
+                "server.join_rate_per_s",
+                "join_rate_per_s and join_burst must be positive",
+            ));
+        }
+        if self.server.outbound_queue_bytes < 65_536 {
+            return Err(bad("server.outbound_queue_bytes", "at least 65536"));
         }
         let r = &self.rooms;
         if r.history_len > 0 && r.history_on_join > r.history_len {

@@ -23,7 +23,9 @@ pub mod join_result {
     pub const INVALID: &str = "invalid";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const REFUSED: &str = "refused";
-    pub const ALL: [&str; 5] = [OK, NO_ROOM, INVALID, UNAVAILABLE, REFUSED];
+    /// Over `server.join_rate_per_s` / `server.join_burst`: nothing happened.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const ALL: [&str; 6] = [OK, NO_ROOM, INVALID, UNAVAILABLE, REFUSED, RATE_LIMITED];
 }
 
 /// Label values of `gateway_pushes_total{result}`.
@@ -125,9 +127,9 @@ pub mod pubsub_event {
 /// as its number, and `other`. [`close_label`] maps a code into this set.
 pub mod close_code {
     pub const OTHER: &str = "other";
-    pub const ALL: [&str; 13] = [
-        "1000", "1001", "1005", "1006", "1007", "1009", "1011", "1012", "4000", "4001", "4008",
-        "4009", OTHER,
+    pub const ALL: [&str; 14] = [
+        "1000", "1001", "1002", "1005", "1006", "1007", "1009", "1011", "1012", "4000", "4001",
+        "4008", "4009", OTHER,
     ];
 }
 
@@ -404,6 +406,7 @@ fn close_label(code: u16) -> &'static str {
     match code {
         1000 => "1000",
         1001 => "1001",
+        1002 => "1002",
         1005 => "1005",
         1006 => "1006",
         close::MALFORMED => "1007",

@@ -1,5 +1,5 @@
-//! One WebSocket connection: its joined channels and their join_refs, its idle deadline and its
-//! refused-join count. Its outbound side (the bounded queue and the single writer) is an
+//! One WebSocket connection: its joined channels and their join_refs, its idle deadline, its
+//! refused-join count and its push and join rate limits. Its outbound side (the bounded queue and the single writer) is an
 //! [`Outbox`].
 //!
 //! The reader reassembles fragments under `server.max_frame_bytes`, decodes Phoenix frames and
@@ -22,7 +22,7 @@ use crate::expiry::{Expiring, ExpiryKey};
 use crate::fanout::{JoinError, Joiner, Room, Want};
 use crate::history::HistoryError;
 use crate::metrics::{join_result, push_result};
-use crate::outbox::{NO_STATUS, Outbox, run_writer};
+use crate::outbox::{Limits, NO_STATUS, Outbox, run_writer};
 use crate::protocol::{self, Inbound, Payload, close, reason};
 use crate::rooms::{PushRefusal, RoomId};
 use crate::wsread::{FrameReader, OpCode, ReadError};
@@ -47,9 +47,39 @@ struct Session {
     /// Joins refused in the current minute (see `server.max_refused_joins_per_min`).
     refused_joins: u32,
     refused_since: tokio::time::Instant,
-    /// Push tokens left, as of `bucket_at`.
-    bucket: f64,
-    bucket_at: tokio::time::Instant,
+    /// `server.push_rate_per_s` / `server.push_burst`.
+    pushes: Bucket,
+    /// `server.join_rate_per_s` / `server.join_burst`.
+    joins: Bucket,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` held.
+struct Bucket {
+    /// Tokens left as of `at`.
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn full(burst: u32) -> Self {
+        Bucket {
+            tokens: f64::from(burst),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token, or says the action is over the limit.
+    fn take(&mut self, rate: u32, burst: u32) -> bool {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 /// Why the reader stopped.
@@ -69,10 +99,21 @@ pub async fn run(
     (identity, auth_error): (Identity, Option<AuthError>),
     socket: u64,
 ) {
-    let out = Outbox::new(app.cfg.server.outbound_queue, app.metrics.clone());
+    let out = Outbox::new(
+        Limits {
+            frames: app.cfg.server.outbound_queue,
+            bytes: app.cfg.server.outbound_queue_bytes,
+        },
+        app.metrics.clone(),
+    );
     let signed_in = identity.user().is_some();
     app.metrics.connection_opened(signed_in);
     app.sessions.insert(socket, out.clone());
+    if app.is_draining() {
+        // upgraded after the drain began (and perhaps after it closed the sessions it saw):
+        // told to reconnect elsewhere like every other socket of this node
+        out.close(close::RESTART);
+    }
     let mut session = Session {
         conn: format!("{}.{}", app.node, socket),
         app: app.clone(),
@@ -83,8 +124,8 @@ pub async fn run(
         out: out.clone(),
         refused_joins: 0,
         refused_since: tokio::time::Instant::now(),
-        bucket: f64::from(app.cfg.server.push_burst),
-        bucket_at: tokio::time::Instant::now(),
+        pushes: Bucket::full(app.cfg.server.push_burst),
+        joins: Bucket::full(app.cfg.server.join_burst),
     };
     // the connection's token ends the socket when it expires (4001)
     let expiry = session.identity.user().map(|u| {
@@ -243,15 +284,15 @@ impl Session {
         let app = self.app.clone();
         let Payload::Json(params) = &f.payload else {
             app.metrics.join(join_result::INVALID);
-            self.refused_join();
-            return self.reply_error(&f, reason::INVALID_PAYLOAD);
+            self.reply_error(&f, reason::INVALID_PAYLOAD);
+            return self.refused_join();
         };
         let id = match RoomId::from_topic(&f.topic) {
             Ok(id) => id,
             Err(e) => {
                 app.metrics.join(join_result::INVALID);
-                self.refused_join();
-                return self.reply_error(&f, e.reason());
+                self.reply_error(&f, e.reason());
+                return self.refused_join();
             }
         };
         // `since` (a lossless rejoin) is checked before anything of the join happens
@@ -263,6 +304,13 @@ impl Session {
                 return self.reply_error(&f, reason::INVALID_SINCE);
             }
         };
+        // every join that could reach Redis takes a token, a re-join of a joined topic included;
+        // without one nothing happens (the joined channel stays) and it is not a refused join
+        let s = &app.cfg.server;
+        if !self.joins.take(s.join_rate_per_s, s.join_burst) {
+            app.metrics.join(join_result::RATE_LIMITED);
+            return self.reply_error(&f, reason::RATE_LIMITED);
+        }
         let join_ref: Arc<str> = Arc::from(
             f.join_ref
                 .clone()
@@ -431,7 +479,8 @@ impl Session {
             }
             return self.reply_error(&f, reason::ROOM_DOES_NOT_EXIST);
         }
-        if !self.take_push_token() {
+        let s = &app.cfg.server;
+        if !self.pushes.take(s.push_rate_per_s, s.push_burst) {
             app.metrics.push(push_result::RATE_LIMITED);
             return self.reply_error(&f, reason::RATE_LIMITED);
         }
@@ -508,22 +557,6 @@ impl Session {
             self.app.expiries.remove(k);
         }
         self.app.hub.leave(&ch.room, self.socket, &self.conn).await;
-    }
-
-    /// The socket's token bucket (`server.push_rate_per_s`, `server.push_burst`): takes one
-    /// token, or says the push is over the limit.
-    fn take_push_token(&mut self) -> bool {
-        let s = &self.app.cfg.server;
-        let now = tokio::time::Instant::now();
-        let refill =
-            now.duration_since(self.bucket_at).as_secs_f64() * f64::from(s.push_rate_per_s);
-        self.bucket = (self.bucket + refill).min(f64::from(s.push_burst));
-        self.bucket_at = now;
-        if self.bucket < 1.0 {
-            return false;
-        }
-        self.bucket -= 1.0;
-        true
     }
 
     async fn leave_all(&mut self) {
