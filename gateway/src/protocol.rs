@@ -75,7 +75,7 @@ pub enum DecodeError {
     Json,
     #[error("frame must be [join_ref, ref, topic, event, payload]")]
     Shape,
-    #[error("join_ref and ref must be strings or null")]
+    #[error("join_ref and ref must be strings of at most 64 bytes, or null")]
     Ref,
     #[error("topic and event must be strings")]
     TopicEvent,
@@ -136,6 +136,12 @@ pub fn decode_binary(data: &[u8]) -> Result<Inbound, DecodeError> {
     let mut next = || parts.next().unwrap_or_default();
     let join_ref = Some(next()).filter(|s| !s.is_empty());
     let reference = Some(next()).filter(|s| !s.is_empty());
+    if [&join_ref, &reference]
+        .iter()
+        .any(|r| r.as_ref().is_some_and(|r| r.len() > MAX_REF_BYTES))
+    {
+        return Err(DecodeError::Ref);
+    }
     Ok(Inbound {
         join_ref,
         reference,
@@ -145,10 +151,16 @@ pub fn decode_binary(data: &[u8]) -> Result<Inbound, DecodeError> {
     })
 }
 
+/// The longest `ref` / `join_ref` taken. phoenix.js sends counters ("1", "2", …); other clients
+/// send at most a UUID. Every reply echoes the ref, so a long one would let a client that reads
+/// nothing make the node hold its frames' worth for each reply (256 heartbeats with 64 KiB refs:
+/// 16 MiB).
+pub const MAX_REF_BYTES: usize = 64;
+
 fn opt_ref(v: Value) -> Result<Option<String>, DecodeError> {
     match v {
         Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s)),
+        Value::String(s) if s.len() <= MAX_REF_BYTES => Ok(Some(s)),
         _ => Err(DecodeError::Ref),
     }
 }
@@ -285,6 +297,14 @@ mod tests {
             Err(DecodeError::Shape)
         );
         assert_eq!(decode_text(br#"[1,"1","t","e",{}]"#), Err(DecodeError::Ref));
+        // refs are echoed in every reply: a long one is refused, 64 bytes are fine
+        let r64 = "7".repeat(MAX_REF_BYTES);
+        let ok = format!(r#"["{r64}","{r64}","phoenix","heartbeat",{{}}]"#);
+        assert!(decode_text(ok.as_bytes()).is_ok());
+        let long = format!(r#"[null,"{r64}8","phoenix","heartbeat",{{}}]"#);
+        assert_eq!(decode_text(long.as_bytes()), Err(DecodeError::Ref));
+        let long = format!(r#"["{r64}8",null,"phoenix","heartbeat",{{}}]"#);
+        assert_eq!(decode_text(long.as_bytes()), Err(DecodeError::Ref));
         assert_eq!(
             decode_text(br#"[null,"1",5,"e",{}]"#),
             Err(DecodeError::TopicEvent)
@@ -453,7 +473,8 @@ mod proptests {
             return Err(vec![DecodeError::Shape]);
         };
         let mut broken = Vec::new();
-        let is_ref = |v: &Value| v.is_null() || v.is_string();
+        let is_ref =
+            |v: &Value| v.is_null() || v.as_str().is_some_and(|s| s.len() <= MAX_REF_BYTES);
         if !is_ref(&a[0]) || !is_ref(&a[1]) {
             broken.push(DecodeError::Ref);
         }
