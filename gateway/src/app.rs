@@ -139,6 +139,7 @@ impl App {
                 }
             }
         };
+        check_redis_version(&conn, &cfg.redis.url).await?;
         let scripts = Arc::new(Scripts::for_redis(&conn));
         let mut c = conn.clone();
         scripts.load_all(&mut c).await?;
@@ -223,6 +224,12 @@ impl App {
         self.connection_permits.clone().try_acquire_owned().ok()
     }
 
+    /// Connections admitted and not yet ended: open sessions and upgrades still under way.
+    pub fn open_connections(&self) -> usize {
+        self.cfg.server.max_connections.min(Semaphore::MAX_PERMITS)
+            - self.connection_permits.available_permits()
+    }
+
     pub fn next_socket(&self) -> u64 {
         self.next_socket.fetch_add(1, Ordering::Relaxed)
     }
@@ -230,6 +237,31 @@ impl App {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// Refuses a Redis older than [`crate::redis::MIN_VERSION`] with an error naming the server and
+/// its version (every master of a cluster is asked).
+async fn check_redis_version(conn: &crate::redis::Redis, url: &str) -> anyhow::Result<()> {
+    let versions = conn
+        .server_versions()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the Redis version (INFO server): {e}"))?;
+    for (server, version) in versions {
+        let server = if server.is_empty() {
+            redact(url)
+        } else {
+            server
+        };
+        if !crate::redis::version_supported(&version) {
+            let (major, minor) = crate::redis::MIN_VERSION;
+            anyhow::bail!(
+                "Redis {version} at {server} is too old: the gateway needs Redis >= {major}.{minor} \
+                 (history recovery reads XINFO STREAM's entries-added; cluster rooms use sharded pub/sub)"
+            );
+        }
+        tracing::debug!(%server, %version, "redis version");
+    }
+    Ok(())
 }
 
 /// Keeps `<p>:node:<id>` alive for operators (`gateway nodes`): the node's listen address, start

@@ -157,12 +157,69 @@ impl Redis {
         }
     }
 
+    /// `redis_version` of the server, or of every master of a cluster, as `(server, version)`
+    /// (`server` is empty for a standalone server: the caller knows its URL).
+    pub async fn server_versions(&self) -> RedisResult<Vec<(String, String)>> {
+        let info = redis::cmd("INFO").arg("server").clone();
+        let read = |v: Value| -> RedisResult<String> {
+            let text: String = redis::from_redis_value(v)?;
+            Ok(info_field(&text, "redis_version")
+                .unwrap_or("unknown")
+                .to_string())
+        };
+        match &self.inner {
+            Inner::Standalone(c) => {
+                let v = info.query_async(&mut c.clone()).await?;
+                Ok(vec![(String::new(), read(v)?)])
+            }
+            Inner::Cluster(c) => {
+                let mut out = Vec::new();
+                for sh in masters(&mut c.clone()).await? {
+                    let v = c
+                        .clone()
+                        .route_command(
+                            info.clone(),
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                host: sh.host.clone(),
+                                port: sh.port,
+                            }),
+                        )
+                        .await?;
+                    out.push((format!("{}:{}", sh.host, sh.port), read(v)?));
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// Every key matching `pattern` on every master, found with `SCAN` (never `KEYS`).
     pub async fn scan_match(&self, pattern: &str) -> RedisResult<Vec<String>> {
         match &self.inner {
             Inner::Standalone(c) => scan_one(&mut c.clone(), pattern).await,
             Inner::Cluster(c) => scan_cluster(&mut c.clone(), pattern).await,
         }
+    }
+}
+
+/// The oldest Redis the gateway runs on: history recovery reads `entries-added` of
+/// `XINFO STREAM` (7.0), and cluster rooms use sharded pub/sub (7.0). On 6.2 a stale `since`
+/// would be answered `recovered: true` over a gap, so an older server is refused at start.
+pub const MIN_VERSION: (u32, u32) = (7, 0);
+
+/// A field of an `INFO` reply (`name:value` lines).
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Whether `version` (`7.0.15`, `6.2.14`, `255.255.255` for unstable builds) is at least
+/// [`MIN_VERSION`]; an unreadable one is refused too.
+pub fn version_supported(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_VERSION,
+        _ => false,
     }
 }
 
@@ -266,5 +323,26 @@ impl ConnectionLike for Redis {
             Inner::Standalone(c) => c.get_db(),
             Inner::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_version_from_info_and_refuses_below_7_0() {
+        let info = "# Server\r\nredis_version:6.2.14\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(info_field(info, "redis_version"), Some("6.2.14"));
+        assert_eq!(info_field(info, "redis_mode"), None);
+        assert!(!version_supported("6.2.14"));
+        assert!(!version_supported("5.0.7"));
+        assert!(!version_supported("unknown"));
+        assert!(!version_supported(""));
+        assert!(version_supported("7.0.0"));
+        assert!(version_supported("7.0.15"));
+        assert!(version_supported("7.2.4"));
+        assert!(version_supported("8.0.1"));
+        assert!(version_supported("255.255.255"));
     }
 }

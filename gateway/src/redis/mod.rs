@@ -10,7 +10,7 @@ mod pool;
 mod pubsub;
 pub mod scripts;
 
-pub use conn::Redis;
+pub use conn::{MIN_VERSION, Redis, version_supported};
 pub use pool::{Pool, PoolConn, PoolError};
 pub use pubsub::{Event, Publisher, Subscriber};
 
