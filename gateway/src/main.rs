@@ -442,12 +442,14 @@ async fn drain(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    while !app.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+    // every admitted connection, not only the sessions seen above: a socket whose upgrade
+    // completes now closes itself with 1012 as its session starts (`session::run`)
+    while app.open_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tracing::info!(
         sockets,
-        left = app.sessions.len(),
+        left = app.open_connections(),
         took_ms = started.elapsed().as_millis() as u64,
         "drained"
     );
