@@ -199,8 +199,9 @@ test('slot move: a busy room moved to another master, twice; every event sent 2 
     talking = false;
     await talk;
   }
-  // an event may be lost while its slot moves and up to 2 s after; none other may
-  const exempt = (m) => moves.some((mv) => m.at >= mv.start && m.at < mv.end + 2000);
+  // an event may be lost while its slot moves and up to 2 s after; none other may (the window
+  // opens 250 ms early: a push acknowledged late on a loaded machine may be published mid-move)
+  const exempt = (m) => moves.some((mv) => m.at >= mv.start - 250 && m.at < mv.end + 2000);
   const due = sent.filter((m) => m.status === 'ok' && !exempt(m));
   for (const mv of moves) {
     const after = due.filter((m) => m.at >= mv.end + 2000 && m.at < mv.end + 4000);
@@ -219,7 +220,7 @@ test('slot move: a busy room moved to another master, twice; every event sent 2 
   t.diagnostic(`${sent.length} events sent, ${due.length} due (outside the move windows), all delivered to ${listeners.length} listeners on 2 gateways`);
   for (const mv of moves) {
     // within the window: what was lost, and when the last lost one was sent
-    const inWindow = sent.filter((m) => m.status === 'ok' && m.at >= mv.start && m.at < mv.end + 2000);
+    const inWindow = sent.filter((m) => m.status === 'ok' && m.at >= mv.start - 250 && m.at < mv.end + 2000);
     const lost = inWindow.filter((m) => listeners.some((l) => !l.got.some((g) => g.body === m.body)));
     const last = lost.length ? `${lost[lost.length - 1].at - mv.end} ms after the move` : 'none';
     t.diagnostic(`move to ${mv.to}: ${lost.length} of ${inWindow.length} events in its window missed by a listener; last one sent ${last}`);
