@@ -69,7 +69,9 @@ pub async fn ready(app: &App) -> Result<(), &'static str> {
         return Err("draining");
     }
     if !app.hub.pubsub_up() {
-        return Err("pub/sub down: a Redis shard the node needs is unreachable");
+        return Err(
+            "pub/sub down: a Redis shard the node needs is unreachable, or a room lost its subscription",
+        );
     }
     let redis = app.hub.store().redis();
     match tokio::time::timeout(app.cfg.redis.command_timeout(), redis.ping()).await {

@@ -114,13 +114,23 @@ pub mod pubsub_event {
     pub const RECONNECT: &str = "reconnect";
     /// A cluster shard connection dropped (a failover, a killed node, a network cut).
     pub const DISCONNECT: &str = "disconnect";
-    /// The cluster client re-subscribed rooms on a new owner (after a disconnect or a slot move).
+    /// The cluster client re-subscribed rooms by itself (after a disconnect or a failover).
     pub const RESUBSCRIBE: &str = "resubscribe";
     /// A shard's probe did not come back: the shard is unreachable (readiness is false).
     pub const SHARD_LOST: &str = "shard_lost";
     /// A shard's probe came back after a loss.
     pub const SHARD_BACK: &str = "shard_back";
-    pub const ALL: [&str; 5] = [RECONNECT, DISCONNECT, RESUBSCRIBE, SHARD_LOST, SHARD_BACK];
+    /// A slot moved to another master and the server dropped one of the node's channels with it
+    /// (one per channel; the node subscribes it again on the new owner).
+    pub const SLOT_MOVED: &str = "slot_moved";
+    pub const ALL: [&str; 6] = [
+        RECONNECT,
+        DISCONNECT,
+        RESUBSCRIBE,
+        SHARD_LOST,
+        SHARD_BACK,
+        SLOT_MOVED,
+    ];
 }
 
 /// Label values of `gateway_closes_total{code}`: the close codes the gateway sends or sees, each

@@ -124,6 +124,29 @@ export async function startCluster({ nodeTimeoutMs = 2000 } = {}) {
       }), timeoutMs, 'cluster_state:ok on every node', 100);
     },
     node(port) { return nodes.find((n) => n.port === port); },
+    /**
+     * Moves one slot, with its keys, from its master to the master `toPort`, the way
+     * `redis-cli --cluster reshard` does: SETSLOT IMPORTING on the target, MIGRATING on the
+     * source, MIGRATE every key of the slot (GETKEYSINSLOT until none is left), then SETSLOT NODE
+     * on the target, the source and every other master. Returns the source's port.
+     */
+    moveSlot(slot, toPort) {
+      const fromPort = cluster.masters().find((m) => m.slots.some(([a, b]) => a <= slot && slot <= b)).port;
+      if (fromPort === toPort) throw new Error(`slot ${slot} is already on ${toPort}`);
+      const fromId = cliOn(fromPort, 'CLUSTER', 'MYID');
+      const toId = cliOn(toPort, 'CLUSTER', 'MYID');
+      cliOn(toPort, 'CLUSTER', 'SETSLOT', slot, 'IMPORTING', fromId);
+      cliOn(fromPort, 'CLUSTER', 'SETSLOT', slot, 'MIGRATING', toId);
+      for (;;) {
+        const keys = cliOn(fromPort, 'CLUSTER', 'GETKEYSINSLOT', slot, 1000).split('\n').filter(Boolean);
+        if (keys.length === 0) break;
+        const out = cliOn(fromPort, 'MIGRATE', '127.0.0.1', toPort, '', 0, 5000, 'KEYS', ...keys);
+        if (!/OK|NOKEY/.test(out)) throw new Error(`MIGRATE of slot ${slot}: ${out}`);
+      }
+      const others = cluster.masters().map((m) => m.port).filter((p) => p !== fromPort && p !== toPort);
+      for (const p of [toPort, fromPort, ...others]) cliOn(p, 'CLUSTER', 'SETSLOT', slot, 'NODE', toId);
+      return fromPort;
+    },
     kill(port) { const n = cluster.node(port); if (!n.exited) n.proc.kill('SIGKILL'); return withTimeout(once(n.proc, 'exit'), 5000, 'node kill').catch(() => {}); },
     /** Restarts a killed node with its nodes.conf: it rejoins (as a replica once failed over). */
     async restart(port) {

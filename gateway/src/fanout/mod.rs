@@ -360,6 +360,8 @@ pub struct Hub {
     probe_channel: String,
     /// Probes that did not come back in time: shards that cannot be reached.
     shards_down: std::sync::atomic::AtomicUsize,
+    /// Channels a slot move took away whose re-subscription failed: their rooms hear nothing.
+    channels_dropped: std::sync::atomic::AtomicUsize,
     epoch: Instant,
 }
 
@@ -420,6 +422,7 @@ impl Hub {
             probes: Mutex::new(Vec::new()),
             probe_channel,
             shards_down: Default::default(),
+            channels_dropped: Default::default(),
             epoch: Instant::now(),
         })
     }
@@ -433,10 +436,12 @@ impl Hub {
         &self.history
     }
 
-    /// Whether the subscriber hears every shard it needs: connected, and each shard's last
-    /// probe came back.
+    /// Whether the subscriber hears every shard it needs: connected, each shard's last probe
+    /// came back, and no channel that a slot move took away is still waiting to be re-subscribed.
     pub fn pubsub_up(&self) -> bool {
-        self.pubsub_up.load(Ordering::Relaxed) && self.shards_down.load(Ordering::Relaxed) == 0
+        self.pubsub_up.load(Ordering::Relaxed)
+            && self.shards_down.load(Ordering::Relaxed) == 0
+            && self.channels_dropped.load(Ordering::Relaxed) == 0
     }
 
     pub fn room_count(&self) -> usize {

@@ -1,6 +1,7 @@
 //! The node's pub/sub connection: subscribe and unsubscribe requests from joins and teardowns,
 //! dispatch of every message (room frames, presence envelopes, deletions, probes), the liveness
-//! probe, and the rebuild after a lost or silent connection.
+//! probe, the rebuild after a lost or silent connection, and the re-subscription of the channels
+//! a cluster slot move took away.
 
 use std::collections::HashSet;
 
@@ -10,6 +11,13 @@ use crate::redis::{Event, Publisher, Subscriber};
 
 /// Queued requests applied in one go: one SUBSCRIBE for many rooms, not a round trip each.
 const SUBSCRIBE_BATCH: usize = 256;
+/// A slot's old owner pushes one `sunsubscribe` per channel of the slot, back to back: the first
+/// re-subscription waits this long so that one pass takes them all.
+const RESUBSCRIBE_GATHER: Duration = Duration::from_millis(10);
+/// A failed re-subscription after a slot move is tried again after this pause, doubling up to
+/// [`RESUBSCRIBE_MAX`]: short, since a room's events must flow again within 2 s of a move.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(50);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(1);
 
 impl Hub {
     fn dispatch(&self, channel: &str, payload: &[u8]) {
@@ -67,6 +75,11 @@ impl Hub {
     /// have been missed, and what Redis holds for this node may be stale.
     fn resync_all(&self) {
         let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+        Self::resync(rooms);
+    }
+
+    /// [`Hub::resync_all`] for some rooms only.
+    fn resync(rooms: Vec<Arc<Room>>) {
         for r in rooms {
             let mut st = lock(&r.state);
             if st.installed {
@@ -172,6 +185,12 @@ impl Hub {
             probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             probe.tick().await;
             let mut probe_deadline: Option<Instant> = None;
+            // channels the server dropped (their slot moved) and not subscribed again yet, and
+            // when the next attempt is due
+            let mut dropped: HashSet<String> = HashSet::new();
+            let mut resubscribe_at: Option<Instant> = None;
+            let mut resubscribe_backoff = RESUBSCRIBE_RETRY;
+            self.channels_dropped.store(0, Ordering::Relaxed);
             loop {
                 tokio::select! {
                     m = sub.next() => match m {
@@ -185,8 +204,22 @@ impl Hub {
                             tracing::info!(event = why, "pub/sub interrupted; re-snapshotting rooms");
                             self.resync_all();
                         }
+                        Some(Event::Dropped(channel)) => {
+                            self.metrics.pubsub_event(pubsub_event::SLOT_MOVED);
+                            dropped.insert(channel);
+                            resubscribe_at.get_or_insert_with(|| Instant::now() + RESUBSCRIBE_GATHER);
+                        }
                         None => { tracing::warn!("pub/sub connection lost"); break; }
                     },
+                    _ = tokio::time::sleep_until(resubscribe_at.unwrap_or_else(Instant::now)), if resubscribe_at.is_some() => {
+                        resubscribe_at = None;
+                        if !self.resubscribe_dropped(&mut sub, &subscribed, &mut dropped, t).await {
+                            resubscribe_at = Some(Instant::now() + resubscribe_backoff);
+                            resubscribe_backoff = (resubscribe_backoff * 2).min(RESUBSCRIBE_MAX);
+                        } else {
+                            resubscribe_backoff = RESUBSCRIBE_RETRY;
+                        }
+                    }
                     c = cmds.recv() => {
                         let Some(c) = c else { return };
                         // everything queued meanwhile goes out together, in order
@@ -244,6 +277,72 @@ impl Hub {
             }
             self.pubsub_up.store(false, Ordering::Relaxed);
             self.metrics.redis_error("pubsub");
+        }
+    }
+
+    /// Subscribes again, on the slot's new owner, the channels the server dropped when their
+    /// slot moved, as long as the node still wants them (a room torn down meanwhile is left
+    /// alone); then re-snapshots those rooms and re-asserts the node's presence in them with
+    /// `sync`, since their messages published during the move are lost. Stops at the first
+    /// failure and returns false: the rest is tried again after a pause, and readiness is false
+    /// until every channel is back.
+    async fn resubscribe_dropped(
+        &self,
+        sub: &mut Subscriber,
+        subscribed: &HashSet<String>,
+        dropped: &mut HashSet<String>,
+        t: Duration,
+    ) -> bool {
+        dropped.retain(|ch| subscribed.contains(ch) || ch.starts_with(self.probe_channel.as_str()));
+        let mut back: Vec<String> = Vec::new();
+        let mut failure = None;
+        for ch in dropped.iter() {
+            // the cluster client routes it by slot and follows the `MOVED` (refreshing its slot
+            // map) to the new owner
+            match tokio::time::timeout(t, sub.subscribe(&[ch.as_str()])).await {
+                Ok(Ok(())) => back.push(ch.clone()),
+                Ok(Err(e)) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+                Err(_) => {
+                    failure = Some("timed out".into());
+                    break;
+                }
+            }
+        }
+        for ch in &back {
+            dropped.remove(ch);
+        }
+        let rooms: Vec<Arc<Room>> = {
+            let map = lock(&self.rooms);
+            back.iter()
+                .filter_map(|ch| self.keys.room_of_channel(ch))
+                .filter_map(|id| map.get(&id).cloned())
+                .collect()
+        };
+        if !back.is_empty() {
+            tracing::info!(
+                rooms = rooms.len(),
+                channels = back.len(),
+                "slot moved: channels re-subscribed on the new owner; re-snapshotting their rooms"
+            );
+        }
+        Self::resync(rooms);
+        self.channels_dropped.store(
+            if failure.is_some() { dropped.len() } else { 0 },
+            Ordering::Relaxed,
+        );
+        match failure {
+            Some(e) => {
+                tracing::warn!(
+                    channels = dropped.len(),
+                    error = %e,
+                    "slot moved: re-subscribing its channels failed; retrying"
+                );
+                false
+            }
+            None => true,
         }
     }
 

@@ -1,8 +1,13 @@
 //! The node's subscriber: one connection to a standalone server (`SUBSCRIBE`), or in a cluster one
 //! connection per shard the node needs, made and re-made by the cluster client (`SSUBSCRIBE` on
-//! shard channels, re-subscribed by the library after a disconnection or a slot move). Either way
+//! shard channels, re-subscribed by the library after a disconnection or a failover). Either way
 //! the caller sees one stream of [`Event`]s, and [`Event::Interrupted`] whenever messages may have
 //! been missed, so it can re-snapshot what it mirrors.
+//!
+//! A slot that moves to another master takes its shard channels with it: the old owner pushes a
+//! `sunsubscribe` for each, the library forgets them and does not subscribe them again. That
+//! push, when this side did not ask for it, is reported as [`Event::Dropped`]; the caller
+//! subscribes the channel again (the library routes it to the slot's new owner).
 
 use std::collections::HashMap;
 
@@ -25,6 +30,9 @@ pub enum Event {
     /// A shard connection dropped, or the client re-subscribed after a disconnection or a
     /// topology change: messages published meanwhile were lost.
     Interrupted(&'static str),
+    /// The server unsubscribed this shard channel by itself (its slot moved to another master):
+    /// nothing arrives on it until it is subscribed again.
+    Dropped(String),
 }
 
 enum Inner {
@@ -38,6 +46,9 @@ enum Inner {
         /// Confirmations this side asked for and has not seen yet: any other `ssubscribe`
         /// confirmation is the library re-subscribing.
         expected: HashMap<String, usize>,
+        /// `sunsubscribe` confirmations this side asked for and has not seen yet: any other one
+        /// is the server dropping the channel (a slot move).
+        leaving: HashMap<String, usize>,
     },
 }
 
@@ -97,6 +108,7 @@ impl Subscriber {
                 conn,
                 pushes,
                 expected: HashMap::new(),
+                leaving: HashMap::new(),
             },
         })
     }
@@ -150,10 +162,20 @@ impl Subscriber {
     pub async fn unsubscribe(&mut self, channels: &[&str]) -> RedisResult<()> {
         match &mut self.inner {
             Inner::Standalone { sink, .. } => sink.unsubscribe(channels).await,
-            Inner::Cluster { conn, expected, .. } => {
+            Inner::Cluster {
+                conn,
+                expected,
+                leaving,
+                ..
+            } => {
                 for ch in channels {
                     expected.remove(*ch);
-                    conn.sunsubscribe(*ch).await?;
+                    *leaving.entry(ch.to_string()).or_default() += 1;
+                    if let Err(e) = conn.sunsubscribe(*ch).await {
+                        // no confirmation comes: a later `sunsubscribe` is not this one's
+                        forget(leaving, ch);
+                        return Err(e);
+                    }
                 }
                 Ok(())
             }
@@ -169,7 +191,10 @@ impl Subscriber {
                 payload: m.get_payload_bytes().to_vec(),
             }),
             Inner::Cluster {
-                pushes, expected, ..
+                pushes,
+                expected,
+                leaving,
+                ..
             } => loop {
                 let p = pushes.recv().await?;
                 match p.kind {
@@ -182,24 +207,56 @@ impl Subscriber {
                         }
                     }
                     PushKind::Disconnection => return Some(Event::Interrupted("disconnect")),
-                    PushKind::SSubscribe => {
-                        let ch = match p.data.first() {
-                            Some(redis::Value::BulkString(b)) => {
-                                String::from_utf8_lossy(b).into_owned()
-                            }
-                            _ => String::new(),
-                        };
-                        match expected.get_mut(&ch) {
-                            Some(n) if *n > 1 => *n -= 1,
-                            Some(_) => {
-                                expected.remove(&ch);
-                            }
-                            None => return Some(Event::Interrupted("resubscribe")),
+                    // a confirmation this side did not ask for: the library re-subscribed
+                    PushKind::SSubscribe if !forget(expected, &push_channel(&p)) => {
+                        return Some(Event::Interrupted("resubscribe"));
+                    }
+                    PushKind::SUnsubscribe => {
+                        let ch = push_channel(&p);
+                        if !forget(leaving, &ch) && !ch.is_empty() {
+                            return Some(Event::Dropped(ch));
                         }
                     }
                     _ => {}
                 }
             },
         }
+    }
+}
+
+/// The channel a subscription push is about (empty if it names none).
+fn push_channel(p: &redis::PushInfo) -> String {
+    match p.data.first() {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Takes one awaited confirmation of `ch` off `awaited`; false if none was awaited.
+fn forget(awaited: &mut HashMap<String, usize>, ch: &str) -> bool {
+    match awaited.get_mut(ch) {
+        Some(n) if *n > 1 => *n -= 1,
+        Some(_) => {
+            awaited.remove(ch);
+        }
+        None => return false,
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn awaited_confirmations_are_taken_one_at_a_time() {
+        let mut awaited = HashMap::new();
+        *awaited.entry("a".to_string()).or_default() += 2;
+        assert!(forget(&mut awaited, "a"));
+        assert!(forget(&mut awaited, "a"));
+        // a third `sunsubscribe` of "a" was not asked for: the server dropped the channel
+        assert!(!forget(&mut awaited, "a"));
+        assert!(!forget(&mut awaited, "b"));
+        assert!(awaited.is_empty());
     }
 }
