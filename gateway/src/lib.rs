@@ -12,6 +12,7 @@
 //! | [`demo`] | the demo page, phoenix.js and demo tokens on the public port |
 //! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit |
 //! | [`wsread`] | client WebSocket frames read from the TCP stream, no buffer held while idle |
+//! | [`wsmessage`] | frames → messages: reassembly, UTF-8, close-frame rules, fragment deadline (pure) |
 //! | [`expiry`] | token lifetimes of open sockets and channels: one deadline list per node |
 //! | [`outbox`] | a socket's bounded outbound queue and its single writer (used by `session` and `fanout`) |
 //! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
@@ -25,10 +26,10 @@
 //! | [`admin`], [`metrics`] | admin HTTP (health, metrics, rooms API), metric families |
 //! | [`app`] | the assembled node |
 //!
-//! One frame's path: socket → `wsread` → `session` → `protocol::decode_text` → `rooms` rules → `presence`
-//! (one Lua call) or `fanout` publish (`history`: one Lua call appends and publishes) → Redis →
-//! every node's `fanout` subscriber → `Mirror` / the room's history tail and the shared frame →
-//! each local session's queue → writer → socket.
+//! One frame's path: socket → `wsread` → `wsmessage` → `session` → `protocol::decode_text` →
+//! `rooms` rules → `presence` (one Lua call) or `fanout` publish (`history`: one Lua call appends
+//! and publishes) → Redis → every node's `fanout` subscriber → `Mirror` / the room's history tail
+//! and the shared frame → each local session's queue → writer → socket.
 
 pub mod admin;
 pub mod app;
@@ -48,6 +49,7 @@ pub mod redis;
 pub mod rooms;
 pub mod server;
 pub mod session;
+pub mod wsmessage;
 pub mod wsread;
 
 /// Milliseconds since the Unix epoch (`online_at`, `at`, room `created_at`).

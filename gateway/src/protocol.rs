@@ -13,6 +13,9 @@ use serde_json::{Map, Value, json};
 pub mod close {
     /// Process shutting down without a drain.
     pub const GOING_AWAY: u16 = 1001;
+    /// Not a valid WebSocket client frame, frames out of order, or a close frame with a code a
+    /// client may not send (`wsmessage::valid_close_code`).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// The client sent something that is not a V2 frame (bad JSON, not a 5-array, bad types).
     pub const MALFORMED: u16 = 1007;
     /// A message above `server.max_frame_bytes`.

@@ -2,9 +2,9 @@
 //! refused-join count and its push and join rate limits. Its outbound side (the bounded queue and the single writer) is an
 //! [`Outbox`].
 //!
-//! The reader reassembles fragments under `server.max_frame_bytes`, decodes Phoenix frames and
-//! applies the rules (`rooms`), calling into the [`crate::fanout::Hub`] for joins, leaves and
-//! broadcasts.
+//! The reader turns frames into messages with [`crate::wsmessage`] (fragments under
+//! `server.max_frame_bytes`, UTF-8, close codes), decodes Phoenix frames and applies the rules
+//! (`rooms`), calling into the [`crate::fanout::Hub`] for joins, leaves and broadcasts.
 //!
 //! Redis keys and other sessions are out of reach from here.
 
@@ -25,7 +25,8 @@ use crate::metrics::{join_result, push_result};
 use crate::outbox::{Limits, NO_STATUS, Outbox, run_writer};
 use crate::protocol::{self, Inbound, Payload, close, reason};
 use crate::rooms::{PushRefusal, RoomId};
-use crate::wsread::{FrameReader, OpCode, ReadError};
+use crate::wsmessage::{Assembler, Event, Message, Violation};
+use crate::wsread::FrameReader;
 
 struct Channel {
     room: Arc<Room>,
@@ -162,83 +163,55 @@ pub async fn run(
 impl Session {
     async fn read_loop(&mut self, ws: &mut FrameReader) -> ReadEnd {
         let idle = self.app.cfg.server.idle_timeout();
-        let max = self.app.cfg.server.max_frame_bytes;
-        let mut fragments: Option<(OpCode, Vec<u8>)> = None;
+        // a fragmented message has idle_timeout from its first fragment (DESIGN §14)
+        let mut messages = Assembler::new(self.app.cfg.server.max_frame_bytes, idle);
         loop {
+            let now = tokio::time::Instant::now();
+            let until = match messages.deadline() {
+                Some(d) => (now + idle).min(tokio::time::Instant::from_std(d)),
+                None => now + idle,
+            };
             let read = tokio::select! {
                 biased;
                 // the writer stopped (close sent, slow consumer, write error): stop reading
                 _ = self.out.writer_done().notified() => return ReadEnd::Closing,
-                r = tokio::time::timeout(idle, ws.next()) => r,
+                r = tokio::time::timeout_at(until, ws.next()) => r,
             };
             let frame = match read {
+                // nothing for idle_timeout, or a fragmented message unfinished in time
                 Err(_) => {
                     self.out.close(close::IDLE_TIMEOUT);
                     return ReadEnd::Closing;
                 }
-                Ok(Err(ReadError::Gone)) => return ReadEnd::Gone,
-                Ok(Err(ReadError::TooBig)) => {
-                    self.out.close(close::TOO_BIG);
-                    return ReadEnd::Closing;
-                }
-                Ok(Err(ReadError::Protocol)) => {
-                    self.out.close(1002);
-                    return ReadEnd::Closing;
-                }
+                Ok(Err(e)) => match Violation::of_read(&e) {
+                    None => return ReadEnd::Gone,
+                    Some(v) => {
+                        self.out.close(v.close_code());
+                        return ReadEnd::Closing;
+                    }
+                },
                 Ok(Ok(f)) => f,
             };
-            let message = match frame.opcode {
-                OpCode::Close => {
-                    let code = match frame.payload.len() {
-                        0 => NO_STATUS,
-                        1 => 1002,
-                        _ => u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
-                    };
-                    self.out.close(code);
+            let message = match messages.push(frame, tokio::time::Instant::now().into_std()) {
+                Ok(Event::Message(m)) => m,
+                Ok(Event::Partial | Event::Pong) => continue,
+                Ok(Event::Ping(payload)) => {
+                    self.out.pong(Bytes::from(payload));
+                    continue;
+                }
+                Ok(Event::Close(code)) => {
+                    self.out.close(code.unwrap_or(NO_STATUS));
                     return ReadEnd::Closing;
                 }
-                OpCode::Ping => {
-                    self.out.pong(Bytes::from(frame.payload));
-                    continue;
-                }
-                OpCode::Pong => continue,
-                OpCode::Text | OpCode::Binary if frame.fin => {
-                    if fragments.is_some() {
-                        self.out.close(1002);
-                        return ReadEnd::Closing;
-                    }
-                    (frame.opcode, frame.payload)
-                }
-                OpCode::Text | OpCode::Binary => {
-                    if fragments.is_some() {
-                        self.out.close(1002);
-                        return ReadEnd::Closing;
-                    }
-                    fragments = Some((frame.opcode, frame.payload));
-                    continue;
-                }
-                OpCode::Continuation => {
-                    let Some((_, buf)) = fragments.as_mut() else {
-                        self.out.close(1002);
-                        return ReadEnd::Closing;
-                    };
-                    if buf.len() + frame.payload.len() > max {
-                        self.out.close(close::TOO_BIG);
-                        return ReadEnd::Closing;
-                    }
-                    buf.extend_from_slice(&frame.payload);
-                    if !frame.fin {
-                        continue;
-                    }
-                    match fragments.take() {
-                        Some(m) => m,
-                        None => continue,
-                    }
+                Err(v) => {
+                    tracing::debug!(socket = self.socket, error = %v, "refused frame; closing");
+                    self.out.close(v.close_code());
+                    return ReadEnd::Closing;
                 }
             };
-            let decoded = match message.0 {
-                OpCode::Text => protocol::decode_text(&message.1),
-                _ => protocol::decode_binary(&message.1),
+            let decoded = match &message {
+                Message::Text(t) => protocol::decode_text(t),
+                Message::Binary(b) => protocol::decode_binary(b),
             };
             if self.out.code() != 0 {
                 // closing: a frame that was already buffered is not acted upon

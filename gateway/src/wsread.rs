@@ -8,7 +8,7 @@
 //!
 //! It checks what a server must (RFC 6455 §5.1–5.5): client frames are masked, no reserved bits
 //! or opcodes, control frames are final and at most 125 bytes. Reassembling fragments, UTF-8 of
-//! text messages and close codes are the session's.
+//! text messages and close codes are [`crate::wsmessage`]'s.
 
 use bytes::Bytes;
 use tokio::net::tcp::OwnedReadHalf;
