@@ -27,14 +27,14 @@ pub enum OpCode {
 }
 
 /// One frame, unmasked.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
     pub opcode: OpCode,
     pub payload: Vec<u8>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadError {
     /// End of stream, reset or another I/O error: nothing more can be read.
     Gone,
@@ -46,6 +46,12 @@ pub enum ReadError {
 
 pub struct FrameReader {
     tcp: OwnedReadHalf,
+    unread: Unread,
+}
+
+/// The bytes received and not yet returned as frames, and the parse of them; kept apart from the
+/// socket so that tests can feed it any split of a byte stream.
+struct Unread {
     /// Received bytes from `pos` on are not returned yet; no allocation while there are none.
     buf: Vec<u8>,
     pos: usize,
@@ -60,17 +66,19 @@ impl FrameReader {
     pub fn new(tcp: OwnedReadHalf, early: Bytes, max_payload: usize) -> Self {
         FrameReader {
             tcp,
-            buf: early.to_vec(),
-            pos: 0,
-            missing: 0,
-            max_payload,
+            unread: Unread {
+                buf: early.to_vec(),
+                pos: 0,
+                missing: 0,
+                max_payload,
+            },
         }
     }
 
     /// The next frame. Cancel-safe: a read that is dropped loses no bytes.
     pub async fn next(&mut self) -> Result<Frame, ReadError> {
         loop {
-            if let Some(frame) = self.parse()? {
+            if let Some(frame) = self.unread.parse()? {
                 return Ok(frame);
             }
             self.fill().await?;
@@ -79,28 +87,37 @@ impl FrameReader {
 
     /// Capacity held for this socket's unread bytes (0 when idle).
     pub fn buffered_capacity(&self) -> usize {
-        self.buf.capacity()
+        self.unread.buf.capacity()
     }
 
     async fn fill(&mut self) -> Result<(), ReadError> {
         loop {
             self.tcp.readable().await.map_err(|_| ReadError::Gone)?;
-            if self.pos > 0 {
-                self.buf.drain(..self.pos);
-                self.pos = 0;
-            }
-            self.buf.reserve(self.missing.max(READ_CHUNK));
-            match self.tcp.try_read_buf(&mut self.buf) {
+            let buf = self.unread.make_room();
+            match self.tcp.try_read_buf(buf) {
                 Ok(0) => return Err(ReadError::Gone),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if self.buf.is_empty() {
-                        self.buf = Vec::new();
+                    if buf.is_empty() {
+                        *buf = Vec::new();
                     }
                 }
                 Err(_) => return Err(ReadError::Gone),
             }
         }
+    }
+}
+
+impl Unread {
+    /// Drops the bytes already returned and reserves room for the next read: what the frame under
+    /// way still misses, else [`READ_CHUNK`].
+    fn make_room(&mut self) -> &mut Vec<u8> {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.reserve(self.missing.max(READ_CHUNK));
+        &mut self.buf
     }
 
     /// A whole frame from the buffer, or None when more bytes are needed.
@@ -268,5 +285,207 @@ mod tests {
         let (mut rd, client) = pair(&[], 1024).await;
         drop(client);
         assert_eq!(rd.next().await.unwrap_err(), ReadError::Gone);
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    //! Any stream of client frames, valid and not, read in pieces split at any points, gives the
+    //! same frames and the same error as read whole — and as the frames that were written.
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use tokio::io::AsyncWriteExt;
+
+    const MAX: usize = 300;
+
+    /// One frame as written by a client (or not quite): its bytes, and what reading it must give.
+    #[derive(Clone, Debug)]
+    struct Written {
+        bytes: Vec<u8>,
+        want: Result<Frame, ReadError>,
+    }
+
+    fn opcode(op: u8) -> Option<OpCode> {
+        Some(match op {
+            0 => OpCode::Continuation,
+            1 => OpCode::Text,
+            2 => OpCode::Binary,
+            8 => OpCode::Close,
+            9 => OpCode::Ping,
+            10 => OpCode::Pong,
+            _ => return None,
+        })
+    }
+
+    prop_compose! {
+        /// A frame header and payload with every field drawn: mostly valid, sometimes unmasked,
+        /// with reserved bits or opcodes, control frames long or unfinished, payloads over the
+        /// limit; lengths in the shortest form or a longer one.
+        fn written()(
+            fin in prop_oneof![4 => Just(true), 1 => Just(false)],
+            rsv in prop_oneof![12 => Just(0u8), 1 => 1u8..8],
+            op in prop_oneof![
+                10 => prop::sample::select(vec![0u8, 1, 2, 8, 9, 10]),
+                1 => 0u8..16,
+            ],
+            masked in prop_oneof![15 => Just(true), 1 => Just(false)],
+            len in prop_oneof![4 => 0usize..130, 1 => 0usize..=MAX + 40],
+            form in 0u8..3,
+            mask in any::<[u8; 4]>(),
+            seed in any::<u8>(),
+        ) -> Written {
+            let payload: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+            let mut bytes = vec![(u8::from(fin) << 7) | (rsv << 4) | op];
+            let m = if masked { 0x80 } else { 0 };
+            match (len, form) {
+                (n, 0) if n < 126 => bytes.push(m | n as u8),
+                (n, 0 | 1) if n < 65536 => {
+                    bytes.push(m | 126);
+                    bytes.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+                (n, _) => {
+                    bytes.push(m | 127);
+                    bytes.extend_from_slice(&(n as u64).to_be_bytes());
+                }
+            }
+            if masked {
+                bytes.extend_from_slice(&mask);
+            }
+            bytes.extend(payload.iter().enumerate().map(|(i, b)| if masked { b ^ mask[i & 3] } else { *b }));
+            let want = match opcode(op) {
+                _ if rsv != 0 || !masked => Err(ReadError::Protocol),
+                None => Err(ReadError::Protocol),
+                Some(OpCode::Close | OpCode::Ping | OpCode::Pong) if !fin || len > 125 => {
+                    Err(ReadError::Protocol)
+                }
+                Some(_) if len > MAX => Err(ReadError::TooBig),
+                Some(opcode) => Ok(Frame { fin, opcode, payload }),
+            };
+            Written { bytes, want }
+        }
+    }
+
+    /// What reading `frames` must give: every frame up to the first that is refused, and then
+    /// its error (or `Gone` when the stream simply ends).
+    fn expected(frames: &[Written]) -> Vec<Result<Frame, ReadError>> {
+        let mut out = Vec::new();
+        for w in frames {
+            out.push(w.want.clone());
+            if w.want.is_err() {
+                return out;
+            }
+        }
+        out.push(Err(ReadError::Gone));
+        out
+    }
+
+    /// Reads `stream` delivered in `pieces` (their lengths; the rest comes last) the way
+    /// `FrameReader::fill` does, stopping at the first error.
+    fn read_in_pieces(stream: &[u8], pieces: &[usize]) -> Vec<Result<Frame, ReadError>> {
+        let mut u = Unread {
+            buf: Vec::new(),
+            pos: 0,
+            missing: 0,
+            max_payload: MAX,
+        };
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut cuts = pieces.iter().copied().chain(std::iter::once(stream.len()));
+        loop {
+            match u.parse() {
+                Ok(Some(f)) => out.push(Ok(f)),
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+                Ok(None) => {
+                    if at == stream.len() {
+                        out.push(Err(ReadError::Gone));
+                        // a stream that ended at a frame boundary left nothing held
+                        if u.pos == u.buf.len() {
+                            assert_eq!(u.buf.capacity(), 0);
+                        }
+                        return out;
+                    }
+                    let n = cuts
+                        .next()
+                        .unwrap_or(stream.len())
+                        .clamp(1, stream.len() - at);
+                    u.make_room().extend_from_slice(&stream[at..at + n]);
+                    at += n;
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_split_reads_as_the_whole(
+            frames in vec(written(), 0..12),
+            pieces in vec(prop_oneof![3 => 1usize..8, 1 => 1usize..400], 0..40),
+        ) {
+            let stream: Vec<u8> = frames.iter().flat_map(|w| w.bytes.clone()).collect();
+            let whole = read_in_pieces(&stream, &[stream.len()]);
+            prop_assert_eq!(&whole, &expected(&frames));
+            prop_assert_eq!(read_in_pieces(&stream, &pieces), whole.clone());
+            let bytewise = vec![1; stream.len()];
+            prop_assert_eq!(read_in_pieces(&stream, &bytewise), whole);
+        }
+    }
+
+    proptest! {
+        // real sockets: fewer cases, each a few milliseconds
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// The same over a loopback TCP pair: the pieces are written one by one, with a pause
+        /// after some, so the reader sees its reads end at arbitrary points.
+        #[test]
+        fn any_split_over_tcp_reads_as_the_whole(
+            frames in vec(written(), 0..8),
+            pieces in vec((1usize..64, any::<bool>()), 0..12),
+        ) {
+            let stream: Vec<u8> = frames.iter().flat_map(|w| w.bytes.clone()).collect();
+            let want = expected(&frames);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let got = rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+                client.set_nodelay(true).unwrap();
+                let (server, _) = l.accept().await.unwrap();
+                let (r, _w) = server.into_split();
+                let mut rd = FrameReader::new(r, Bytes::new(), MAX);
+                let writer = tokio::spawn(async move {
+                    let mut at = 0;
+                    for (n, pause) in pieces {
+                        let n = n.min(stream.len() - at);
+                        if client.write_all(&stream[at..at + n]).await.is_err() {
+                            return;
+                        }
+                        at += n;
+                        if pause {
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        }
+                    }
+                    let _ = client.write_all(&stream[at..]).await;
+                    let _ = client.shutdown().await;
+                });
+                let mut got = Vec::new();
+                loop {
+                    let r = rd.next().await;
+                    let end = r.is_err();
+                    got.push(r);
+                    if end {
+                        break;
+                    }
+                }
+                drop(rd);
+                let _ = writer.await;
+                got
+            });
+            prop_assert_eq!(got, want);
+        }
     }
 }
