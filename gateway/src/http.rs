@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use hyper_util::rt::TokioTimer;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -64,4 +66,16 @@ pub fn http1() -> hyper::server::conn::http1::Builder {
     b.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
     b
+}
+
+/// Takes an upgraded connection's TCP stream back from hyper, as owned halves (no lock between
+/// reader and writer) with the bytes hyper had read past the upgrade request (the first frames,
+/// if the client sent them at once); hyper's read buffer is let go. None when the connection is
+/// not a plain TCP stream.
+pub fn upgraded_tcp(
+    io: TokioIo<hyper::upgrade::Upgraded>,
+) -> Option<((OwnedReadHalf, Bytes), OwnedWriteHalf)> {
+    let parts = io.into_inner().downcast::<TokioIo<TcpStream>>().ok()?;
+    let (r, w) = parts.io.into_inner().into_split();
+    Some(((r, parts.read_buf), w))
 }

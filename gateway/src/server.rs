@@ -14,12 +14,12 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::App;
 use crate::auth::{AuthError, Identity};
-use crate::http::{Body, accept_loop, http1, text};
+use crate::http::{Body, accept_loop, http1, text, upgraded_tcp};
 
 /// The public listener: `/socket/websocket` upgrades, and the demo page.
 pub async fn serve_public(app: Arc<App>, listener: TcpListener, stop: watch::Receiver<bool>) {
@@ -175,21 +175,17 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
     resp
 }
 
-/// Takes the TCP stream back from hyper (dropping hyper's read buffer, after copying what it held
-/// past the request) and splits it into owned halves: no lock between reader and writer.
+/// Takes the TCP stream back from hyper ([`upgraded_tcp`]) and runs the session on it.
 async fn run_upgraded(
     app: Arc<App>,
     io: TokioIo<hyper::upgrade::Upgraded>,
     identity: (Identity, Option<AuthError>),
     socket: u64,
 ) {
-    match io.into_inner().downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => {
-            let (r, w) = parts.io.into_inner().into_split();
-            crate::session::run(app, (r, parts.read_buf), w, identity, socket).await;
-        }
+    match upgraded_tcp(io) {
+        Some((read, w)) => crate::session::run(app, read, w, identity, socket).await,
         // the public listener only ever serves plain TCP streams
-        Err(_) => tracing::error!(socket, "upgraded connection is not a TCP stream; dropped"),
+        None => tracing::error!(socket, "upgraded connection is not a TCP stream; dropped"),
     }
 }
 
