@@ -210,7 +210,7 @@ for agent in sorted(index):
             why = non_strict_reason(agent, case)
             if not why:
                 detail = json.load(open(os.path.join(report, r['reportfile'])))
-                why = 'Autobahn: ' + re.sub(r'<[^>]*>', ' ', detail['description'])[:200]
+                why = 'Autobahn: ' + ' '.join(re.sub(r'<[^>]*>', ' ', detail['description']).split())[:200]
             print('  NON-STRICT %s %s: %s' % (agent, case, why))
     order = statuses + sorted(set(counts) - set(statuses))
     print('%-8s %d cases: %s; of them FAILED or WRONG CODE as excepted: %d'
