@@ -1,12 +1,11 @@
 // WebSocket conformance of the gateway (DESIGN §14), with frames written by hand over a plain TCP
-// socket (`ws` refuses to send the invalid close frames these tests need): close-code validation,
-// every close ending its session, the deadline of a fragmented message, UTF-8 of text.
-import { once } from 'node:events';
+// socket (tests/lib/wire.mjs: `ws` refuses to send the invalid close frames these tests need):
+// close-code validation, every close ending its session, the deadline of a fragmented message,
+// UTF-8 of text.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import crypto from 'node:crypto';
-import net from 'node:net';
 import { createRoom, hs256, sleep, startGateway, startRedis, teardown, test, waitFor } from './lib/harness.mjs';
+import { clientFrame, closePayload, wireConnect } from './lib/wire.mjs';
 
 const IDLE_MS = 1500;
 const OP = { continuation: 0, text: 1, binary: 2, close: 8, ping: 9, pong: 10 };
@@ -20,76 +19,20 @@ before(async () => {
 });
 after(() => teardown({ gateways: [gw], redis }));
 
-/** A client frame, masked as RFC 6455 requires. */
-function clientFrame(opcode, payload = Buffer.alloc(0), fin = true) {
-  const body = Buffer.from(payload);
-  const n = body.length;
-  const head = n < 126 ? Buffer.from([0, n]) : Buffer.from([0, 126, n >> 8, n & 0xff]);
-  head[0] = (fin ? 0x80 : 0) | opcode;
-  head[1] |= 0x80;
-  const mask = crypto.randomBytes(4);
-  return Buffer.concat([head, mask, body.map((b, i) => b ^ mask[i & 3])]);
-}
-
-const closePayload = (code, reason = Buffer.alloc(0)) => Buffer.concat([Buffer.from([code >> 8, code & 0xff]), Buffer.from(reason)]);
-
-/**
- * A WebSocket client on a bare TCP socket: `send(opcode, payload, fin)` writes a frame,
- * `frames` holds the server's frames ({fin, opcode, payload}), `closeFrame()` waits for the
- * server's close frame, `ended` resolves when the TCP connection is closed.
- */
+/** A raw client (tests/lib/wire.mjs) on the gateway; `next` waits for a server frame. */
 async function rawClient(query = 'vsn=2.0.0') {
-  const [host, port] = gw.publicAddr.split(':');
-  const sock = net.connect({ host, port: Number(port) });
-  await once(sock, 'connect');
-  const key = crypto.randomBytes(16).toString('base64');
-  sock.write(`GET /socket/websocket?${query} HTTP/1.1\r\nHost: ${gw.publicAddr}\r\nUpgrade: websocket\r\n`
-    + `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
-  const c = { sock, frames: [], waiters: new Set() };
-  let buf = Buffer.alloc(0);
-  let upgraded;
-  const upgrade = new Promise((resolve, reject) => { upgraded = { resolve, reject }; });
-  let headers = true;
-  sock.on('data', (d) => {
-    buf = Buffer.concat([buf, d]);
-    if (headers) {
-      const end = buf.indexOf('\r\n\r\n');
-      if (end < 0) return;
-      const status = buf.subarray(0, end).toString().split(' ')[1];
-      if (status !== '101') upgraded.reject(new Error(`upgrade answered ${buf.subarray(0, end)}`));
-      buf = buf.subarray(end + 4);
-      headers = false;
-      upgraded.resolve();
-    }
-    for (;;) {
-      if (buf.length < 2) break;
-      let len = buf[1] & 0x7f;
-      let at = 2;
-      if (len === 126) { if (buf.length < 4) break; len = buf.readUInt16BE(2); at = 4; }
-      if (len === 127) { if (buf.length < 10) break; len = Number(buf.readBigUInt64BE(2)); at = 10; }
-      if (buf.length < at + len) break;
-      c.frames.push({ fin: (buf[0] & 0x80) !== 0, opcode: buf[0] & 0x0f, payload: buf.subarray(at, at + len), at: Date.now() });
-      buf = buf.subarray(at + len);
-    }
-    for (const w of c.waiters) w();
-  });
-  sock.on('error', () => { /* the end is seen through `ended` */ });
-  c.ended = new Promise((resolve) => sock.on('close', () => { c.endedAt = Date.now(); for (const w of c.waiters) w(); resolve(); }));
-  await upgrade;
-  c.send = (opcode, payload, fin = true) => sock.write(clientFrame(opcode, payload, fin));
-  c.text = (v) => c.send(OP.text, Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)));
+  const c = await wireConnect(`ws://${gw.publicAddr}/socket/websocket?${query}`);
+  c.send = (opcode, payload, fin = true) => c.write(clientFrame(opcode, payload, { fin }));
+  c.text = (v) => c.send(OP.text, v);
   /** The first server frame matching `pred`, waited for up to `ms`. */
-  c.next = (pred, ms = 3000, what = 'frame') => new Promise((resolve, reject) => {
-    const check = () => {
-      const f = c.frames.find(pred);
-      if (f) { clearTimeout(timer); c.waiters.delete(check); resolve(f); return; }
-      if (c.endedAt) { clearTimeout(timer); c.waiters.delete(check); reject(new Error(`connection ended before ${what}; frames ${JSON.stringify(c.frames.map(show))}`)); }
-    };
-    const timer = setTimeout(() => { c.waiters.delete(check); reject(new Error(`no ${what} within ${ms} ms; frames ${JSON.stringify(c.frames.map(show))}`)); }, ms);
-    c.waiters.add(check);
-    check();
-  });
-  /** The server's close frame: {code (undefined for none), reason, at}. */
+  c.next = async (pred, ms = 3000, what = 'frame') => {
+    let found;
+    await waitFor(() => (found = c.frames.find(pred)) || c.endedAt, ms, what)
+      .catch((e) => { throw new Error(`${e.message}; frames ${JSON.stringify(c.frames.map(show))}`); });
+    if (!found) throw new Error(`connection ended before ${what}; frames ${JSON.stringify(c.frames.map(show))}`);
+    return found;
+  };
+  /** The server's close frame: {code (undefined for none), length, at}. */
   c.closeFrame = async (ms = 3000) => {
     const f = await c.next((x) => x.opcode === OP.close, ms, 'close frame');
     return { code: f.payload.length >= 2 ? f.payload.readUInt16BE(0) : undefined, length: f.payload.length, at: f.at };
@@ -99,7 +42,7 @@ async function rawClient(query = 'vsn=2.0.0') {
   return c;
 }
 
-const show = (f) => ({ op: f.opcode, fin: f.fin, payload: f.payload.toString('hex').slice(0, 40) });
+const show = (f) => ({ op: f.opcode, payload: f.payload.toString('hex').slice(0, 40) });
 
 async function metric(name) {
   const text = await (await fetch(`${gw.adminUrl}/metrics`)).text();
@@ -121,7 +64,7 @@ test('a close frame with code 0, then the TCP connection dropped: the session en
 
   const sent = Date.now();
   await new Promise((resolve) => viewer.sock.write(clientFrame(OP.close, closePayload(0)), resolve));
-  viewer.sock.destroy();
+  viewer.destroy();
   await waitFor(async () => anonInRoom() === 0 && (await anonymous()) === 0, 2000, 'anonymous count back to 0 and the connection gone from gateway_connections');
   assert.ok(Date.now() - sent <= 2000);
 });
