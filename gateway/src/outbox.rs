@@ -7,7 +7,7 @@
 //!
 //! A close the gateway starts (a refusal's 4009, a drain's 1012, a 1002/1007/1009 for bad input)
 //! goes out after everything queued before it, within the write timeout; only the slow-consumer
-//! close (4008) and an abort (the peer is gone) drop the queue.
+//! close (4008), the echo of a client's close and an abort (the peer is gone) drop the queue.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -73,6 +73,9 @@ pub struct Shared {
 }
 
 const ABORT: u32 = u32::MAX;
+/// Marks the echo of a client's close: the client is leaving and may read nothing more, so its
+/// queue is dropped and the session ends at once (DESIGN §14: every close ends within 1 s).
+const ECHO: u32 = 1 << 16;
 /// A drained queue keeps its storage up to this many slots (256 bytes, the smallest a `VecDeque`
 /// of frames allocates): a delivery to a socket with an empty queue then allocates nothing, and
 /// the allocation is not freed on the writer's thread after being made on the subscriber's — that
@@ -163,6 +166,12 @@ impl Outbox {
         self.set_code(u32::from(code));
     }
 
+    /// Answers a client's close frame with `code` (NO_STATUS: an empty close). What is still
+    /// queued is dropped: the client asked to go. The first request wins.
+    pub fn echo_close(&self, code: u16) {
+        self.set_code(ECHO | u32::from(code));
+    }
+
     /// Stops the writer without a close frame (the peer is gone).
     pub fn abort(&self) {
         self.set_code(ABORT);
@@ -221,7 +230,7 @@ impl Outbox {
     pub(crate) fn closed_code(&self) -> u16 {
         match self.code() {
             ABORT | 0 => 1006,
-            c => c as u16,
+            c => (c & !ECHO) as u16,
         }
     }
 }
@@ -279,7 +288,7 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
             0 => continue,
             ABORT => return,
             code => {
-                let code = code as u16;
+                let code = (code & !ECHO) as u16;
                 let mut frame = vec![0x88u8];
                 if code == NO_STATUS {
                     frame.push(0);
@@ -299,9 +308,10 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
     }
 }
 
-/// Closes that leave the queue unsent.
+/// Closes that leave the queue unsent: the peer is gone, the queue is the problem (4008), or the
+/// client closed (its echo goes out at once).
 fn drops_queue(code: u32) -> bool {
-    code == ABORT || code == u32::from(close::SLOW_CONSUMER)
+    code == ABORT || code == u32::from(close::SLOW_CONSUMER) || (code & ECHO != 0)
 }
 
 enum Flushed {
@@ -599,6 +609,21 @@ mod tests {
         out.send(Bytes::from_static(b"3"));
         let got = frames_written(out).await;
         assert_eq!(got, vec![(8, 4008u16.to_be_bytes().to_vec())]);
+    }
+
+    #[tokio::test]
+    async fn a_clients_close_is_echoed_at_once_without_the_queue() {
+        let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
+        out.send(Bytes::from_static(b"a broadcast"));
+        out.echo_close(1000);
+        out.close(close::RESTART);
+        assert_eq!(out.closed_code(), 1000);
+        let got = frames_written(out).await;
+        assert_eq!(got, vec![(8, 1000u16.to_be_bytes().to_vec())]);
+
+        let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
+        out.echo_close(NO_STATUS);
+        assert_eq!(frames_written(out).await, vec![(8, Vec::new())]);
     }
 
     #[test]

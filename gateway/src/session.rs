@@ -200,7 +200,7 @@ impl Session {
                     continue;
                 }
                 Ok(Event::Close(code)) => {
-                    self.out.close(code.unwrap_or(NO_STATUS));
+                    self.out.echo_close(code.unwrap_or(NO_STATUS));
                     return ReadEnd::Closing;
                 }
                 Err(v) => {

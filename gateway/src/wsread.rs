@@ -26,6 +26,21 @@ pub enum OpCode {
     Pong,
 }
 
+impl OpCode {
+    /// The opcode of a frame's low four bits; None for the reserved ones (RFC 6455 §5.2).
+    pub fn from_bits(op: u8) -> Option<OpCode> {
+        Some(match op {
+            0 => OpCode::Continuation,
+            1 => OpCode::Text,
+            2 => OpCode::Binary,
+            8 => OpCode::Close,
+            9 => OpCode::Ping,
+            10 => OpCode::Pong,
+            _ => return None,
+        })
+    }
+}
+
 /// One frame, unmasked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
@@ -130,15 +145,7 @@ impl Unread {
         if b[0] & 0x70 != 0 {
             return Err(ReadError::Protocol); // no extension was negotiated
         }
-        let opcode = match b[0] & 0x0f {
-            0 => OpCode::Continuation,
-            1 => OpCode::Text,
-            2 => OpCode::Binary,
-            8 => OpCode::Close,
-            9 => OpCode::Ping,
-            10 => OpCode::Pong,
-            _ => return Err(ReadError::Protocol),
-        };
+        let opcode = OpCode::from_bits(b[0] & 0x0f).ok_or(ReadError::Protocol)?;
         if b[1] & 0x80 == 0 {
             return Err(ReadError::Protocol); // a client must mask every frame
         }
@@ -306,17 +313,6 @@ mod proptests {
         want: Result<Frame, ReadError>,
     }
 
-    fn opcode(op: u8) -> Option<OpCode> {
-        Some(match op {
-            0 => OpCode::Continuation,
-            1 => OpCode::Text,
-            2 => OpCode::Binary,
-            8 => OpCode::Close,
-            9 => OpCode::Ping,
-            10 => OpCode::Pong,
-            _ => return None,
-        })
-    }
 
     prop_compose! {
         /// A frame header and payload with every field drawn: mostly valid, sometimes unmasked,
@@ -353,7 +349,7 @@ mod proptests {
                 bytes.extend_from_slice(&mask);
             }
             bytes.extend(payload.iter().enumerate().map(|(i, b)| if masked { b ^ mask[i & 3] } else { *b }));
-            let want = match opcode(op) {
+            let want = match OpCode::from_bits(op) {
                 _ if rsv != 0 || !masked => Err(ReadError::Protocol),
                 None => Err(ReadError::Protocol),
                 Some(OpCode::Close | OpCode::Ping | OpCode::Pong) if !fin || len > 125 => {
