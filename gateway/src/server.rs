@@ -29,7 +29,7 @@ pub async fn serve_public(app: Arc<App>, listener: TcpListener, stop: watch::Rec
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(handle(app, req, peer)) }
+                async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
             });
             let _ = http1()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -95,7 +95,7 @@ fn subprotocol_token(req: &Request<Incoming>) -> (Option<String>, bool) {
     (token, phoenix)
 }
 
-fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     if req.uri().path() != "/socket/websocket" {
         return crate::demo::public_page(&app, &req);
     }
@@ -131,7 +131,8 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
             .filter(|t| !t.is_empty())
             .map(String::from)
     });
-    let (identity, error) = app.verifier.identify(token.as_deref());
+    // waits only for a JWKS refresh (a kid not held yet); the permit is held meanwhile
+    let (identity, error) = app.verifier.identify(token.as_deref()).await;
     if let Some(e) = &error {
         if app.cfg.auth.reject_invalid_tokens {
             tracing::debug!(%peer, error = %e, "refused token");
