@@ -1,7 +1,10 @@
 //! JWT → [`Identity`]. The algorithm is pinned by configuration (an HS256 token is never checked
 //! against an RSA key, `alg: none` is never accepted), `exp` is required, `nbf` checked, both with a
-//! small leeway; `aud` / `iss` are enforced when configured. The HS256 secret comes through
-//! `Config::hs256_secret`, which refuses a blank or short one, so an empty key is never a key.
+//! small leeway; `sub` must be a non-empty string; `aud` / `iss` are enforced when configured, and
+//! every refusal names the claim at fault. The HS256 secret comes through `Config::hs256_secret`,
+//! which refuses a blank or short one, so an empty key is never a key. RS256 / ES256 keys come from
+//! a PEM file or from an identity provider's key set ([`crate::jwks`]), chosen by the token's `kid`;
+//! only a `kid` the set does not hold yet makes [`Verifier::identify`] wait (for a refresh).
 //!
 //! A token that fails verification is not an error here: the caller decides whether the socket stays
 //! anonymous (the seed's behaviour) or is refused with HTTP 401 (`auth.reject_invalid_tokens`).
