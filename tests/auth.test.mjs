@@ -24,7 +24,10 @@ before(async () => {
   redis = await startRedis();
   [hs, reject, rs, es] = await Promise.all([
     startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'hs256' }),
-    startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'hs256-reject', env: { GATEWAY_AUTH_REJECT_INVALID_TOKENS: 'true' } }),
+    startGateway({
+      redisPort: redis.port, prefix: PREFIX, name: 'hs256-reject',
+      env: { GATEWAY_AUTH_REJECT_INVALID_TOKENS: 'true', GATEWAY_SERVER_ALLOWED_ORIGINS: '["https://app.example"]' },
+    }),
     startGateway({
       redisPort: redis.port, prefix: PREFIX, name: 'rs256',
       env: { GATEWAY_AUTH_ALGORITHM: 'RS256', GATEWAY_AUTH_PUBLIC_KEY_FILE: tempFile('rsa.pub.pem', rsaPem), GATEWAY_AUTH_HS256_SECRET: undefined },
@@ -148,6 +151,44 @@ test('GATEWAY_AUTH_REJECT_INVALID_TOKENS=true: bad token → HTTP 401; no token 
   assert.equal((await tryUpgrade(base)).status, 101, 'anonymous connect must still be allowed');
   const topic = newRoom();
   assertSignedIn(await tryToken(reject, topic, hs256(claims('u-6', 'six'))), 'u-6', 'six', 'valid token on reject gateway');
+});
+
+test('refusals at the upgrade say why in text/plain: vsn, origin, and each token fault (reject mode)', async () => {
+  const base = `${reject.publicUrl}/websocket`;
+  const refusals = [
+    ['vsn 1.0.0', `${base}?vsn=1.0.0`, {}, 403, 'unsupported vsn: use 2.0.0'],
+    ['no vsn', base, {}, 403, 'unsupported vsn: use 2.0.0'],
+    ['foreign origin', `${base}?vsn=2.0.0`, { Origin: 'https://evil.example' }, 403, 'origin not allowed'],
+    ['expired', `${base}?vsn=2.0.0&token=${hs256(claims('u-r', 'r', { exp: now() - 3600 }))}`, {}, 401, 'token expired'],
+    ['wrong secret', `${base}?vsn=2.0.0&token=${hs256('u-r', 'not-the-secret')}`, {}, 401, 'invalid signature'],
+    ['garbage', `${base}?vsn=2.0.0&token=garbage`, {}, 401, 'malformed token'],
+    ['no exp', `${base}?vsn=2.0.0&token=${hs256({ sub: 'u-r' })}`, {}, 401, 'missing claim: exp'],
+    ['numeric sub', `${base}?vsn=2.0.0&token=${hs256({ sub: 42, exp: now() + 60 })}`, {}, 401, 'sub must be a string'],
+  ];
+  for (const [what, url, headers, status, reason] of refusals) {
+    const r = await tryUpgrade(url, { headers });
+    assert.equal(r.status, status, `${what}: status`);
+    assert.match(r.headers['content-type'] || '', /^text\/plain/, `${what}: content-type`);
+    assert.equal(r.body.trim(), reason, `${what}: body`);
+  }
+  // the allowed origin, and no Origin at all (not a browser), still connect
+  assert.equal((await tryUpgrade(`${base}?vsn=2.0.0`, { headers: { Origin: 'https://app.example' } })).status, 101);
+});
+
+test('auth_error names the claim: missing exp, sub not a string, empty sub, username not a string', async () => {
+  const topic = newRoom();
+  const cases = [
+    [{ sub: 'u-c' }, 'missing claim: exp'],
+    [{ exp: now() + 60 }, 'missing claim: sub'],
+    [{ sub: 42, exp: now() + 60 }, 'sub must be a string'],
+    [{ sub: '', exp: now() + 60 }, 'sub must not be empty'],
+    [{ sub: 'u-c', exp: now() + 60, username: ['x'] }, 'username must be a string'],
+    [{ sub: 'u-c', exp: 'tomorrow' }, 'exp must be a number (seconds since 1970)'],
+  ];
+  for (const [c, reason] of cases) {
+    const res = await tryToken(hs, topic, hs256(c));
+    assert.deepEqual(res.join, { status: 'ok', response: { auth: 'anonymous', auth_error: reason } }, JSON.stringify(c));
+  }
 });
 
 test('per-join guardian_token signs in that channel only, on an anonymous socket', async () => {

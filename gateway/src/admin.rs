@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /health/live` | 200 while the process runs |
-//! | `GET /health/ready` | 200 when Redis answers, pub/sub is up and the node is not draining; else 503 |
+//! | `GET /health/ready` | 200 when the JWKS (if any) is loaded, Redis answers, pub/sub is up and the node is not draining; else 503 with the reason |
 //! | `GET /api/rooms` | room records |
 //! | `POST /api/rooms` `{"id","name"?}` | create a room (201, 409 if it exists) |
 //! | `GET /api/rooms/<id>` | record + presence (users, anonymous count per node, leases) |
@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::App;
+use crate::app::{App, Gateway};
 use crate::catalog::{Catalog, CatalogError};
 use crate::history::HistoryError;
 use crate::http::{Body, text};
@@ -39,13 +39,14 @@ const DEFAULT_HISTORY_LAST: usize = 20;
 /// The most events one history request returns.
 const MAX_HISTORY_LAST: usize = 1000;
 
-pub async fn serve_admin(app: Arc<App>, listener: TcpListener, stop: watch::Receiver<bool>) {
+/// Served from the process's first moment: health and metrics answer before Redis is reached.
+pub async fn serve_admin(gw: Arc<Gateway>, listener: TcpListener, stop: watch::Receiver<bool>) {
     crate::http::accept_loop(listener, stop, "admin", |tcp, _| {
-        let app = app.clone();
+        let gw = gw.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(Box::pin(handle(app, req)).await) }
+                let gw = gw.clone();
+                async move { Ok::<_, Infallible>(Box::pin(handle(gw, req)).await) }
             });
             let _ = crate::http::http1()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -63,8 +64,15 @@ fn error(status: StatusCode, msg: &str) -> Response<Body> {
     json_response(status, &json!({ "error": msg }))
 }
 
-/// Readiness: Redis answers a PING within the deadline, pub/sub is up, not draining.
-pub async fn ready(app: &App) -> Result<(), &'static str> {
+/// Readiness: the JWKS (if any) has been fetched once, Redis has been reached and answers a PING
+/// within the deadline, pub/sub is up, not draining.
+pub async fn ready(gw: &Gateway) -> Result<(), &'static str> {
+    if !gw.verifier.is_ready() {
+        return Err("signing keys not loaded yet (auth.jwks_url)");
+    }
+    let Some(app) = gw.app() else {
+        return Err("starting: redis not reachable yet");
+    };
     if app.is_draining() {
         return Err("draining");
     }
@@ -83,11 +91,11 @@ pub async fn ready(app: &App) -> Result<(), &'static str> {
     }
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/health/live") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/health/ready") => match ready(&app).await {
+        (&Method::GET, "/health/ready") => match ready(&gw).await {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -95,14 +103,20 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             ),
         },
         (&Method::GET, "/metrics") => {
-            let (ty, body) = app.metrics.render();
+            let (ty, body) = gw.metrics.render();
             let mut r = Response::new(Full::new(Bytes::from(body)));
             if let Ok(v) = hyper::header::HeaderValue::from_str(&ty) {
                 r.headers_mut().insert(CONTENT_TYPE, v);
             }
             r
         }
-        (_, p) if p == "/api" || p.starts_with("/api/") => api(app, req).await,
+        (_, p) if p == "/api" || p.starts_with("/api/") => match gw.app() {
+            Some(app) => api(app.clone(), req).await,
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting: redis not reachable yet",
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

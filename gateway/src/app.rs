@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -18,12 +18,61 @@ use crate::redis::keys::Keys;
 use crate::redis::scripts::Scripts;
 use crate::rooms::PushPolicy;
 
+/// The process from its first moment: settings, metrics and the token verifier, which need no
+/// Redis, and the [`App`] once Redis has been reached. Both listeners serve from it at once, so
+/// health and metrics answer while Redis is still unreachable (readiness 503, the public port 503).
+pub struct Gateway {
+    pub cfg: Arc<Config>,
+    pub metrics: Metrics,
+    pub verifier: Arc<Verifier>,
+    app: OnceLock<Arc<App>>,
+}
+
+impl Gateway {
+    /// Checks the key settings (a PEM file that cannot be read stops the start) and says once
+    /// what is risky about them. Nothing is fetched or dialled yet.
+    pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let verifier = Verifier::from_config(&cfg)?;
+        if cfg.auth.algorithm == "HS256" && cfg.hs256_secret()?.is_none() {
+            tracing::warn!(
+                "no auth.hs256_secret (GATEWAY_AUTH_HS256_SECRET): every token is refused and every socket is anonymous"
+            );
+        }
+        if let Some(w) = crate::auth::missing_audience_warning(&cfg.auth) {
+            tracing::warn!("{w}");
+        }
+        Ok(Arc::new(Self {
+            cfg: Arc::new(cfg),
+            metrics: Metrics::new(),
+            verifier: Arc::new(verifier),
+            app: OnceLock::new(),
+        }))
+    }
+
+    /// Starts what needs no Redis: the JWKS refresher (its first fetch at once).
+    pub fn start(&self) {
+        if let Some(jwks) = self.verifier.jwks() {
+            tokio::spawn(jwks.clone().run());
+        }
+    }
+
+    /// The assembled node, once Redis has been reached.
+    pub fn app(&self) -> Option<&Arc<App>> {
+        self.app.get()
+    }
+
+    /// Installs the node (once; a second call is ignored).
+    pub fn set_app(&self, app: Arc<App>) {
+        let _ = self.app.set(app);
+    }
+}
+
 pub struct App {
     pub cfg: Arc<Config>,
     /// Unique per process start, so a restarted process never inherits its previous life's entries.
     pub node: Arc<str>,
     pub keys: Keys,
-    pub verifier: Verifier,
+    pub verifier: Arc<Verifier>,
     pub policy: PushPolicy,
     pub hub: Arc<Hub>,
     pub metrics: Metrics,
@@ -114,20 +163,14 @@ fn node_id(host: &str, random: u64) -> String {
 }
 
 impl App {
-    /// Connects to Redis (retrying until `deadline` passes) and assembles the node.
-    pub async fn build(cfg: Config, node: String) -> anyhow::Result<Arc<App>> {
-        let cfg = Arc::new(cfg);
-        let verifier = Verifier::from_config(&cfg)?;
-        if cfg.auth.algorithm == "HS256" && cfg.hs256_secret()?.is_none() {
-            tracing::warn!(
-                "no auth.hs256_secret (GATEWAY_AUTH_HS256_SECRET): every token is refused and every socket is anonymous"
-            );
-        }
-        if let Some(w) = crate::auth::missing_audience_warning(&cfg.auth) {
-            tracing::warn!("{w}");
-        }
+    /// Connects to Redis (retrying, with a warning each time, until it answers), checks its
+    /// version and loads the scripts, and assembles the node. A Redis that is too old, or that
+    /// refuses the scripts, is an error: the process stops.
+    pub async fn build(gw: &Gateway, node: String) -> anyhow::Result<Arc<App>> {
+        let cfg = gw.cfg.clone();
+        let verifier = gw.verifier.clone();
+        let metrics = gw.metrics.clone();
         let keys = Keys::new(&cfg.redis.prefix);
-        let metrics = Metrics::new();
         let mut delay = std::time::Duration::from_millis(100);
         let conn = loop {
             match crate::redis::Redis::connect(&cfg.redis).await {

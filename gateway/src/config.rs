@@ -159,8 +159,20 @@ pub struct AuthConfig {
     pub hs256_secret_file: Option<PathBuf>,
     /// Accept an HS256 secret shorter than [`MIN_HS256_SECRET_BYTES`] (legacy issuers only).
     pub allow_short_hs256_secret: bool,
-    /// PEM public key for RS256 / ES256.
+    /// PEM public key for RS256 / ES256 (or `jwks_url`).
     pub public_key_file: Option<PathBuf>,
+    /// The identity provider's key set (JWKS, `https://…/.well-known/jwks.json`) for RS256 /
+    /// ES256, instead of `public_key_file`: keys are chosen by the token's `kid`, keys of another
+    /// algorithm are ignored, the set is fetched at start and refreshed.
+    pub jwks_url: Option<String>,
+    /// Refresh of the key set, in seconds: a key the provider retired stops verifying then.
+    pub jwks_refresh_s: u64,
+    /// A token naming an unknown `kid` refreshes the set at once, but at most once per this many
+    /// seconds (since the last fetch of any kind), so tokens with made-up kids cannot make the
+    /// gateway hammer the provider.
+    pub jwks_min_refresh_s: u64,
+    /// Deadline of one fetch, in ms; a token waiting for a refresh waits at most this long.
+    pub jwks_fetch_timeout_ms: u64,
     /// Clock skew tolerated on `exp` / `nbf`, in seconds.
     pub leeway_s: u64,
     /// Required `aud` claim, if set. Unset with RS256/ES256 a start-up warning is logged: a
@@ -272,6 +284,10 @@ impl Default for AuthConfig {
             hs256_secret_file: None,
             allow_short_hs256_secret: false,
             public_key_file: None,
+            jwks_url: None,
+            jwks_refresh_s: 300,
+            jwks_min_refresh_s: 30,
+            jwks_fetch_timeout_ms: 2_000,
             leeway_s: 5,
             audience: None,
             issuer: None,
@@ -501,19 +517,57 @@ impl Config {
                     ));
                 }
             }
-            "RS256" | "ES256" => {
-                if self.auth.public_key_file.is_none() {
+            "RS256" | "ES256" => match (&self.auth.public_key_file, &self.auth.jwks_url) {
+                (None, None) => {
                     return Err(bad(
                         "auth.public_key_file",
-                        format!("required with algorithm {}", self.auth.algorithm),
+                        format!(
+                            "with algorithm {} set auth.public_key_file (a PEM key) or auth.jwks_url \
+                             (the identity provider's key set)",
+                            self.auth.algorithm
+                        ),
                     ));
                 }
-            }
+                (Some(_), Some(_)) => {
+                    return Err(bad(
+                        "auth.jwks_url",
+                        "set either auth.public_key_file or auth.jwks_url",
+                    ));
+                }
+                _ => {}
+            },
             other => {
                 return Err(bad(
                     "auth.algorithm",
                     format!("{other:?}: use HS256, RS256 or ES256"),
                 ));
+            }
+        }
+        if let Some(url) = &self.auth.jwks_url {
+            let a = &self.auth;
+            if a.algorithm == "HS256" {
+                return Err(bad(
+                    "auth.jwks_url",
+                    "needs auth.algorithm = \"RS256\" or \"ES256\", the algorithm your identity \
+                     provider signs with (Auth0, Keycloak, Cognito, Firebase: RS256)",
+                ));
+            }
+            let ok = (url.starts_with("https://") || url.starts_with("http://"))
+                && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some());
+            if !ok {
+                return Err(bad(
+                    "auth.jwks_url",
+                    format!("{url:?}: use an absolute http:// or https:// URL"),
+                ));
+            }
+            if a.jwks_refresh_s == 0 || a.jwks_min_refresh_s == 0 {
+                return Err(bad(
+                    "auth.jwks_refresh_s",
+                    "jwks_refresh_s and jwks_min_refresh_s must be at least 1",
+                ));
+            }
+            if !(100..=60_000).contains(&a.jwks_fetch_timeout_ms) {
+                return Err(bad("auth.jwks_fetch_timeout_ms", "from 100 to 60000"));
             }
         }
         if self.auth.hs256_secret.is_some() && self.auth.hs256_secret_file.is_some() {
@@ -868,6 +922,41 @@ mod tests {
         assert!(e.to_string().contains("presence.ttl_ms"), "{e}");
         assert!(Config::from_toml_and_env("[auth]\nalgorithm = \"none\"\n", "t", &[]).is_err());
         assert!(Config::from_toml_and_env("[auth]\nalgorithm = \"RS256\"\n", "t", &[]).is_err());
+        for (toml, key) in [
+            ("[auth]\njwks_url = \"https://idp/jwks\"\n", "auth.jwks_url"),
+            (
+                "[auth]\nalgorithm = \"RS256\"\njwks_url = \"idp/jwks\"\n",
+                "auth.jwks_url",
+            ),
+            (
+                "[auth]\nalgorithm = \"RS256\"\njwks_url = \"https://idp/jwks\"\npublic_key_file = \"/k\"\n",
+                "auth.jwks_url",
+            ),
+            (
+                "[auth]\nalgorithm = \"ES256\"\njwks_url = \"https://idp/jwks\"\njwks_min_refresh_s = 0\n",
+                "auth.jwks_refresh_s",
+            ),
+        ] {
+            let e = Config::from_toml_and_env(toml, "t", &[]).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        let c = Config::from_toml_and_env(
+            "[auth]\nalgorithm = \"RS256\"\n",
+            "t",
+            &env(&[(
+                "GATEWAY_AUTH_JWKS_URL",
+                "https://idp.example/.well-known/jwks.json",
+            )]),
+        )
+        .expect("RS256 with a JWKS URL");
+        assert_eq!(
+            (
+                c.auth.jwks_refresh_s,
+                c.auth.jwks_min_refresh_s,
+                c.auth.jwks_fetch_timeout_ms
+            ),
+            (300, 30, 2000)
+        );
         assert!(
             Config::from_toml_and_env("[rooms]\nclient_events = [\"presence_diff\"]\n", "t", &[])
                 .is_err()

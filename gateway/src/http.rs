@@ -16,9 +16,10 @@ use tokio::sync::watch;
 
 pub type Body = Full<Bytes>;
 
-/// A plain-text response.
+/// A plain-text response (`text/plain; charset=utf-8`): refusals say why in a line a person or
+/// a log can read.
 pub fn text(status: StatusCode, body: &str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut r = typed(body.to_string(), "text/plain; charset=utf-8");
     *r.status_mut() = status;
     r
 }

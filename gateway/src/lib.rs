@@ -17,6 +17,8 @@
 //! | [`outbox`] | a socket's bounded outbound queue and its single writer (used by `session` and `fanout`) |
 //! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
 //! | [`auth`] | JWT → `Identity` |
+//! | [`jwks`] | an identity provider's key set (`auth.jwks_url`): fetch, refresh, lookup by `kid` |
+//! | [`httpclient`] | the pooled outbound HTTP/1.1 client (HTTPS against the system's roots) |
 //! | [`rooms`] | room ids, topics, who may push what |
 //! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames |
 //! | [`presence`] | the Redis presence store (Lua scripts) and the node-local `Mirror` |
@@ -41,6 +43,8 @@ pub mod expiry;
 pub mod fanout;
 pub mod history;
 pub mod http;
+pub mod httpclient;
+pub mod jwks;
 pub mod metrics;
 pub mod outbox;
 pub mod presence;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use gateway::app::{App, new_node_id};
+use gateway::app::{App, Gateway, new_node_id};
 use gateway::catalog::Catalog;
 use gateway::config::Config;
 use gateway::redis::keys::Keys;
@@ -333,33 +333,41 @@ async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow:
     cfg.hs256_secret()?;
     cfg.admin_token()?;
     let node = new_node_id();
+    let gw = Gateway::new(cfg)?;
     // bind before connecting to Redis: a port conflict is reported at once
-    let public = TcpListener::bind(&cfg.server.listen)
+    let public = TcpListener::bind(&gw.cfg.server.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
-    let admin = TcpListener::bind(&cfg.admin.listen)
+        .with_context(|| format!("cannot listen on {}", gw.cfg.server.listen))?;
+    let admin = TcpListener::bind(&gw.cfg.admin.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", cfg.admin.listen))?;
+        .with_context(|| format!("cannot listen on {}", gw.cfg.admin.listen))?;
     let public_addr = public.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let app = App::build(cfg, node).await?;
-    app.start();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let public_task = tokio::spawn(gateway::server::serve_public(
-        app.clone(),
-        public,
-        stop_rx.clone(),
-    ));
-    // the admin port stays up through the drain, so probes see readiness turn 503
+    // both ports answer from now on: health and metrics at once, the public port 503 until the
+    // node is assembled; the admin port stays up through the drain, so probes see readiness 503
+    gw.start();
     let (_admin_stop, admin_stop_rx) = watch::channel(false);
     tokio::spawn(gateway::admin::serve_admin(
-        app.clone(),
+        gw.clone(),
         admin,
         admin_stop_rx,
     ));
-    drop(stop_rx);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let public_task = tokio::spawn(gateway::server::serve_public(gw.clone(), public, stop_rx));
+    println!(
+        "{}",
+        serde_json::json!({"event": "starting", "public": public_addr.to_string(), "admin": admin_addr.to_string(), "node": &node})
+    );
+    // Redis is reached in the background of the listeners; a signal meanwhile just ends the
+    // process (nothing was written to Redis yet)
+    let app = tokio::select! {
+        app = App::build(&gw, node) => app?,
+        _ = wait_for_signal() => return Ok(()),
+    };
+    gw.set_app(app.clone());
+    app.start();
     tracing::info!(node = %app.node, public = %public_addr, admin = %admin_addr, "gateway listening");
-    // one machine-readable line on stdout for scripts and tests
+    // one machine-readable line on stdout for scripts and tests: the node serves sessions now
     println!(
         "{}",
         serde_json::json!({"event": "listening", "public": public_addr.to_string(), "admin": admin_addr.to_string(), "node": &*app.node})

@@ -17,19 +17,28 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::App;
+use crate::app::{App, Gateway};
 use crate::auth::{AuthError, Identity};
 use crate::http::{Body, accept_loop, http1, text, upgraded_tcp};
 
 /// The public listener: `/socket/websocket` upgrades, and the demo page.
-pub async fn serve_public(app: Arc<App>, listener: TcpListener, stop: watch::Receiver<bool>) {
+/// Until the node is assembled (Redis reached), every request gets 503.
+pub async fn serve_public(gw: Arc<Gateway>, listener: TcpListener, stop: watch::Receiver<bool>) {
     accept_loop(listener, stop, "public", |tcp, peer| {
         let _ = tcp.set_nodelay(true);
-        let app = app.clone();
+        let gw = gw.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(handle(app, req, peer)) }
+                let app = gw.app().cloned();
+                async move {
+                    Ok::<_, Infallible>(match app {
+                        Some(app) => handle(app, req, peer).await,
+                        None => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "starting: Redis not reachable yet\n",
+                        ),
+                    })
+                }
             });
             let _ = http1()
                 .serve_connection(TokioIo::new(tcp), svc)
@@ -95,7 +104,9 @@ fn subprotocol_token(req: &Request<Incoming>) -> (Option<String>, bool) {
     (token, phoenix)
 }
 
-fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// Every refusal is plain HTTP with a short `text/plain` reason (`unsupported vsn: use 2.0.0`,
+/// `origin not allowed`, `token expired`, …), so a developer sees why in the browser's network tab.
+async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     if req.uri().path() != "/socket/websocket" {
         return crate::demo::public_page(&app, &req);
     }
@@ -103,7 +114,7 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
     // V2 only: Phoenix treats a missing vsn as 1.0.0 and answers 403 to what it cannot serve
     match param(&params, "vsn") {
         Some(v) if v.starts_with("2.0.") => {}
-        _ => return text(StatusCode::FORBIDDEN, ""),
+        _ => return text(StatusCode::FORBIDDEN, "unsupported vsn: use 2.0.0\n"),
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
@@ -114,7 +125,7 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
         if let Some(o) = origin
             && !origins.iter().any(|a| a == o)
         {
-            return text(StatusCode::FORBIDDEN, "");
+            return text(StatusCode::FORBIDDEN, "origin not allowed\n");
         }
     }
     if app.is_draining() {
@@ -131,11 +142,12 @@ fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Respon
             .filter(|t| !t.is_empty())
             .map(String::from)
     });
-    let (identity, error) = app.verifier.identify(token.as_deref());
+    // waits only for a JWKS refresh (a kid not held yet); the permit is held meanwhile
+    let (identity, error) = app.verifier.identify(token.as_deref()).await;
     if let Some(e) = &error {
         if app.cfg.auth.reject_invalid_tokens {
             tracing::debug!(%peer, error = %e, "refused token");
-            return text(StatusCode::UNAUTHORIZED, "");
+            return text(StatusCode::UNAUTHORIZED, &format!("{e}\n"));
         }
         tracing::debug!(%peer, error = %e, "token refused; socket stays anonymous");
     }

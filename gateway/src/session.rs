@@ -301,7 +301,7 @@ impl Session {
             matches!(params.get("guardian_token"), Some(Value::String(t)) if !t.is_empty());
         let (identity, auth_error): (Identity, Option<AuthError>) =
             match params.get("guardian_token") {
-                Some(Value::String(t)) if !t.is_empty() => app.verifier.identify(Some(t)),
+                Some(Value::String(t)) if !t.is_empty() => app.verifier.identify(Some(t)).await,
                 Some(Value::Null) | None => (self.identity.clone(), self.auth_error),
                 Some(_) => (Identity::Anonymous, Some(AuthError::Malformed)),
             };

@@ -547,10 +547,11 @@ export function tryUpgrade(url, { protocols, headers, timeoutMs = 5000 } = {}) {
     ws.on('unexpected-response', (req, res) => {
       clearTimeout(timer);
       let body = '';
+      // the body (a refusal's reason) is read to its end before the request is dropped
+      const done = () => { resolve({ status: res.statusCode, headers: res.headers, body }); req.destroy(); };
       res.on('data', (d) => { body += d; });
-      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body }));
-      res.on('error', () => resolve({ status: res.statusCode, headers: res.headers, body }));
-      req.destroy();
+      res.on('end', done);
+      res.on('error', done);
     });
     ws.on('open', () => {
       clearTimeout(timer);
