@@ -931,6 +931,46 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_sentinel_settings_are_checked_at_start() {
+        let e = |toml: &str| {
+            Config::from_toml_and_env(toml, "t", &[])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        // a certificate without its key, and the other way round
+        let cert_only = "[redis]\nurl = \"rediss://h:1\"\ntls_cert_file = \"/x.crt\"\n";
+        assert!(
+            e(cert_only).contains("redis.tls_cert_file"),
+            "{}",
+            e(cert_only)
+        );
+        let key_only = "[redis]\nurl = \"rediss://h:1\"\ntls_key_file = \"/x.key\"\n";
+        assert!(
+            e(key_only).contains("redis.tls_key_file"),
+            "{}",
+            e(key_only)
+        );
+        let no_ca = "[redis]\nurl = \"rediss://h:1\"\ntls_ca_file = \"/nonexistent.pem\"\n";
+        assert!(e(no_ca).contains("redis.tls_ca_file"), "{}", e(no_ca));
+        // master credentials belong to sentinel mode; several sentinels are a list
+        let stray = "[redis]\nmaster_password = \"p\"\n";
+        assert!(e(stray).contains("redis.master_password"), "{}", e(stray));
+        let c = Config::from_toml_and_env(
+            "[redis]\nmode = \"sentinel\"\nurl = \"redis://a:26379,redis://:pw@b:26379\"\nmaster_password = \"mpw\"\n",
+            "t",
+            &[],
+        )
+        .expect("sentinel settings");
+        assert_eq!(c.redis.sentinel_master, "mymaster");
+        assert_eq!(c.redis.urls().len(), 2);
+        assert_eq!(
+            redact_url("redis://u:p1@a:1,redis://:p2@b:2"),
+            "redis://u:***@a:1,redis://:***@b:2"
+        );
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = Config::from_toml_and_env("", "t", &[]).expect("defaults");
         assert_eq!(c, Config::default());
