@@ -172,11 +172,20 @@ impl App {
         let metrics = gw.metrics.clone();
         let keys = Keys::new(&cfg.redis.prefix);
         let mut delay = std::time::Duration::from_millis(100);
+        // a refusing Redis (wrong password, failed TLS verification, no client certificate) is
+        // unreachable, not fatal: the cause is logged and the attempt repeated
+        let attempt_limit = (cfg.redis.connect_timeout() + cfg.redis.command_timeout()) * 4;
         let conn = loop {
-            match crate::redis::Redis::connect(&cfg.redis).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(url = %redact(&cfg.redis.url), error = %e, "redis not reachable yet; retrying");
+            match tokio::time::timeout(attempt_limit, crate::redis::Redis::connect(&cfg.redis))
+                .await
+            {
+                Ok(Ok(c)) => break c,
+                other => {
+                    let error = match other {
+                        Ok(Err(e)) => crate::redis::dial::describe(&e),
+                        _ => "timed out".to_string(),
+                    };
+                    tracing::warn!(url = %redact(&cfg.redis.url), mode = ?cfg.redis.mode, %error, "redis not reachable yet; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(2));
                 }

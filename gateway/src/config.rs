@@ -123,12 +123,27 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `standalone` (one Redis, or a primary with replicas behind one address) or `cluster`
-    /// (Redis Cluster: sharded pub/sub, scripts routed by their room's slot).
+    /// `standalone` (one Redis, or a primary with replicas behind one address), `cluster`
+    /// (Redis Cluster: sharded pub/sub, scripts routed by their room's slot) or `sentinel` (the
+    /// master named by Redis Sentinel, followed across failovers).
     pub mode: RedisMode,
-    /// `redis://[:password@]host:port[/db]`; in cluster mode a comma-separated list of seed
-    /// nodes, e.g. `redis://10.0.0.1:7000,redis://10.0.0.2:7000`.
+    /// `redis[s]://[[user]:password@]host:port[/db]`; in cluster mode a comma-separated list of
+    /// seed nodes, e.g. `redis://10.0.0.1:7000,redis://10.0.0.2:7000`; in sentinel mode the
+    /// sentinels, each reached with the credentials in its own URL. `rediss://` is TLS.
     pub url: String,
+    /// Sentinel mode: the name the sentinels know the master by.
+    pub sentinel_master: String,
+    /// Sentinel mode: the ACL user for the master (else the sentinel URL's user).
+    pub master_user: Option<String>,
+    /// Sentinel mode: the password for the master (else the sentinel URL's password).
+    pub master_password: Option<String>,
+    /// `rediss://`: PEM file of the CA(s) the server certificate must chain to, instead of the
+    /// system roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `rediss://`: PEM client certificate (chain) for mutual TLS; needs `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// `rediss://`: PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     /// Prefix of every key and channel, so several deployments can share one Redis.
     pub prefix: String,
     /// Deadline of every Redis command; a join past it gets "presence unavailable", never a hang.
@@ -146,6 +161,7 @@ pub enum RedisMode {
     #[default]
     Standalone,
     Cluster,
+    Sentinel,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -268,6 +284,12 @@ impl Default for RedisConfig {
         Self {
             mode: RedisMode::Standalone,
             url: "redis://127.0.0.1:6379".into(),
+            sentinel_master: "mymaster".into(),
+            master_user: None,
+            master_password: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             prefix: "gw".into(),
             command_timeout_ms: 2_000,
             connect_timeout_ms: 1_000,
@@ -356,6 +378,86 @@ impl RedisConfig {
     }
     pub fn connect_timeout(&self) -> Duration {
         ms(self.connect_timeout_ms)
+    }
+
+    /// Whether any URL is `rediss://` (TLS).
+    pub fn uses_tls(&self) -> bool {
+        self.urls().iter().any(|u| u.starts_with("rediss://"))
+    }
+
+    /// The TLS files, read and parsed: the CA (if set) and the client certificate and key (if
+    /// set). An unreadable or unparsable file, or a certificate without its key, is a
+    /// configuration error, reported at start.
+    pub fn tls_files(&self) -> Result<TlsFiles, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        fn bad(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+            std::fs::read(path).map_err(|e| bad(key, format!("{}: {e}", path.display())))
+        }
+        fn certs(key: &'static str, path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
+            let n = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(key, format!("{}: {e}", path.display())))?
+                .len();
+            if n == 0 {
+                return Err(bad(key, format!("{}: no PEM certificate", path.display())));
+            }
+            Ok(())
+        }
+        let ca = match &self.tls_ca_file {
+            Some(p) => {
+                let pem = read("redis.tls_ca_file", p)?;
+                certs("redis.tls_ca_file", p, &pem)?;
+                Some(pem)
+            }
+            None => None,
+        };
+        let client = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(c), Some(k)) => {
+                let cert = read("redis.tls_cert_file", c)?;
+                certs("redis.tls_cert_file", c, &cert)?;
+                let key = read("redis.tls_key_file", k)?;
+                PrivateKeyDer::from_pem_slice(&key)
+                    .map_err(|e| bad("redis.tls_key_file", format!("{}: {e}", k.display())))?;
+                Some((cert, key))
+            }
+            (Some(_), None) => {
+                return Err(bad(
+                    "redis.tls_cert_file",
+                    "a client certificate needs its key: set redis.tls_key_file too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "redis.tls_key_file",
+                    "a client key needs its certificate: set redis.tls_cert_file too",
+                ));
+            }
+            (None, None) => None,
+        };
+        Ok(TlsFiles { ca, client })
+    }
+}
+
+/// The contents of the TLS files (PEM), checked by [`RedisConfig::tls_files`].
+#[derive(Clone, Default)]
+pub struct TlsFiles {
+    /// The CA bundle of `redis.tls_ca_file`; `None`: the system roots.
+    pub ca: Option<Vec<u8>>,
+    /// The client certificate (chain) and key, for mutual TLS.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    /// Whether the default `rediss://` handling (system roots, no client certificate) suffices.
+    pub fn is_default(&self) -> bool {
+        self.ca.is_none() && self.client.is_none()
     }
 }
 
@@ -500,13 +602,45 @@ impl Config {
         if self.redis.mode == RedisMode::Standalone && urls.len() > 1 {
             return Err(bad(
                 "redis.url",
-                "a list of seed nodes needs redis.mode = \"cluster\" (GATEWAY_REDIS_MODE=cluster)",
+                "a list of seed nodes needs redis.mode = \"cluster\" (GATEWAY_REDIS_MODE=cluster) \
+                 or a list of sentinels redis.mode = \"sentinel\"",
             ));
         }
         for u in &urls {
-            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(*u) {
-                return Err(bad("redis.url", format!("{}: {e}", redact_url(u))));
+            match redis::IntoConnectionInfo::into_connection_info(*u) {
+                Err(e) => return Err(bad("redis.url", format!("{}: {e}", redact_url(u)))),
+                Ok(info) if matches!(info.addr(), redis::ConnectionAddr::Unix(_)) => {
+                    if self.redis.mode != RedisMode::Standalone {
+                        return Err(bad(
+                            "redis.url",
+                            "a unix socket URL works in standalone mode only",
+                        ));
+                    }
+                }
+                Ok(_) => {}
             }
+        }
+        if self.redis.mode != RedisMode::Sentinel {
+            for (key, set) in [
+                ("redis.master_user", self.redis.master_user.is_some()),
+                (
+                    "redis.master_password",
+                    self.redis.master_password.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(bad(key, "set only with redis.mode = \"sentinel\""));
+                }
+            }
+        } else if self.redis.sentinel_master.trim().is_empty() {
+            return Err(bad("redis.sentinel_master", "empty"));
+        }
+        let tls = self.redis.tls_files()?;
+        if !tls.is_default() && !self.redis.uses_tls() {
+            return Err(bad(
+                "redis.url",
+                "the redis.tls_* settings need rediss:// URLs (TLS)",
+            ));
         }
         match self.auth.algorithm.as_str() {
             "HS256" => {
@@ -696,6 +830,9 @@ impl Config {
         if c.admin.token.is_some() {
             c.admin.token = Some("***".into());
         }
+        if c.redis.master_password.is_some() {
+            c.redis.master_password = Some("***".into());
+        }
         c.redis.url = c
             .redis
             .urls()
@@ -814,8 +951,16 @@ fn env_value(default: Option<&toml::Value>, raw: &str) -> Result<toml::Value, St
     }
 }
 
-/// `redis://user:password@host` → `redis://user:***@host` (for logs and `check-config`).
+/// `redis://user:password@host` → `redis://user:***@host` (for logs and `check-config`); a
+/// comma-separated list (cluster seeds, sentinels) has each of its URLs redacted.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url
+            .split(',')
+            .map(|u| redact_url(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -837,6 +982,46 @@ mod tests {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn tls_and_sentinel_settings_are_checked_at_start() {
+        let e = |toml: &str| {
+            Config::from_toml_and_env(toml, "t", &[])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        // a certificate without its key, and the other way round
+        let cert_only = "[redis]\nurl = \"rediss://h:1\"\ntls_cert_file = \"/x.crt\"\n";
+        assert!(
+            e(cert_only).contains("redis.tls_cert_file"),
+            "{}",
+            e(cert_only)
+        );
+        let key_only = "[redis]\nurl = \"rediss://h:1\"\ntls_key_file = \"/x.key\"\n";
+        assert!(
+            e(key_only).contains("redis.tls_key_file"),
+            "{}",
+            e(key_only)
+        );
+        let no_ca = "[redis]\nurl = \"rediss://h:1\"\ntls_ca_file = \"/nonexistent.pem\"\n";
+        assert!(e(no_ca).contains("redis.tls_ca_file"), "{}", e(no_ca));
+        // master credentials belong to sentinel mode; several sentinels are a list
+        let stray = "[redis]\nmaster_password = \"p\"\n";
+        assert!(e(stray).contains("redis.master_password"), "{}", e(stray));
+        let c = Config::from_toml_and_env(
+            "[redis]\nmode = \"sentinel\"\nurl = \"redis://a:26379,redis://:pw@b:26379\"\nmaster_password = \"mpw\"\n",
+            "t",
+            &[],
+        )
+        .expect("sentinel settings");
+        assert_eq!(c.redis.sentinel_master, "mymaster");
+        assert_eq!(c.redis.urls().len(), 2);
+        assert_eq!(
+            redact_url("redis://u:p1@a:1,redis://:p2@b:2"),
+            "redis://u:***@a:1,redis://:***@b:2"
+        );
     }
 
     #[test]

@@ -262,10 +262,10 @@ async fn dev(mut cfg: Config) -> anyhow::Result<()> {
     if cfg.hs256_secret()?.is_none() && cfg.auth.algorithm == "HS256" {
         cfg.auth.hs256_secret = Some(DEV_SECRET.into());
     }
-    // a cluster is the operator's to run; `dev` starts a local server only in standalone mode
+    // a cluster or sentinels are the operator's to run; `dev` starts a local server only in standalone mode
     let child = match cfg.redis.mode {
         gateway::config::RedisMode::Standalone => ensure_redis(&cfg.redis.url).await?,
-        gateway::config::RedisMode::Cluster => None,
+        gateway::config::RedisMode::Cluster | gateway::config::RedisMode::Sentinel => None,
     };
     let cat = catalog(&cfg)?;
     let lobby = room_id("lobby")?;

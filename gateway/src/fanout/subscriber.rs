@@ -115,7 +115,7 @@ impl Hub {
                 Ok(Ok(c)) => c,
                 other => {
                     let err = match other {
-                        Ok(Err(e)) => e.to_string(),
+                        Ok(Err(e)) => crate::redis::dial::describe(&e),
                         _ => "timed out".into(),
                     };
                     tracing::warn!(error = %err, "pub/sub connect failed");

@@ -1,4 +1,5 @@
-//! [`Redis`]: the shared multiplexed connection of the hot path, standalone or cluster. Everything
+//! [`Redis`]: the shared multiplexed connection of the hot path, standalone, cluster or the
+//! master named by Sentinel. Everything
 //! above `redis/` talks to this type and never learns the mode: a command or a script goes to the
 //! node that owns its first key (cluster) or to the one server (standalone); work for many rooms is
 //! grouped per master with [`Redis::group_by_shard`]; listings scan every master.
@@ -13,12 +14,15 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::cluster::{Shard, parse_slots, slot};
+use super::dial::Dial;
+use super::sentinel::Failover;
 use crate::config::{RedisConfig, RedisMode};
 
 #[derive(Clone)]
 enum Inner {
     Standalone(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<Failover>),
 }
 
 /// The hot connection (cheap to clone: clones share one multiplexed connection per server).
@@ -32,10 +36,11 @@ pub struct Redis {
 impl Redis {
     /// Connects the hot path. Standalone: a `ConnectionManager` that reconnects by itself.
     /// Cluster: a cluster connection that follows `MOVED`/`ASK` and refreshes its slot map.
+    /// Sentinel: the master the sentinels name, asked again after a failover.
     pub async fn connect(cfg: &RedisConfig) -> RedisResult<Self> {
         let inner = match cfg.mode {
             RedisMode::Standalone => {
-                let client = redis::Client::open(cfg.url.as_str())?;
+                let client = Dial::new(cfg)?.client(cfg.url.as_str())?;
                 let mcfg = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(cfg.command_timeout()))
                     .set_connection_timeout(Some(cfg.connect_timeout()))
@@ -43,9 +48,13 @@ impl Redis {
                     .set_max_delay(Duration::from_secs(1));
                 Inner::Standalone(client.get_connection_manager_with_config(mcfg).await?)
             }
-            RedisMode::Cluster => {
-                Inner::Cluster(cluster_builder(cfg).build()?.get_async_connection().await?)
-            }
+            RedisMode::Cluster => Inner::Cluster(
+                cluster_builder(cfg)?
+                    .build()?
+                    .get_async_connection()
+                    .await?,
+            ),
+            RedisMode::Sentinel => Inner::Sentinel(Failover::connect(cfg).await?),
         };
         let r = Self {
             inner,
@@ -59,6 +68,19 @@ impl Redis {
 
     pub fn is_cluster(&self) -> bool {
         matches!(self.inner, Inner::Cluster(_))
+    }
+
+    /// How the subscriber reaches the one server (standalone) or the master of the moment
+    /// (sentinel: the sentinels are asked again); `None` in a cluster.
+    pub(crate) async fn pubsub_target(
+        &self,
+        cfg: &RedisConfig,
+    ) -> RedisResult<Option<redis::ConnectionInfo>> {
+        match &self.inner {
+            Inner::Standalone(_) => Dial::new(cfg)?.info(cfg.url.as_str()).map(Some),
+            Inner::Sentinel(f) => f.refresh().await.map(Some),
+            Inner::Cluster(_) => Ok(None),
+        }
     }
 
     /// The command that publishes a room event: `SPUBLISH` (shard channel, touches only the
@@ -77,6 +99,7 @@ impl Redis {
     pub async fn ping(&self) -> RedisResult<()> {
         match &self.inner {
             Inner::Standalone(c) => redis::cmd("PING").query_async(&mut c.clone()).await,
+            Inner::Sentinel(_) => redis::cmd("PING").query_async(&mut self.clone()).await,
             Inner::Cluster(c) => c
                 .clone()
                 .route_command(
@@ -146,6 +169,7 @@ impl Redis {
         let n = pipe.len();
         match &self.inner {
             Inner::Standalone(c) => c.clone().req_packed_commands(pipe, 0, n).await,
+            Inner::Sentinel(_) => self.clone().req_packed_commands(pipe, 0, n).await,
             Inner::Cluster(c) => {
                 // routed by the client's own slot map, which follows failovers by itself
                 let route = SingleNodeRoutingInfo::SpecificNode(Route::new(
@@ -168,8 +192,8 @@ impl Redis {
                 .to_string())
         };
         match &self.inner {
-            Inner::Standalone(c) => {
-                let v = info.query_async(&mut c.clone()).await?;
+            Inner::Standalone(_) | Inner::Sentinel(_) => {
+                let v = info.query_async(&mut self.clone()).await?;
                 Ok(vec![(String::new(), read(v)?)])
             }
             Inner::Cluster(c) => {
@@ -196,6 +220,7 @@ impl Redis {
     pub async fn scan_match(&self, pattern: &str) -> RedisResult<Vec<String>> {
         match &self.inner {
             Inner::Standalone(c) => scan_one(&mut c.clone(), pattern).await,
+            Inner::Sentinel(_) => scan_one(&mut self.clone(), pattern).await,
             Inner::Cluster(c) => scan_cluster(&mut c.clone(), pattern).await,
         }
     }
@@ -289,13 +314,21 @@ pub(crate) async fn scan_cluster(
     Ok(keys)
 }
 
-/// The cluster client settings shared by the hot connection and the subscriber.
-pub(crate) fn cluster_builder(cfg: &RedisConfig) -> ClusterClientBuilder {
-    ClusterClientBuilder::new(cfg.urls())
+/// The cluster client settings shared by the hot connection, the pool and the subscriber: every
+/// seed URL with its credentials, and the TLS files when the seeds are `rediss://`.
+pub(crate) fn cluster_builder(cfg: &RedisConfig) -> RedisResult<ClusterClientBuilder> {
+    let dial = Dial::new(cfg)?;
+    let mut b = ClusterClientBuilder::new(cfg.urls())
         .connection_timeout(cfg.connect_timeout())
         .response_timeout(cfg.command_timeout())
         .retries(3)
-        .max_retry_wait(500)
+        .max_retry_wait(500);
+    if cfg.uses_tls()
+        && let Some(certs) = dial.certificates()
+    {
+        b = b.certs(certs);
+    }
+    Ok(b)
 }
 
 impl ConnectionLike for Redis {
@@ -303,6 +336,16 @@ impl ConnectionLike for Redis {
         match &mut self.inner {
             Inner::Standalone(c) => c.req_packed_command(cmd),
             Inner::Cluster(c) => c.req_packed_command(cmd),
+            Inner::Sentinel(f) => {
+                let f = f.clone();
+                Box::pin(async move {
+                    let r = f.conn().req_packed_command(cmd).await;
+                    if let Err(e) = &r {
+                        f.on_error(e);
+                    }
+                    r
+                })
+            }
         }
     }
 
@@ -315,6 +358,16 @@ impl ConnectionLike for Redis {
         match &mut self.inner {
             Inner::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
             Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Inner::Sentinel(f) => {
+                let f = f.clone();
+                Box::pin(async move {
+                    let r = f.conn().req_packed_commands(pipeline, offset, count).await;
+                    if let Err(e) = &r {
+                        f.on_error(e);
+                    }
+                    r
+                })
+            }
         }
     }
 
@@ -322,6 +375,7 @@ impl ConnectionLike for Redis {
         match &self.inner {
             Inner::Standalone(c) => c.get_db(),
             Inner::Cluster(c) => c.get_db(),
+            Inner::Sentinel(_) => 0,
         }
     }
 }

@@ -1,14 +1,17 @@
 //! Redis plumbing: key names ([`keys`]), the Lua scripts ([`scripts`]), and the connections:
 //! the hot path's [`Redis`], the cold paths' [`Pool`] and the node's [`Subscriber`]. Each hides
-//! whether Redis is one server or a cluster ([`cluster`] holds the slot arithmetic); nothing
-//! above this module knows the mode.
+//! whether Redis is one server, a cluster ([`cluster`] holds the slot arithmetic) or a master
+//! found through Sentinel ([`sentinel`]); nothing above this module knows the mode. [`dial`]
+//! says how each connection is made: ACL user, TLS.
 
 pub mod cluster;
 mod conn;
+pub mod dial;
 pub mod keys;
 mod pool;
 mod pubsub;
 pub mod scripts;
+mod sentinel;
 
 pub use conn::{MIN_VERSION, Redis, version_supported};
 pub use pool::{Pool, PoolConn, PoolError};
@@ -16,18 +19,17 @@ pub use pubsub::{Event, Publisher, Subscriber};
 
 /// A pub/sub connection named `name` in `CLIENT LIST`, so operators (and tests) can tell which
 /// node a subscriber connection belongs to. The name is set with `CLIENT SETNAME` (after `AUTH`
-/// when the URL has a password) before the connection enters pub/sub mode; a `rediss://` or unix
-/// URL gets an unnamed connection.
+/// when the URL has a password) before the connection enters pub/sub mode, over TCP or TLS
+/// alike (see [`dial`]); a unix socket URL gets an unnamed connection.
 async fn named_pubsub(
-    client: &redis::Client,
+    dial: &dial::Dial,
+    info: &redis::ConnectionInfo,
     name: &str,
 ) -> redis::RedisResult<redis::aio::PubSub> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let info = client.get_connection_info();
-    let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
-        return client.get_async_pubsub().await;
+    let Some(mut stream) = dial.stream(info).await? else {
+        return redis::Client::open(info.clone())?.get_async_pubsub().await;
     };
-    let mut tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
     let settings = info.redis_settings();
     let mut commands = Vec::new();
     if let Some(pw) = settings.password() {
@@ -44,11 +46,12 @@ async fn named_pubsub(
             .get_packed_command(),
     );
     for c in commands {
-        tcp.write_all(&c).await?;
+        stream.write_all(&c).await?;
+        stream.flush().await?;
         // each answer is one short line: +OK or -ERR ...
         let mut line = Vec::with_capacity(64);
         loop {
-            let b = tcp.read_u8().await?;
+            let b = stream.read_u8().await?;
             line.push(b);
             if line.ends_with(b"\r\n") || line.len() > 512 {
                 break;
@@ -62,5 +65,5 @@ async fn named_pubsub(
             )));
         }
     }
-    redis::aio::PubSub::new(settings, tcp).await
+    redis::aio::PubSub::new(settings, stream).await
 }

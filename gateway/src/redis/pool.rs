@@ -1,22 +1,77 @@
-//! The pool for cold paths (admin API, CLI): deadpool-redis over a standalone server or a
-//! cluster. Every checkout costs a `PING` round trip, which is why the hot path does not use it.
+//! The pool for cold paths (admin API, CLI): deadpool over a standalone server, a cluster or the
+//! master Sentinel names (asked again for every new connection; a pooled connection to a server
+//! that is no longer master is dropped at checkout). Every checkout costs a round trip, which is
+//! why the hot path does not use it.
 
-use redis::aio::ConnectionLike;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use deadpool::managed;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
-use super::conn::{scan_cluster, scan_one};
+use super::conn::{cluster_builder, scan_cluster, scan_one};
+use super::dial::Dial;
+use super::sentinel::Sentinels;
 use crate::config::{RedisConfig, RedisMode};
 
 #[derive(Clone)]
 pub enum Pool {
     Standalone(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+    Cluster(managed::Pool<ClusterManager>),
+    Sentinel(managed::Pool<SentinelManager>),
 }
 
 /// A checked-out connection (back to the pool on drop).
 pub enum PoolConn {
     Standalone(deadpool_redis::Connection),
-    Cluster(deadpool_redis::cluster::Connection),
+    Cluster(managed::Object<ClusterManager>),
+    Sentinel(managed::Object<SentinelManager>),
+}
+
+/// Cluster connections made by the gateway's cluster client (deadpool-redis' own manager cannot
+/// take the TLS files).
+pub struct ClusterManager(redis::cluster::ClusterClient);
+
+impl managed::Manager for ClusterManager {
+    type Type = ClusterConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<ClusterConnection, RedisError> {
+        self.0.get_async_connection().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut ClusterConnection,
+        _: &managed::Metrics,
+    ) -> managed::RecycleResult<RedisError> {
+        redis::cmd("PING").query_async::<()>(conn).await?;
+        Ok(())
+    }
+}
+
+/// Connections to the master the sentinels name at the time each is made.
+pub struct SentinelManager(Sentinels);
+
+impl managed::Manager for SentinelManager {
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        Ok(self.0.master().await?.2)
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut MultiplexedConnection,
+        _: &managed::Metrics,
+    ) -> managed::RecycleResult<RedisError> {
+        // after a failover the old master answers PING as a replica: ask its role
+        let role: Vec<Value> = redis::cmd("ROLE").query_async(conn).await?;
+        match role.first() {
+            Some(Value::BulkString(r)) if r == b"master" => Ok(()),
+            _ => Err(managed::RecycleError::message("no longer the master")),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,19 +89,35 @@ impl Pool {
             },
             ..Default::default()
         };
-        let rt = Some(deadpool_redis::Runtime::Tokio1);
+        let rt = deadpool_redis::Runtime::Tokio1;
         Ok(match cfg.mode {
             RedisMode::Standalone => {
-                let mut pc = deadpool_redis::Config::from_url(cfg.url.clone());
-                pc.pool = Some(pool);
-                Pool::Standalone(pc.create_pool(rt)?)
+                let info = Dial::new(cfg)?.info(cfg.url.as_str())?;
+                let mgr = deadpool_redis::Manager::new_with_config(
+                    info,
+                    redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(cfg.connect_timeout()))
+                        .set_response_timeout(Some(cfg.command_timeout())),
+                )?;
+                Pool::Standalone(
+                    deadpool_redis::Pool::builder(mgr)
+                        .config(pool)
+                        .runtime(rt)
+                        .build()?,
+                )
             }
-            RedisMode::Cluster => {
-                let urls: Vec<String> = cfg.urls().into_iter().map(String::from).collect();
-                let mut pc = deadpool_redis::cluster::Config::from_urls(urls);
-                pc.pool = Some(pool);
-                Pool::Cluster(pc.create_pool(rt)?)
-            }
+            RedisMode::Cluster => Pool::Cluster(
+                managed::Pool::builder(ClusterManager(cluster_builder(cfg)?.build()?))
+                    .config(pool)
+                    .runtime(rt)
+                    .build()?,
+            ),
+            RedisMode::Sentinel => Pool::Sentinel(
+                managed::Pool::builder(SentinelManager(Sentinels::new(cfg)?))
+                    .config(pool)
+                    .runtime(rt)
+                    .build()?,
+            ),
         })
     }
 
@@ -62,6 +133,11 @@ impl Pool {
                 .await
                 .map(PoolConn::Cluster)
                 .map_err(|e| PoolError(e.to_string())),
+            Pool::Sentinel(p) => p
+                .get()
+                .await
+                .map(PoolConn::Sentinel)
+                .map_err(|e| PoolError(e.to_string())),
         }
     }
 }
@@ -70,7 +146,7 @@ impl PoolConn {
     /// See [`super::Redis::publish_command`].
     pub fn publish_command(&self) -> &'static str {
         match self {
-            PoolConn::Standalone(_) => "PUBLISH",
+            PoolConn::Standalone(_) | PoolConn::Sentinel(_) => "PUBLISH",
             PoolConn::Cluster(_) => "SPUBLISH",
         }
     }
@@ -79,6 +155,7 @@ impl PoolConn {
     pub async fn scan_match(&mut self, pattern: &str) -> RedisResult<Vec<String>> {
         match self {
             PoolConn::Standalone(c) => scan_one(c, pattern).await,
+            PoolConn::Sentinel(c) => scan_one(&mut **c, pattern).await,
             PoolConn::Cluster(c) => scan_cluster(c, pattern).await,
         }
     }
@@ -89,6 +166,7 @@ impl ConnectionLike for PoolConn {
         match self {
             PoolConn::Standalone(c) => c.req_packed_command(cmd),
             PoolConn::Cluster(c) => c.req_packed_command(cmd),
+            PoolConn::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -101,6 +179,7 @@ impl ConnectionLike for PoolConn {
         match self {
             PoolConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
             PoolConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            PoolConn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -108,6 +187,7 @@ impl ConnectionLike for PoolConn {
         match self {
             PoolConn::Standalone(c) => c.get_db(),
             PoolConn::Cluster(c) => c.get_db(),
+            PoolConn::Sentinel(c) => c.get_db(),
         }
     }
 }

@@ -87,17 +87,18 @@ impl Publisher {
 }
 
 impl Subscriber {
-    /// Connects; `name` labels a standalone connection in `CLIENT LIST`.
+    /// Connects; `name` labels a standalone (or sentinel-found master's) connection in
+    /// `CLIENT LIST`. In sentinel mode the sentinels are asked for the master first.
     pub async fn connect(cfg: &RedisConfig, name: &str, hot: &Redis) -> RedisResult<Self> {
-        if !hot.is_cluster() {
-            let client = redis::Client::open(cfg.url.as_str())?;
-            let (sink, stream) = super::named_pubsub(&client, name).await?.split();
+        if let Some(info) = hot.pubsub_target(cfg).await? {
+            let dial = super::dial::Dial::new(cfg)?;
+            let (sink, stream) = super::named_pubsub(&dial, &info, name).await?.split();
             return Ok(Self {
                 inner: Inner::Standalone { sink, stream },
             });
         }
         let (tx, pushes) = mpsc::unbounded_channel();
-        let conn = cluster_builder(cfg)
+        let conn = cluster_builder(cfg)?
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(tx)
             .build()?
