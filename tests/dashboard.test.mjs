@@ -104,14 +104,14 @@ test('a fresh gateway, before any traffic, exports every metric and label the da
   // closes by code exist before the first close, every code at 0
   const closes = series.get('gateway_closes_total') ?? [];
   const codes = closes.map((s) => s.labels.code).sort();
-  for (const code of ['1000', '1001', '1006', '1011', '1012', '4000', '4001', '4008', '4009', 'other']) {
+  for (const code of ['1000', '1001', '1002', '1006', '1011', '1012', '4000', '4001', '4008', '4009', 'other']) {
     assert.ok(codes.includes(code), `gateway_closes_total{code="${code}"} on a fresh gateway (has ${codes.join(',')})`);
   }
   assert.ok(closes.every((s) => s.value === 0), `fresh closes are 0: ${JSON.stringify(closes)}`);
   // the other labelled families: every known value at 0
   const want = {
     gateway_connections: ['kind', ['anonymous', 'signed_in']],
-    gateway_joins_total: ['result', ['invalid', 'no_room', 'ok', 'refused', 'unavailable']],
+    gateway_joins_total: ['result', ['invalid', 'no_room', 'ok', 'rate_limited', 'refused', 'unavailable']],
     gateway_pushes_total: ['result', ['invalid', 'not_signed_in', 'ok', 'rate_limited', 'unavailable', 'unknown_event']],
     gateway_presence_frames_total: ['event', ['presence_count', 'presence_diff', 'presence_state']],
     gateway_redis_script_duration_seconds_count: ['script', ['broadcast', 'heartbeat', 'history', 'join', 'leave', 'snapshot', 'sync']],
