@@ -76,6 +76,7 @@ test('Kubernetes manifests parse and agree with the gateway', () => {
     return m[1];
   };
   assert.equal(setting('redis', 'mode'), 'cluster');
+  assert.equal(setting('log', 'format'), 'json', 'pods log one JSON object per line');
 
   // ports: container ports = the listeners; the Service targets the WebSocket port
   const ws = c.ports.find((p) => p.name === 'ws');
