@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Socket } from 'phoenix';
-import { GATEWAY_BIN, WebSocket, freePort, test, waitFor, withTimeout } from './lib/harness.mjs';
+import { GATEWAY_BIN, REPO_ROOT, WebSocket, freePort, test, waitFor, withTimeout } from './lib/harness.mjs';
 
 let proc;
 after(() => { try { proc?.kill('SIGKILL'); } catch { /* */ } });
@@ -88,4 +88,16 @@ test('gateway dev listens on 127.0.0.1 unless told otherwise', { timeout: 60000 
     await withTimeout(new Promise((resolve) => p.on('exit', resolve)), 15000, 'gateway dev to exit');
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('the demo page names who a message is from: a user, an anonymous viewer, or the server', () => {
+  // the page's own function, run here: an admin broadcast has no `user`, an anonymous event `user: null`
+  const html = fs.readFileSync(path.join(REPO_ROOT, 'gateway', 'assets', 'index.html'), 'utf8');
+  const src = /^function sender\(m\) \{\n[\s\S]*?\n\}$/m.exec(html);
+  assert.ok(src, 'the page has function sender(m)');
+  assert.match(html, /who\.textContent = sender\(m\)/, 'and renders new_msg with it');
+  const sender = new Function(`${src[0]}; return sender;`)();
+  assert.equal(sender({ body: 'hi', user: { id: '1', username: 'ann' } }), 'ann');
+  assert.equal(sender({ body: 'hi', user: null }), 'Anonymous');
+  assert.equal(sender({ body: 'maintenance at 5' }), 'server');
 });
