@@ -44,8 +44,8 @@ ensure_test_client() {
 ensure_prometheus() {
   # the dashboard test runs Debian's prometheus binary itself (on a free port, private config and
   # storage); the package's system service is not used, and the recommended node exporter is not
-  # installed
-  if ! command -v prometheus >/dev/null 2>&1; then
+  # installed. The alert test runs the same package's promtool
+  if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
     need_root_or_say prometheus prometheus
     echo "installing prometheus (apt-get install -y --no-install-recommends prometheus)" >&2
     apt_install --no-install-recommends prometheus

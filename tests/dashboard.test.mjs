@@ -167,9 +167,9 @@ const SCRAPE_S = 1;
 // interval, 4 × scrape interval) with the data source's scrape interval set to the real one.
 const STEP_S = 1;
 const RATE_INTERVAL_S = Math.max(STEP_S + SCRAPE_S, 4 * SCRAPE_S);
-// Panels that stay at 0 in a healthy run (no Redis errors, no pub/sub reconnects, no slow
-// consumers): they must return data, not a positive value.
-const ZERO_IN_HEALTH = ['gateway_redis_errors_total', 'gateway_pubsub_reconnects_total', 'gateway_slow_consumer_closes_total'];
+// Panels that stay at 0 in a healthy run (no Redis errors, no pub/sub reconnects or other
+// interruptions, no slow consumers): they must return data, not a positive value.
+const ZERO_IN_HEALTH = ['gateway_redis_errors_total', 'gateway_pubsub_reconnects_total', 'gateway_pubsub_interruptions_total', 'gateway_slow_consumer_closes_total'];
 
 /** Grafana's regex escaping of a multi-value variable's values inside a PromQL string. */
 const regexEscape = (v) => v.replace(/[\\^$*+?.()|[\]{}]/g, '\\\\$&');
@@ -223,11 +223,15 @@ test('a real Prometheus scraping two gateways evaluates every dashboard query, w
   for (let i = 0; i < 5; i++) assert.equal((await push(uc, 'new_msg', { body: `m${i}` })).status, 'ok');
   assert.equal((await push(ac, 'new_msg', { body: 'x' })).status, 'error');
   assert.equal((await push(uc, 'nope', {})).status, 'error');
+  // a reconnect with `since` on the other node (a history recovery)
+  const late = await connect(g2.publicUrl);
+  assert.equal((await join(late.channel('rooms:stage', { since: '1-0' }))).status, 'ok');
   // stay in the room over a few scrapes and heartbeats, then leave and close
   await sleep(2500);
   await new Promise((resolve) => uc.leave().receive('ok', resolve).receive('timeout', resolve));
   user.disconnect();
   anon.disconnect();
+  late.disconnect();
 
   // Prometheus has the closes from both nodes, then a few more scrapes for the rate windows
   await waitFor(async () => {

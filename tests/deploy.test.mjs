@@ -76,6 +76,7 @@ test('Kubernetes manifests parse and agree with the gateway', () => {
     return m[1];
   };
   assert.equal(setting('redis', 'mode'), 'cluster');
+  assert.equal(setting('log', 'format'), 'json', 'pods log one JSON object per line');
 
   // ports: container ports = the listeners; the Service targets the WebSocket port
   const ws = c.ports.find((p) => p.name === 'ws');
@@ -109,4 +110,177 @@ test('Kubernetes manifests parse and agree with the gateway', () => {
   }
   assert.ok(pdb.spec.maxUnavailable >= 1 && pdb.spec.maxUnavailable < dep.spec.replicas);
   assert.ok(secret.stringData['hs256-secret'].length >= 32);
+});
+
+// --- the container image ------------------------------------------------------------------------
+// There is no container engine on the test machines: the Dockerfile is checked statically here
+// against the manifests and the repository, not built.
+
+/** The Dockerfile's instructions: [{op, args (string), line}], continuations joined, comments dropped. */
+function dockerfile() {
+  const text = fs.readFileSync(path.join(REPO_ROOT, 'Dockerfile'), 'utf8');
+  const out = [];
+  let buf = '';
+  let start = 0;
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim();
+    if (!buf && (line === '' || line.startsWith('#'))) return;
+    if (buf && line.startsWith('#')) return; // a comment inside a continued instruction
+    if (!buf) start = i + 1;
+    buf += (buf ? ' ' : '') + line.replace(/\\$/, '').trim();
+    if (line.endsWith('\\')) return;
+    const m = /^([A-Za-z]+)\s+(.*)$/.exec(buf);
+    assert.ok(m, `Dockerfile line ${start}: ${buf}`);
+    out.push({ op: m[1].toUpperCase(), args: m[2].trim(), line: start });
+    buf = '';
+  });
+  assert.equal(buf, '', 'Dockerfile ends inside a continued instruction');
+  return out;
+}
+
+/** `["a", "b"]` (exec form) → ['a', 'b']; the shell form is refused: signals must reach the gateway. */
+function execForm(ins) {
+  assert.ok(ins.args.startsWith('['), `${ins.op} (line ${ins.line}) uses the exec form, so SIGTERM reaches the gateway, not a shell`);
+  return JSON.parse(ins.args);
+}
+
+/** The stages: [{from, name, instructions}]. */
+function stages(instrs) {
+  const out = [];
+  for (const ins of instrs) {
+    if (ins.op === 'FROM') {
+      const m = /^(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?$/i.exec(ins.args);
+      assert.ok(m, `FROM line ${ins.line}: ${ins.args}`);
+      out.push({ from: m[1], name: m[2], instructions: [] });
+    } else {
+      assert.ok(out.length > 0, `${ins.op} before the first FROM`);
+      out.at(-1).instructions.push(ins);
+    }
+  }
+  return out;
+}
+
+/** The .dockerignore patterns (simple prefixes: `dir/`, `dir`). */
+function dockerignore() {
+  const f = path.join(REPO_ROOT, '.dockerignore');
+  assert.ok(fs.existsSync(f), '.dockerignore exists (keeps target/ and node_modules out of the build context)');
+  return fs.readFileSync(f, 'utf8').split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('#'))
+    .map((l) => l.replace(/^\/+/, '').replace(/\/+$/, ''));
+}
+
+test('the Dockerfile builds the locked gateway and runs it as the manifests expect', () => {
+  const instrs = dockerfile();
+  const st = stages(instrs);
+  assert.ok(st.length >= 2, 'multi-stage: a build stage and a slim run stage');
+  const [build, run] = [st[0], st.at(-1)];
+  const only = (stage, op) => stage.instructions.filter((i) => i.op === op);
+  const last = (op) => {
+    const found = only(run, op);
+    assert.ok(found.length > 0, `the run stage has ${op}`);
+    return found.at(-1);
+  };
+
+  // build: the locked dependencies, the release profile, the workspace's toolchain
+  assert.ok(only(build, 'RUN').some((r) => /\bcargo build\b/.test(r.args) && /--release\b/.test(r.args) && /--locked\b/.test(r.args)),
+    'the build stage runs cargo build --release --locked');
+  const rustVersion = /rust-version\s*=\s*"([^"]+)"/.exec(fs.readFileSync(path.join(REPO_ROOT, 'Cargo.toml'), 'utf8'))[1];
+  assert.match(build.from, new RegExp(`^rust:${rustVersion.replace('.', '\\.')}\\b`), `the build stage uses Rust ${rustVersion}, the workspace's rust-version`);
+  // run: a slim base with only the binary and the default settings
+  assert.match(run.from, /^debian:[a-z]+-slim$/, 'the run stage is a slim Debian');
+  const copies = only(run, 'COPY').map((c) => c.args.split(/\s+/));
+  assert.equal(copies.length, 2, `the run stage copies the binary and the settings, nothing else: ${JSON.stringify(copies)}`);
+  const binCopy = copies.find((c) => c[0] === `--from=${build.name}`);
+  assert.ok(binCopy, `the binary comes from the build stage (COPY --from=${build.name})`);
+  assert.match(binCopy[1], /\/target\/release\/gateway$/);
+  const cfgCopy = copies.find((c) => !c[0].startsWith('--'));
+  assert.deepEqual(cfgCopy.slice(0, 1), ['config/gateway.toml'], 'the documented default settings');
+
+  // every COPY from the context names a file or folder that exists and is not ignored
+  const ignored = dockerignore();
+  for (const p of ['target', 'tests/node_modules']) assert.ok(ignored.includes(p), `.dockerignore lists ${p}/`);
+  for (const c of instrs.filter((i) => i.op === 'COPY' && !/^--from=/.test(i.args))) {
+    const parts = c.args.split(/\s+/).filter((a) => !a.startsWith('--'));
+    for (const src of parts.slice(0, -1)) {
+      assert.ok(fs.existsSync(path.join(REPO_ROOT, src)), `COPY ${src} (Dockerfile line ${c.line}) exists in the repository`);
+      assert.ok(!ignored.some((p) => src === p || src.startsWith(`${p}/`)), `COPY ${src} is not excluded by .dockerignore`);
+    }
+  }
+  // the build stage copies what the crate compiles in: every include_str! path under the repo
+  const buildSources = only(build, 'COPY').flatMap((c) => c.args.split(/\s+/).filter((a) => !a.startsWith('--')).slice(0, -1));
+  for (const dir of ['gateway', 'lua', 'Cargo.lock']) assert.ok(buildSources.includes(dir), `the build stage copies ${dir}`);
+
+  // entrypoint + command = the gateway serving the image's settings
+  const entry = execForm(last('ENTRYPOINT'));
+  const cmd = execForm(last('CMD'));
+  assert.equal(entry[0], binCopy[2], 'ENTRYPOINT is the copied binary');
+  assert.equal(cmd[0], 'serve');
+  const imageCfg = cmd[cmd.indexOf('--config') + 1];
+  assert.equal(imageCfg, cfgCopy[1], 'CMD serves the settings file the image holds');
+
+  // non-root, numerically (runAsNonRoot can only verify a numeric user)
+  const [uid, gid] = last('USER').args.split(':').map(Number);
+  assert.ok(Number.isInteger(uid) && uid > 0, `USER is a numeric non-root uid (${last('USER').args})`);
+  const runs = only(run, 'RUN').map((r) => r.args).join('\n');
+  assert.match(runs, new RegExp(`useradd\\b.*--uid ${uid}\\b`), 'the user exists in the image');
+  assert.equal(last('STOPSIGNAL').args, 'SIGTERM', 'STOPSIGNAL SIGTERM starts the drain');
+
+  // the Deployment runs this image: same user, same command, same config path, same ports
+  const docs = load();
+  const dep = docs.find((d) => d.kind === 'Deployment');
+  const pod = dep.spec.template.spec;
+  const c = pod.containers[0];
+  const version = /^version\s*=\s*"([^"]+)"/m.exec(fs.readFileSync(path.join(REPO_ROOT, 'gateway', 'Cargo.toml'), 'utf8'))[1];
+  assert.match(c.image, new RegExp(`/gateway:${version.replace(/\./g, '\\.')}$`), `the Deployment's image is tagged with the crate's version ${version}`);
+  const depText = fs.readFileSync(path.join(DIR, 'deployment.yaml'), 'utf8');
+  assert.match(depText, /docker build -t \S+ \./, 'deployment.yaml says how the image is built');
+  assert.ok(depText.includes(`docker build -t ${c.image} .`), 'and the command builds the image it runs');
+  const sc = { ...pod.securityContext, ...c.securityContext };
+  assert.equal(sc.runAsNonRoot, true, 'runAsNonRoot');
+  assert.equal(sc.runAsUser, uid, 'runAsUser is the image\'s uid');
+  if (sc.runAsGroup !== undefined) assert.equal(sc.runAsGroup, gid);
+  assert.equal(c.command, undefined, 'the Deployment keeps the image\'s ENTRYPOINT');
+  assert.deepEqual(c.args, cmd, 'the Deployment\'s args are the image\'s CMD');
+  const mount = c.volumeMounts.find((m) => m.name === 'config');
+  assert.equal(path.dirname(imageCfg), mount.mountPath, 'the ConfigMap is mounted where the image keeps its settings');
+
+  const exposed = last('EXPOSE').args.split(/\s+/).map((p) => Number(p.replace(/\/tcp$/, ''))).sort();
+  assert.deepEqual(c.ports.map((p) => p.containerPort).sort(), exposed, 'EXPOSE = the container ports');
+  const adminPort = c.ports.find((p) => p.name === 'admin').containerPort;
+  for (const probe of [c.readinessProbe, c.livenessProbe]) {
+    const port = typeof probe.httpGet.port === 'number' ? probe.httpGet.port : c.ports.find((p) => p.name === probe.httpGet.port).containerPort;
+    assert.equal(port, adminPort, `${probe.httpGet.path} probes the admin port`);
+    assert.ok(exposed.includes(port));
+  }
+
+  // the image alone (its settings file + its ENV) listens where it EXPOSEs, admin reachable from
+  // outside the container; and the Deployment's env and ConfigMap do not move those ports
+  const imageEnv = Object.fromEntries(only(run, 'ENV').map((e) => {
+    const m = /^([A-Z0-9_]+)[= ](.*)$/.exec(e.args);
+    assert.ok(m, `ENV line ${e.line}: one NAME=value`);
+    return [m[1], m[2]];
+  }));
+  for (const name of Object.keys(imageEnv)) assert.match(name, /^GATEWAY_[A-Z0-9_]+$/);
+  const check = (env, cfg) => {
+    try {
+      return execFileSync(GATEWAY_BIN, ['check-config', '--config', cfg], { env: { PATH: process.env.PATH, NO_COLOR: '1', ...env }, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    } catch (e) {
+      assert.fail(`gateway check-config refused the image's settings:\n${e.stdout}${e.stderr}`);
+    }
+  };
+  const listenOf = (out, section) => new RegExp(`\\[${section}\\][^\\[]*?\\nlisten = "([^"]+)"`, 's').exec(out)[1];
+  const alone = check(imageEnv, path.join(REPO_ROOT, cfgCopy[0]));
+  assert.deepEqual([portOf(listenOf(alone, 'server')), portOf(listenOf(alone, 'admin'))].sort(), exposed);
+  assert.ok(listenOf(alone, 'admin').startsWith('0.0.0.0:'), 'the image\'s admin port answers probes from outside the container');
+  assert.ok(listenOf(alone, 'server').startsWith('0.0.0.0:'));
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'gw-image-'));
+  const cm = docs.find((d) => d.kind === 'ConfigMap');
+  fs.writeFileSync(path.join(tmp, 'gateway.toml'), cm.data['gateway.toml']);
+  const secret = docs.find((d) => d.kind === 'Secret');
+  const podEnv = { ...imageEnv };
+  for (const e of c.env) podEnv[e.name] = e.value ?? secret.stringData[e.valueFrom.secretKeyRef.key];
+  const inPod = check(podEnv, path.join(tmp, 'gateway.toml'));
+  fs.rmSync(tmp, { recursive: true, force: true });
+  assert.equal(portOf(listenOf(inPod, 'admin')), adminPort);
+  assert.ok(listenOf(inPod, 'admin').startsWith('0.0.0.0:'));
+  assert.equal(portOf(listenOf(inPod, 'server')), c.ports.find((p) => p.name === 'ws').containerPort);
 });

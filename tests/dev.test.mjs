@@ -4,8 +4,11 @@
 import { after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { Socket } from 'phoenix';
-import { GATEWAY_BIN, WebSocket, freePort, test, waitFor, withTimeout } from './lib/harness.mjs';
+import { GATEWAY_BIN, REPO_ROOT, WebSocket, freePort, test, waitFor, withTimeout } from './lib/harness.mjs';
 
 let proc;
 after(() => { try { proc?.kill('SIGKILL'); } catch { /* */ } });
@@ -25,7 +28,7 @@ test('gateway dev starts its own Redis, creates lobby, serves the page, and phoe
   let out = '';
   proc.stdout.on('data', (d) => { out += d; });
   proc.stderr.on('data', (d) => { out += d; });
-  await waitFor(() => out.includes('"event":"listening"') && out.includes('token test_user2'), 20000, `gateway dev to come up:\n${out}`);
+  await waitFor(() => out.includes('"event":"listening"') && out.includes('more tokens:'), 20000, `gateway dev to come up:\n${out}`);
   assert.match(out, /starting redis-server/);
   assert.ok(redisAnswers(redisPort), 'gateway dev started redis-server on its URL port');
   assert.equal(execFileSync('redis-cli', ['-p', String(redisPort), 'EXISTS', 'gw:room:{lobby}'], { encoding: 'utf8' }).trim(), '1');
@@ -48,8 +51,53 @@ test('gateway dev starts its own Redis, creates lobby, serves the page, and phoe
   assert.deepEqual(reply, { auth: 'user', user: { id: '1', username: 'test_user' } });
   socket.disconnect();
 
+  // the printed line mints more tokens for this server: `GATEWAY_AUTH_HS256_SECRET=… gateway token alice`
+  const line = /more tokens: GATEWAY_AUTH_HS256_SECRET=(\S+) (\S+) token alice/.exec(out);
+  assert.ok(line, `gateway dev prints how to mint tokens:\n${out}`);
+  const minted = execFileSync(GATEWAY_BIN, ['token', 'alice'], { env: { PATH: process.env.PATH, GATEWAY_AUTH_HS256_SECRET: line[1] }, encoding: 'utf8' }).trim();
+  const alice = new Socket(`ws://127.0.0.1:${publicPort}/socket`, { transport: WebSocket, params: { token: minted } });
+  alice.connect();
+  const aliceReply = await withTimeout(new Promise((resolve) => alice.channel('rooms:lobby', {}).join().receive('ok', resolve).receive('error', resolve)), 5000, 'join as alice');
+  assert.deepEqual(aliceReply, { auth: 'user', user: { id: 'alice', username: 'alice' } });
+  alice.disconnect();
+
   proc.kill('SIGTERM');
   const code = await withTimeout(new Promise((resolve) => proc.on('exit', resolve)), 15000, 'gateway dev to exit');
   assert.equal(code, 0);
   await waitFor(() => !redisAnswers(redisPort), 5000, 'the Redis it started to stop with it');
+});
+
+test('gateway dev listens on 127.0.0.1 unless told otherwise', { timeout: 60000 }, async () => {
+  // the default settings file (config/gateway.toml in the working directory) says 0.0.0.0: dev
+  // keeps the port and listens on the loopback address only
+  const [redisPort, publicPort, adminPort] = [await freePort(), await freePort(), await freePort()];
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'gw-dev-'));
+  fs.mkdirSync(path.join(dir, 'config'));
+  fs.writeFileSync(path.join(dir, 'config', 'gateway.toml'), `[server]\nlisten = "0.0.0.0:${publicPort}"\n[admin]\nlisten = "127.0.0.1:${adminPort}"\n`);
+  const env = { PATH: process.env.PATH, NO_COLOR: '1', GATEWAY_REDIS_URL: `redis://127.0.0.1:${redisPort}` };
+  const p = spawn(GATEWAY_BIN, ['dev'], { env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  p.stdout.on('data', (d) => { out += d; });
+  p.stderr.on('data', (d) => { out += d; });
+  try {
+    const listening = await waitFor(() => /^\{"admin".*"event":"listening".*\}$/m.exec(out)?.[0], 20000, `gateway dev to come up:\n${out}`);
+    assert.equal(JSON.parse(listening).public, `127.0.0.1:${publicPort}`);
+    assert.match(out, new RegExp(`demo page: +http://127\\.0\\.0\\.1:${publicPort}/`));
+  } finally {
+    p.kill('SIGTERM');
+    await withTimeout(new Promise((resolve) => p.on('exit', resolve)), 15000, 'gateway dev to exit');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('the demo page names who a message is from: a user, an anonymous viewer, or the server', () => {
+  // the page's own function, run here: an admin broadcast has no `user`, an anonymous event `user: null`
+  const html = fs.readFileSync(path.join(REPO_ROOT, 'gateway', 'assets', 'index.html'), 'utf8');
+  const src = /^function sender\(m\) \{\n[\s\S]*?\n\}$/m.exec(html);
+  assert.ok(src, 'the page has function sender(m)');
+  assert.match(html, /who\.textContent = sender\(m\)/, 'and renders new_msg with it');
+  const sender = new Function(`${src[0]}; return sender;`)();
+  assert.equal(sender({ body: 'hi', user: { id: '1', username: 'ann' } }), 'ann');
+  assert.equal(sender({ body: 'hi', user: null }), 'Anonymous');
+  assert.equal(sender({ body: 'maintenance at 5' }), 'server');
 });

@@ -42,7 +42,12 @@ test('CLI: rooms create/list/show/delete, token, nodes, check-config', async () 
   assert.notEqual(bad.code, 0);
   assert.match(bad.out, /invalid room id/);
   assert.deepEqual(redis.scanAll('ops:room:*'), ['ops:room:{ops-a}']);
-  assert.match(cli(['rooms', 'list']).out, /^ops-a\tRoom A\t\d+$/m);
+  // a header, then one tab-separated line per room with its creation time in ISO 8601 UTC
+  const list = cli(['rooms', 'list']).out;
+  assert.match(list, /^ID\tNAME\tCREATED \(UTC\)\n/);
+  const created = /^ops-a\tRoom A\t(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)$/m.exec(list);
+  assert.ok(created, list);
+  assert.ok(Math.abs(Date.parse(created[1]) - Date.now()) < 60000, `created ${created[1]} is now`);
 
   // show: the signed-in users and the anonymous count, from a live gateway
   const gw = await startGateway({ redisPort: redis.port, prefix: 'ops', env: { GATEWAY_PRESENCE_HEARTBEAT_INTERVAL_MS: '300', GATEWAY_PRESENCE_TTL_MS: '3000' } });
@@ -59,6 +64,19 @@ test('CLI: rooms create/list/show/delete, token, nodes, check-config', async () 
   assert.match(show, /signed-in users: 1/);
   assert.match(show, /42\s+ann\s+\(1 connection\)/);
   assert.match(show, new RegExp(`${gw.node}: 1`));
+  assert.match(show, /^created \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/m);
+  const lease = new RegExp(`^  ${gw.node} until (\\S+)$`, 'm').exec(show);
+  assert.ok(lease && Date.parse(lease[1]) > Date.now() - 5000, `the node's lease as an ISO time:\n${show}`);
+
+  // a Redis the CLI cannot reach is named (password masked), its cause said once
+  const down = cli(['rooms', 'list'], { GATEWAY_REDIS_URL: 'redis://:hunter2@127.0.0.1:1' });
+  assert.notEqual(down.code, 0);
+  assert.match(down.out, /redis:\/\/:\*\*\*@127\.0\.0\.1:1/);
+  assert.ok(!down.out.includes('hunter2'), down.out);
+  assert.equal(down.out.match(/os error/g)?.length ?? 0, 1, down.out);
+  // `gateway token <sub>` (the user id as an argument) mints what `--sub` does
+  const [t1, t2] = [cli(['token', 'ann']).out.trim(), cli(['token', '--sub', 'ann']).out.trim()];
+  assert.deepEqual([t1, t2].map((t) => JSON.parse(Buffer.from(t.split('.')[1], 'base64url')).sub), ['ann', 'ann']);
 
   await waitFor(() => new RegExp(`${gw.node}\\s+listen=\\S+\\s+rooms=1\\s+sockets=2`).test(cli(['nodes']).out), 5000,
     'gateway nodes to list the node with its room and sockets');
@@ -81,7 +99,15 @@ test('CLI: rooms create/list/show/delete, token, nodes, check-config', async () 
   assert.match(typo.out, /unknown field `ttl`/);
   const envTypo = cli(['check-config'], { GATEWAY_PRESENCE_TTL: '5' });
   assert.notEqual(envTypo.code, 0);
-  assert.match(envTypo.out, /ttl/);
+  assert.match(envTypo.out, /^error: environment variable GATEWAY_PRESENCE_TTL: presence\.ttl:/m);
+  assert.ok(!envTypo.out.includes('config/gateway.toml'), envTypo.out);
+  const section = cli(['check-config'], { GATEWAY_FOO_BAR: '1' });
+  assert.notEqual(section.code, 0);
+  assert.match(section.out, /GATEWAY_FOO_BAR: foo: no such section/);
+  const port = cli(['check-config'], { GATEWAY_SERVER_LISTEN: '0.0.0.0:99999' });
+  assert.notEqual(port.code, 0);
+  assert.match(port.out, /GATEWAY_SERVER_LISTEN: server\.listen: .*99999/);
+  assert.equal(cli(['check-config'], { GATEWAY_SERVER_LISTEN: 'localhost:4000' }).code, 0);
 });
 
 /**

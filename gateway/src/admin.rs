@@ -3,7 +3,7 @@
 //!
 //! | method and path | does |
 //! |---|---|
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /metrics` | Prometheus text (`gateway_ready` evaluated as `/health/ready` would be) |
 //! | `GET /health/live` | 200 while the process runs |
 //! | `GET /health/ready` | 200 when the JWKS (if any) is loaded, Redis answers, pub/sub is up and the node is not draining; else 503 with the reason |
 //! | `GET /api/rooms` | room records |
@@ -103,6 +103,8 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             ),
         },
         (&Method::GET, "/metrics") => {
+            // one PING per scrape: `gateway_ready` says what a probe would hear now
+            gw.metrics.ready(ready(&gw).await.is_ok());
             let (ty, body) = gw.metrics.render();
             let mut r = Response::new(Full::new(Bytes::from(body)));
             if let Ok(v) = hyper::header::HeaderValue::from_str(&ty) {

@@ -3,8 +3,9 @@
 //! binds a port or dials Redis.
 //!
 //! Every key can be overridden by `GATEWAY_<SECTION>_<KEY>` (for example `GATEWAY_PRESENCE_TTL_MS`).
-//! Unknown keys, in the file or in a `GATEWAY_<SECTION>_...` variable of a known section, are errors:
-//! a typo must not silently fall back to a default.
+//! Unknown keys, in the file or in a `GATEWAY_<SECTION>_<KEY>` variable, and unknown sections are
+//! errors: a typo must not silently fall back to a default. Every error names the setting and where
+//! its value came from (the file, or the environment variable that set it).
 //!
 //! Secrets (`auth.hs256_secret`, `admin.token`) may be given inline, by env, or as a file path
 //! (`*_file` keys), so they never have to be committed. An empty or whitespace-only secret is an
@@ -18,7 +19,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// The sections, in the order `check-config` prints them. Env variables are matched against these.
-const SECTIONS: [&str; 6] = ["server", "admin", "redis", "auth", "presence", "rooms"];
+const SECTIONS: [&str; 7] = [
+    "server", "admin", "redis", "auth", "presence", "rooms", "log",
+];
+
+/// `GATEWAY_*` variables that are not settings: the settings file (`--config`), the log filter's
+/// short name (an alias of `GATEWAY_LOG_LEVEL`), the demo page's phoenix.js. Any other
+/// `GATEWAY_<WORD>_...` must name a setting; a `GATEWAY_<WORD>` without `_` (e.g. the tests'
+/// `GATEWAY_BIN`) is not a setting's shape and is left alone.
+const NOT_SETTINGS: [&str; 3] = ["GATEWAY_CONFIG", "GATEWAY_LOG", "GATEWAY_PHOENIX_JS"];
 
 /// Shortest HS256 secret accepted without `auth.allow_short_hs256_secret`: RFC 7518 §3.2 asks for
 /// a key at least as long as the hash output (256 bits); a shorter one can be brute-forced
@@ -31,13 +40,23 @@ pub const HISTORY_QUEUE_SLACK: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        // not `#[source]`: the message already carries it, and a chain printed with `{:#}` would
+        // repeat the OS error
+        error: std::io::Error,
     },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
+    /// A value of the wrong type, an unknown key or section: `origin` is the file or the
+    /// environment variable the value came from.
+    #[error("{origin}: {key}: {message}")]
+    Setting {
+        origin: String,
+        key: String,
+        message: String,
+    },
     #[error("invalid setting {key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -51,6 +70,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub presence: PresenceConfig,
     pub rooms: RoomsConfig,
+    pub log: LogConfig,
 }
 
 /// More worker threads than any host has cores is a typo, not a setting.
@@ -242,6 +262,36 @@ pub struct RoomsConfig {
     /// Events a channel gets right after its join reply (oldest first, as the frames live viewers
     /// got), and after a recovery that found a gap. At most `history_len`.
     pub history_on_join: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text`: human-readable lines (colours on a terminal). `json`: one JSON object per line
+    /// (`timestamp`, `level`, `target`, `fields.message` and the event's fields), for a log
+    /// pipeline. Logs go to stderr either way.
+    pub format: LogFormat,
+    /// Which events are logged, in `tracing`'s env-filter syntax (`info`,
+    /// `warn,gateway::server=debug`). `GATEWAY_LOG` is a short name for `GATEWAY_LOG_LEVEL`.
+    pub level: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -503,16 +553,16 @@ impl Config {
         let default_path = Path::new("config/gateway.toml");
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                std::fs::read_to_string(p).map_err(|error| ConfigError::Read {
                     path: p.to_path_buf(),
-                    source,
+                    error,
                 })?,
                 p.display().to_string(),
             ),
             None if default_path.exists() => (
-                std::fs::read_to_string(default_path).map_err(|source| ConfigError::Read {
+                std::fs::read_to_string(default_path).map_err(|error| ConfigError::Read {
                     path: default_path.to_path_buf(),
-                    source,
+                    error,
                 })?,
                 default_path.display().to_string(),
             ),
@@ -522,6 +572,7 @@ impl Config {
     }
 
     /// Parses TOML text, applies `GATEWAY_<SECTION>_<KEY>` overrides from `env`, validates.
+    /// `origin` names the text in errors (a path, or `<defaults>`).
     pub fn from_toml_and_env(
         text: &str,
         origin: &str,
@@ -531,50 +582,67 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
+        let file = format!("config file {origin}");
         let defaults =
             toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Parse {
                 path: origin.to_string(),
                 message: e.to_string(),
             })?;
-        for (name, value) in env {
-            let Some(rest) = name.strip_prefix("GATEWAY_") else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
-                continue; // not a settings variable (e.g. GATEWAY_BIN used by the tests)
-            };
-            let key = &rest[section.len() + 1..];
+        // (section, key) → the variable that set it, so an error blames the variable
+        let mut from_env: BTreeMap<(String, String), String> = BTreeMap::new();
+        for (name, section, key, value) in settings_in_env(env)? {
             let default = defaults
-                .get(*section)
+                .get(section)
                 .and_then(|s| s.as_table())
-                .and_then(|s| s.get(key));
-            let parsed = env_value(default, value).map_err(|message| ConfigError::Parse {
-                path: format!("environment variable {name}"),
+                .and_then(|s| s.get(&key));
+            let parsed = env_value(default, value).map_err(|message| ConfigError::Setting {
+                origin: format!("environment variable {name}"),
+                key: format!("{section}.{key}"),
                 message,
             })?;
             let sect = table
                 .entry(section.to_string())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            match sect.as_table_mut() {
-                Some(t) => {
-                    t.insert(key.to_string(), parsed);
-                }
-                None => {
-                    return Err(ConfigError::Parse {
-                        path: origin.to_string(),
-                        message: format!("[{section}] must be a table"),
-                    });
-                }
-            }
+            let Some(t) = sect.as_table_mut() else {
+                return Err(ConfigError::Setting {
+                    origin: file,
+                    key: section.to_string(),
+                    message: format!("must be a section ([{section}])"),
+                });
+            };
+            t.insert(key.clone(), parsed);
+            from_env.insert((section.to_string(), key), name.to_string());
         }
-        let cfg: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: origin.to_string(),
-                message: e.message().to_string(),
-            })?;
-        cfg.validate()?;
+        let origin_of = |section: &str, key: &str| {
+            from_env
+                .get(&(section.to_string(), key.to_string()))
+                .map(|v| format!("environment variable {v}"))
+                .unwrap_or_else(|| file.clone())
+        };
+        let cfg: Config = match toml::Value::Table(table.clone()).try_into() {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                return Err(blame(&table, &origin_of).unwrap_or(ConfigError::Parse {
+                    path: origin.to_string(),
+                    message: e.message().to_string(),
+                }));
+            }
+        };
+        cfg.validate().map_err(|e| match e {
+            // a cross-field rule broken by a variable names the variable
+            ConfigError::Invalid { key, message } => match key.split_once('.') {
+                Some((section, k)) if from_env.contains_key(&(section.into(), k.into())) => {
+                    ConfigError::Setting {
+                        origin: origin_of(section, k),
+                        key: key.to_string(),
+                        message,
+                    }
+                }
+                _ => ConfigError::Invalid { key, message },
+            },
+            other => other,
+        })?;
         Ok(cfg)
     }
 
@@ -585,6 +653,32 @@ impl Config {
                 key,
                 message: message.into(),
             }
+        }
+        check_listen(&self.server.listen).map_err(|m| bad("server.listen", m))?;
+        check_listen(&self.admin.listen).map_err(|m| bad("admin.listen", m))?;
+        if self.server.listen == self.admin.listen && !self.server.listen.ends_with(":0") {
+            return Err(bad(
+                "admin.listen",
+                format!(
+                    "is server.listen too ({}): the admin listener needs its own port",
+                    self.admin.listen
+                ),
+            ));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(bad(
+                "log.level",
+                "is empty: use e.g. \"info\" or \"warn,gateway::server=debug\"",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(bad(
+                "log.level",
+                format!(
+                    "{:?}: {e} (use e.g. \"info\" or \"warn,gateway::server=debug\")",
+                    self.log.level
+                ),
+            ));
         }
         if !self
             .redis
@@ -933,6 +1027,129 @@ fn read_secret(
     Ok(Some(secret))
 }
 
+/// The settings variables of `env`: `(variable, section, key, value)`. `GATEWAY_LOG` is
+/// `GATEWAY_LOG_LEVEL`'s short name (both set: an error). A `GATEWAY_<WORD>_...` variable whose
+/// word is no section is an error, as a typo in a key is.
+fn settings_in_env(
+    env: &[(String, String)],
+) -> Result<Vec<(&str, &'static str, String, &str)>, ConfigError> {
+    let mut out = Vec::new();
+    let has = |n: &str| env.iter().any(|(k, _)| k == n);
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("GATEWAY_") else {
+            continue;
+        };
+        if name == "GATEWAY_LOG" {
+            if has("GATEWAY_LOG_LEVEL") {
+                return Err(ConfigError::Setting {
+                    origin: "environment variables GATEWAY_LOG and GATEWAY_LOG_LEVEL".into(),
+                    key: "log.level".into(),
+                    message: "both are set: GATEWAY_LOG is the short name of GATEWAY_LOG_LEVEL; \
+                              set one"
+                        .into(),
+                });
+            }
+            out.push((name.as_str(), "log", "level".to_string(), value.as_str()));
+            continue;
+        }
+        if NOT_SETTINGS.contains(&name.as_str()) {
+            continue;
+        }
+        let rest = rest.to_ascii_lowercase();
+        let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
+            let Some((word, _)) = rest.split_once('_') else {
+                continue; // not a settings variable's shape (e.g. GATEWAY_BIN used by the tests)
+            };
+            return Err(ConfigError::Setting {
+                origin: format!("environment variable {name}"),
+                key: word.to_string(),
+                message: format!(
+                    "no such section: GATEWAY_<SECTION>_<KEY> variables name a setting, with \
+                     SECTION one of {}",
+                    SECTIONS.join(", ")
+                ),
+            });
+        };
+        let key = rest[section.len() + 1..].to_string();
+        out.push((name.as_str(), *section, key, value.as_str()));
+    }
+    Ok(out)
+}
+
+/// Finds the one setting that makes `table` not deserialize (an unknown section or key, a value
+/// of the wrong type) by trying each on its own, so the error names it and where it came from.
+fn blame(table: &toml::Table, origin_of: &dyn Fn(&str, &str) -> String) -> Option<ConfigError> {
+    for (section, value) in table {
+        if !SECTIONS.contains(&section.as_str()) {
+            return Some(ConfigError::Setting {
+                origin: origin_of(section, ""),
+                key: section.clone(),
+                message: format!("unknown section or key (sections: {})", SECTIONS.join(", ")),
+            });
+        }
+        let Some(keys) = value.as_table() else {
+            return Some(ConfigError::Setting {
+                origin: origin_of(section, ""),
+                key: section.clone(),
+                message: format!("must be a section ([{section}])"),
+            });
+        };
+        for (key, v) in keys {
+            let one = toml::Table::from_iter([(
+                section.clone(),
+                toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())])),
+            )]);
+            if let Err(e) = toml::Value::Table(one).try_into::<Config>() {
+                return Some(ConfigError::Setting {
+                    origin: origin_of(section, key),
+                    key: format!("{section}.{key}"),
+                    message: e.message().trim().to_string(),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// A listener address: `host:port` with an IPv4 address, `[IPv6]` or a host name (`localhost`),
+/// and a port of 0 (any free one) to 65535. Checked here so `check-config` refuses what `serve`
+/// could not bind.
+fn check_listen(addr: &str) -> Result<(), String> {
+    let example = "use host:port, e.g. 0.0.0.0:4000, 127.0.0.1:4001, [::]:4000 or localhost:4000";
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("{addr:?} has no port: {example}"));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!(
+            "{addr:?}: port {port:?} is not a number from 0 to 65535"
+        ));
+    }
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None if host.parse::<std::net::Ipv4Addr>().is_ok() => true,
+        // a name: labels of letters, digits and `-`, not all digits (that is a broken IPv4)
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && !host
+                    .split('.')
+                    .all(|l| l.chars().all(|c| c.is_ascii_digit()))
+                && host.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && !l.starts_with('-')
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+        }
+    };
+    if !host_ok {
+        return Err(format!(
+            "{addr:?}: {host:?} is not an address or host name: {example}"
+        ));
+    }
+    Ok(())
+}
+
 /// Converts an env string to a TOML value of the type the setting has: strings stay strings
 /// (a numeric secret is still a secret), others are parsed as TOML literals (`5000`, `true`,
 /// `["new_msg","typing"]`).
@@ -1081,6 +1298,189 @@ mod tests {
         assert_eq!(c.redis.prefix, "t1");
         assert_eq!(c.rooms.client_events, vec!["new_msg", "typing"]);
         assert!(c.auth.reject_invalid_tokens);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_where_its_value_came_from() {
+        // a wrong type in the file: the key and the file
+        let e = Config::from_toml_and_env("[presence]\nttl_ms = \"soon\"\n", "gw.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config file gw.toml") && e.contains("presence.ttl_ms"),
+            "{e}"
+        );
+        let e = Config::from_toml_and_env("[server]\nlisten = 4000\n", "gw.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.listen") && e.contains("invalid type"),
+            "{e}"
+        );
+        // the same from the environment: the variable, never the file
+        for (var, value, key) in [
+            ("GATEWAY_PRESENCE_TTL_MS", "soon", "presence.ttl_ms"),
+            ("GATEWAY_SERVER_LISTN", "x", "server.listn"),
+            ("GATEWAY_LOG_FORMAT", "xml", "log.format"),
+            ("GATEWAY_REDIS_MODE", "sentinal", "redis.mode"),
+            // a cross-field rule broken by a variable
+            ("GATEWAY_PRESENCE_TTL_MS", "100", "presence.ttl_ms"),
+        ] {
+            let e = Config::from_toml_and_env(
+                "[server]\nlisten = \"0.0.0.0:4000\"\n",
+                "gw.toml",
+                &env(&[(var, value)]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with(&format!("environment variable {var}: {key}:")),
+                "{var}={value}: {e}"
+            );
+            assert!(!e.contains("gw.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_sections_in_the_environment_are_refused() {
+        let e = Config::from_toml_and_env("", "t", &env(&[("GATEWAY_FOO_BAR", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("environment variable GATEWAY_FOO_BAR") && e.contains("no such section"),
+            "{e}"
+        );
+        // the gateway's own variables that are not settings, and names without a section's shape
+        Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[
+                ("GATEWAY_CONFIG", "/x.toml"),
+                ("GATEWAY_PHOENIX_JS", "/x.js"),
+                ("GATEWAY_BIN", "/x"),
+                ("GATEWAY_LOG", "warn"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .expect("not settings");
+        let e = Config::from_toml_and_env("[nope]\nx = 1\n", "gw.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gw.toml") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn listen_addresses_are_checked() {
+        for (addr, ok) in [
+            ("0.0.0.0:4000", true),
+            ("127.0.0.1:0", true),
+            ("localhost:4000", true),
+            ("gateway-0.gateway.svc:4000", true),
+            ("[::]:4000", true),
+            ("[::1]:4001", true),
+            ("0.0.0.0:99999", false),
+            ("localhost:99999", false),
+            ("localhost", false),
+            ("4000", false),
+            (":4000", false),
+            ("999.1.1.1:4000", false),
+            ("my host:4000", false),
+            ("[::g]:4000", false),
+        ] {
+            for (var, other) in [
+                ("GATEWAY_SERVER_LISTEN", "GATEWAY_ADMIN_LISTEN"),
+                ("GATEWAY_ADMIN_LISTEN", "GATEWAY_SERVER_LISTEN"),
+            ] {
+                let r = Config::from_toml_and_env(
+                    "",
+                    "t",
+                    &env(&[(var, addr), (other, "127.0.0.1:0")]),
+                );
+                assert_eq!(r.is_ok(), ok, "{var}={addr}: {r:?}");
+                if let Err(e) = r {
+                    let e = e.to_string();
+                    let key = if var.contains("ADMIN") {
+                        "admin.listen"
+                    } else {
+                        "server.listen"
+                    };
+                    assert!(e.contains(key) && e.contains(var), "{e}");
+                }
+            }
+        }
+        let e = Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[
+                ("GATEWAY_SERVER_LISTEN", "127.0.0.1:4000"),
+                ("GATEWAY_ADMIN_LISTEN", "127.0.0.1:4000"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("own port"), "{e}");
+    }
+
+    #[test]
+    fn log_settings() {
+        let c = Config::from_toml_and_env("", "t", &[]).unwrap();
+        assert_eq!(
+            (c.log.format, c.log.level.as_str()),
+            (LogFormat::Text, "info")
+        );
+        let c = Config::from_toml_and_env(
+            "[log]\nformat = \"text\"\nlevel = \"debug\"\n",
+            "t",
+            &env(&[("GATEWAY_LOG_FORMAT", "json")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.log.format, c.log.level.as_str()),
+            (LogFormat::Json, "debug")
+        );
+        // GATEWAY_LOG is GATEWAY_LOG_LEVEL's short name
+        for var in ["GATEWAY_LOG", "GATEWAY_LOG_LEVEL"] {
+            let c =
+                Config::from_toml_and_env("", "t", &env(&[(var, "warn,gateway::server=debug")]))
+                    .unwrap();
+            assert_eq!(c.log.level, "warn,gateway::server=debug");
+        }
+        let e = Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[("GATEWAY_LOG", "warn"), ("GATEWAY_LOG_LEVEL", "info")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("both are set"), "{e}");
+        for bad in ["", "foo=bar=baz["] {
+            let e = Config::from_toml_and_env("", "t", &env(&[("GATEWAY_LOG_LEVEL", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("GATEWAY_LOG_LEVEL") && e.contains("log.level"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_file_is_named_with_its_os_error_once() {
+        let e = Config::load_with_env(Some(Path::new("/nonexistent/gw.toml")), &[]).unwrap_err();
+        assert!(std::error::Error::source(&e).is_none());
+        // as main prints it, and as it reads inside an anyhow chain
+        for text in [e.to_string(), format!("{:#}", anyhow::Error::from(e))] {
+            assert!(text.contains("/nonexistent/gw.toml"), "{text}");
+            assert_eq!(text.matches("os error").count(), 1, "{text}");
+        }
+    }
+
+    #[test]
+    fn redaction_masks_every_password_of_a_seed_list() {
+        assert_eq!(redact_url("redis://u:pw@h:1"), "redis://u:***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redact_url("redis://:pw@a:1,redis://:pw@b:2"),
+            "redis://:***@a:1,redis://:***@b:2"
+        );
     }
 
     #[test]

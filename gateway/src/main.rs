@@ -10,8 +10,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use gateway::app::{App, Gateway, new_node_id};
-use gateway::catalog::Catalog;
-use gateway::config::Config;
+use gateway::catalog::{Catalog, CatalogError, iso8601_utc};
+use gateway::config::{Config, LogFormat};
 use gateway::redis::keys::Keys;
 use gateway::rooms::RoomId;
 
@@ -40,10 +40,16 @@ enum Command {
         #[command(subcommand)]
         command: RoomsCommand,
     },
-    /// Print a development token signed with auth.hs256_secret.
+    /// Print a development token signed with auth.hs256_secret (`gateway dev` prints the
+    /// GATEWAY_AUTH_HS256_SECRET=... line that makes this work against it).
     Token {
+        /// The user id (`sub`), e.g. `gateway token alice`.
+        #[arg(conflicts_with = "sub", required_unless_present = "sub")]
+        user: Option<String>,
+        /// The user id (`sub`), as a flag.
         #[arg(long)]
-        sub: String,
+        sub: Option<String>,
+        /// Display name (default: the user id).
         #[arg(long)]
         username: Option<String>,
         /// Lifetime in seconds.
@@ -82,22 +88,16 @@ enum RoomsCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    // the settings are read before the runtime is built: they say how many threads it has
+    // the settings are read before the runtime is built (they say how many threads it has) and
+    // before logging starts (they say how it is written)
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(cfg) => cfg,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
+    init_logging(&cfg.log);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if cfg.server.worker_threads > 0 {
         builder.worker_threads(cfg.server.worker_threads);
@@ -109,19 +109,53 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let json = cfg.log.format == LogFormat::Json;
     match rt.block_on(run(cli, cfg)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // a log pipeline reads every line as JSON; a person reads the plain line
+            if json {
+                tracing::error!(error = format!("{e:#}"), "stopped");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr as `log.format` says, filtered by `log.level` (checked when the settings
+/// were loaded).
+fn init_logging(log: &gateway::config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // one object per line: timestamp (RFC 3339, UTC), level, target, fields (message
+        // included); no span lists, no colours
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_ansi(false)
+            .init(),
     }
 }
 
 async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(cfg, None).await,
-        Command::Dev => dev(cfg).await,
+        Command::Dev => {
+            // a newcomer's demo stays on this machine unless a settings file or
+            // GATEWAY_SERVER_LISTEN says where to listen
+            let told = cli.config.is_some() || std::env::var_os("GATEWAY_SERVER_LISTEN").is_some();
+            dev(cfg, told).await
+        }
         Command::CheckConfig => {
             gateway::auth::Verifier::from_config(&cfg)?;
             cfg.admin_token()?;
@@ -133,16 +167,25 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rooms { command } => rooms(cfg, command).await,
-        Command::Token { sub, username, ttl } => {
-            let secret = cfg
-                .hs256_secret()?
-                .context("no auth.hs256_secret configured (set GATEWAY_AUTH_HS256_SECRET)")?;
+        Command::Token {
+            user,
+            sub,
+            username,
+            ttl,
+        } => {
+            let sub = user
+                .or(sub)
+                .context("give a user id: gateway token <sub>")?;
+            let secret = cfg.hs256_secret()?.context(
+                "no auth.hs256_secret configured: set GATEWAY_AUTH_HS256_SECRET to the gateway's \
+                 secret (`gateway dev` prints the line to use with it)",
+            )?;
             println!("{}", dev_token(&secret, &sub, username.as_deref(), ttl)?);
             Ok(())
         }
         Command::Nodes => {
             let cat = catalog(&cfg)?;
-            let nodes = cat.nodes().await?;
+            let nodes = cat.nodes().await.map_err(redis_error(&cfg))?;
             if nodes.is_empty() {
                 println!("no live gateway nodes");
             }
@@ -168,6 +211,23 @@ fn catalog(cfg: &Config) -> anyhow::Result<Catalog> {
     ))
 }
 
+/// A catalogue error for the CLI: a Redis failure names the Redis (its URL, password masked);
+/// the cause is printed once.
+fn redis_error(cfg: &Config) -> impl Fn(CatalogError) -> anyhow::Error + '_ {
+    move |e| match e {
+        CatalogError::Redis(_) | CatalogError::Pool(_) => anyhow::anyhow!(
+            "the Redis at {} ({} mode): {e}",
+            gateway::app::redact(&cfg.redis.url),
+            match cfg.redis.mode {
+                gateway::config::RedisMode::Standalone => "standalone",
+                gateway::config::RedisMode::Cluster => "cluster",
+                gateway::config::RedisMode::Sentinel => "sentinel",
+            }
+        ),
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
 fn room_id(id: &str) -> anyhow::Result<RoomId> {
     RoomId::parse(id).map_err(|_| {
         anyhow::anyhow!("invalid room id {id:?}: use 1-64 characters of [A-Za-z0-9_-]")
@@ -176,24 +236,36 @@ fn room_id(id: &str) -> anyhow::Result<RoomId> {
 
 async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
     let cat = catalog(&cfg)?;
+    let redis = redis_error(&cfg);
     match cmd {
         RoomsCommand::Create { id, name } => {
-            let r = cat.create(&room_id(&id)?, name.as_deref()).await?;
+            let r = cat
+                .create(&room_id(&id)?, name.as_deref())
+                .await
+                .map_err(redis)?;
             println!("created room {} ({})", r.id, r.name);
         }
         RoomsCommand::List => {
-            for r in cat.list().await? {
-                println!("{}\t{}\t{}", r.id, r.name, r.created_at);
+            let rooms = cat.list().await.map_err(redis)?;
+            // tab-separated under a header, for people and for `cut -f`
+            println!("ID\tNAME\tCREATED (UTC)");
+            for r in &rooms {
+                println!("{}\t{}\t{}", r.id, r.name, iso8601_utc(r.created_at));
+            }
+            if rooms.is_empty() {
+                eprintln!("no rooms (create one: gateway rooms create <id>)");
             }
         }
         RoomsCommand::Show { id } => {
             let id = room_id(&id)?;
             let rec = cat
                 .get(&id)
-                .await?
+                .await
+                .map_err(&redis)?
                 .with_context(|| format!("room {id} does not exist"))?;
-            let p = cat.presence(&id).await?;
+            let p = cat.presence(&id).await.map_err(redis)?;
             println!("room {} ({})", rec.id, rec.name);
+            println!("created {}", iso8601_utc(rec.created_at));
             println!("signed-in users: {}", p.users.len());
             for u in &p.users {
                 println!(
@@ -212,20 +284,24 @@ async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
             }
             let mut leases: Vec<_> = p.leases.iter().collect();
             leases.sort();
+            if !leases.is_empty() {
+                println!("node leases (Redis clock):");
+            }
             for (n, exp) in leases {
-                println!("lease {n} until {exp}");
+                println!("  {n} until {}", iso8601_utc(*exp));
             }
         }
         RoomsCommand::Delete { id } => {
-            cat.delete(&room_id(&id)?).await?;
+            cat.delete(&room_id(&id)?).await.map_err(redis)?;
             println!("deleted room {id}");
         }
         RoomsCommand::History { id, last } => {
             let id = room_id(&id)?;
             cat.get(&id)
-                .await?
+                .await
+                .map_err(&redis)?
                 .with_context(|| format!("room {id} does not exist"))?;
-            let events = cat.history(&id, usize::from(last)).await?;
+            let events = cat.history(&id, usize::from(last)).await.map_err(redis)?;
             if events.is_empty() {
                 eprintln!("room {id} has no history");
             }
@@ -258,9 +334,12 @@ const DEMO_USERS: [(&str, &str); 2] = [("1", "test_user"), ("2", "test_user2")];
 /// shortest HS256 secret the gateway accepts.
 const DEV_SECRET: &str = "dev-only-hs256-secret-never-use-in-production";
 
-async fn dev(mut cfg: Config) -> anyhow::Result<()> {
+async fn dev(mut cfg: Config, listen_told: bool) -> anyhow::Result<()> {
     if cfg.hs256_secret()?.is_none() && cfg.auth.algorithm == "HS256" {
         cfg.auth.hs256_secret = Some(DEV_SECRET.into());
+    }
+    if !listen_told {
+        cfg.server.listen = loopback(&cfg.server.listen);
     }
     // a cluster or sentinels are the operator's to run; `dev` starts a local server only in standalone mode
     let child = match cfg.redis.mode {
@@ -283,6 +362,14 @@ async fn dev(mut cfg: Config) -> anyhow::Result<()> {
         let _ = c.kill().await;
     }
     r
+}
+
+/// `0.0.0.0:4000` or `[::]:4000` → `127.0.0.1:4000`; any other address as it is.
+fn loopback(listen: &str) -> String {
+    match listen.rsplit_once(':') {
+        Some((host, port)) if host == "0.0.0.0" || host == "[::]" => format!("127.0.0.1:{port}"),
+        _ => listen.to_string(),
+    }
 }
 
 /// Returns a child redis-server when none answered at `url` (it is stopped when `dev` exits).
@@ -393,6 +480,18 @@ async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow:
         for (name, t) in tokens {
             eprintln!("  token {name:<10} {t}");
             eprintln!("    page as {name}: {base}/?token={t}");
+        }
+        // argv[0] as typed (target/release/gateway from scripts/dev.sh), else the name on PATH
+        let bin = std::env::args()
+            .next()
+            .filter(|a| a.contains('/'))
+            .unwrap_or_else(|| "gateway".into());
+        if app.cfg.auth.hs256_secret.as_deref() == Some(DEV_SECRET) {
+            eprintln!("  more tokens: GATEWAY_AUTH_HS256_SECRET={DEV_SECRET} {bin} token alice");
+        } else {
+            eprintln!(
+                "  more tokens: {bin} token alice   (with this server's auth.hs256_secret in its env or --config)"
+            );
         }
         eprintln!();
     }

@@ -160,6 +160,7 @@ struct Inner {
     closes: IntCounterVec,
     heartbeat_rooms: IntGauge,
     recoveries: IntCounterVec,
+    ready: IntGauge,
 }
 
 /// Cheap to clone; every component holds one.
@@ -265,6 +266,11 @@ impl Metrics {
             ),
             &["outcome"],
         ));
+        let ready = must(IntGauge::new(
+            "gateway_ready",
+            "1 when /health/ready would answer 200 (Redis answers, pub/sub up, not draining), \
+             else 0; evaluated at each scrape",
+        ));
         let build = must(IntGaugeVec::new(
             Opts::new("gateway_build_info", "Build information"),
             &["version"],
@@ -285,6 +291,7 @@ impl Metrics {
         reg(Box::new(closes.clone()));
         reg(Box::new(heartbeat_rooms.clone()));
         reg(Box::new(recoveries.clone()));
+        reg(Box::new(ready.clone()));
         reg(Box::new(build));
         #[cfg(target_os = "linux")]
         reg(Box::new(
@@ -318,6 +325,7 @@ impl Metrics {
             closes,
             heartbeat_rooms,
             recoveries,
+            ready,
         }))
     }
 
@@ -379,6 +387,11 @@ impl Metrics {
     }
     pub fn recovery(&self, outcome: &'static str) {
         self.0.recoveries.with_label_values(&[outcome]).inc();
+    }
+    /// The readiness `/metrics` just evaluated, so an alert can see a node that is up but not
+    /// ready (a scrape of a dead node fails instead: Prometheus' `up`).
+    pub fn ready(&self, ready: bool) {
+        self.0.ready.set(i64::from(ready));
     }
 
     /// The text exposition format.
@@ -480,6 +493,7 @@ mod tests {
             "gateway_build_info",
             "gateway_redis_script_duration_seconds_bucket",
             "gateway_pubsub_reconnects_total 0",
+            "gateway_ready 0",
         ] {
             assert!(text.contains(name), "missing {name}");
         }

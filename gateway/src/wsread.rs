@@ -313,7 +313,6 @@ mod proptests {
         want: Result<Frame, ReadError>,
     }
 
-
     prop_compose! {
         /// A frame header and payload with every field drawn: mostly valid, sometimes unmasked,
         /// with reserved bits or opcodes, control frames long or unfinished, payloads over the

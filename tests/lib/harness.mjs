@@ -101,9 +101,11 @@ process.on('exit', () => {
 /** The logs of all gateways started by this test file (for failure output). */
 export function gatewayLogs() {
   const parts = [];
-  // GATEWAY_LOG_DIR=/some/dir keeps every gateway's whole stderr there (for debugging)
-  if (process.env.GATEWAY_LOG_DIR) {
-    for (const g of gateways) fs.writeFileSync(path.join(process.env.GATEWAY_LOG_DIR, `${g.name}.log`), g.stderr());
+  // E2E_LOG_DIR=/some/dir keeps every gateway's whole stderr there (for debugging; not a
+  // GATEWAY_* name: the gateway refuses unknown GATEWAY_LOG_* settings, and some CLI calls pass the
+  // whole environment)
+  if (process.env.E2E_LOG_DIR) {
+    for (const g of gateways) fs.writeFileSync(path.join(process.env.E2E_LOG_DIR, `${g.name}.log`), g.stderr());
   }
   for (const g of gateways) {
     parts.push(`--- gateway ${g.name} (node ${g.node ?? '?'}, pid ${g.proc.pid}${g.exitInfo ? `, exited ${JSON.stringify(g.exitInfo)}` : ''}) stderr ---\n${tail(g.stderr())}`);
