@@ -8,7 +8,7 @@ import crypto from 'node:crypto';
 import http from 'node:http';
 import {
   test, startRedis, startGateway, createRoom, teardown, claims, rsaKeyPair, ecKeyPair,
-  uid, rawConnect, tryUpgrade, wsUrl, waitFor, sleep,
+  uid, rawConnect, tryUpgrade, wsUrl, waitFor, sleep, WebSocket,
 } from './lib/harness.mjs';
 
 const PREFIX = 'jw';
@@ -36,9 +36,10 @@ function key(alg, kid) {
  * `stop()` closes it and every kept-alive connection, so the URL is unreachable.
  */
 async function provider(keys) {
-  const p = { keys, status: 200, requests: 0 };
-  const server = http.createServer((req, res) => {
+  const p = { keys, status: 200, requests: 0, delayMs: 0 };
+  const server = http.createServer(async (req, res) => {
     p.requests += 1;
+    if (p.delayMs) await sleep(p.delayMs);
     if (p.status !== 200) {
       res.writeHead(p.status, { 'content-type': 'text/plain' });
       res.end('provider error');
@@ -224,6 +225,44 @@ test('readiness is 503 until the first fetch succeeds (provider answering 500 at
     await waitReady(gw, 8000);
     assert.ok(Date.now() - t0 < 6000, 'ready within the first-fetch retry period');
     assert.deepEqual(await joinWith(gw, newRoom(), tok(ec1, 'late')), signedIn('late'));
+  } finally {
+    await gw.stop();
+    await idp.stop();
+  }
+});
+
+test('SIGTERM while an upgrade waits for the key set: that socket, upgraded after the drain began, gets 1012 too', async () => {
+  // a token with a new kid holds its upgrade (after the draining check) until the refresh answers;
+  // the drain meanwhile closes the sockets it sees. The late one must not be missed (1006 at exit).
+  const rsa2 = key('RS256', 'rsa-late');
+  const idp = await provider([rsa1]);
+  const gw = await startGateway({
+    redisPort: redis.port,
+    prefix: PREFIX,
+    name: 'jwks-drain',
+    env: jwksEnv('RS256', idp.url, { GATEWAY_SERVER_SHUTDOWN_TIMEOUT_MS: '5000' }),
+  });
+  try {
+    await waitReady(gw, 8000);
+    const early = await rawConnect(wsUrl(gw, { token: tok(rsa1, 'early') }));
+    await sleep(1100); // past auth.jwks_min_refresh_s since the start fetch
+    idp.keys = [rsa1, rsa2];
+    idp.delayMs = 1500;
+    const requests = idp.requests;
+    const late = new WebSocket(wsUrl(gw, { token: tok(rsa2, 'late') }));
+    const lateClosed = new Promise((resolve) => {
+      late.on('close', (code) => resolve(code));
+      late.on('error', () => {});
+    });
+    let upgraded = false;
+    late.on('upgrade', () => { upgraded = true; });
+    await waitFor(() => idp.requests > requests, 3000, 'the refresh for the new kid to start');
+    gw.proc.kill('SIGTERM');
+    assert.equal((await early.closed).code, 1012);
+    const code = await lateClosed;
+    assert.ok(upgraded, 'the waiting upgrade completed after the drain began');
+    assert.equal(code, 1012, 'the late socket was told to reconnect elsewhere');
+    await gw.exited;
   } finally {
     await gw.stop();
     await idp.stop();
