@@ -2,14 +2,15 @@
 // (`--port 0 --tls-port`, TLS on the cluster bus and for replication, client certificates
 // required), created with `redis-cli --tls … --cluster create`. Two gateways in cluster mode with
 // rediss:// seed URLs, redis.tls_ca_file and a client certificate: the CLI, joins, presence and
-// new_msg across the nodes in a room on every master. A wrong CA or no client certificate is
+// new_msg across the nodes in a room on every master, and again after a master is killed (its
+// replica takes over over TLS; the gateways reconnect and re-subscribe over TLS). A wrong CA or no client certificate is
 // refused, named in a WARN line and retried, readiness 503.
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  test, startGateways, teardown, createRoom, member, anonymous, crosses,
+  test, startGateways, teardown, createRoom, member, anonymous, crosses, waitFor,
 } from './lib/harness.mjs';
-import { observer, waitRows } from './lib/presence.mjs';
+import { observer, waitRows, viewerSees } from './lib/presence.mjs';
 import { startCluster } from './lib/cluster.mjs';
 import { makeCerts, refused } from './lib/tls.mjs';
 
@@ -58,6 +59,34 @@ test('TLS cluster: the CLI, joins, presence and new_msg across two gateways in a
     o1.socket.disconnect(); o2.socket.disconnect();
   }
   for (const g of [gw1, gw2]) assert.equal((await fetch(`${g.adminUrl}/health/ready`)).status, 200, `${g.name} ready`);
+});
+
+test('TLS cluster: a master is killed; its replica takes over and messages and presence cross the nodes again', { timeout: 60000 }, async (t) => {
+  const victim = cluster.masters()[0].port;
+  const room = cluster.roomOn(PREFIX, victim, 'tlsfo');
+  const topic = `rooms:${room}`;
+  createRoom({ port: cluster.ports[0] }, PREFIX, room, env);
+  const alice = await member(gw1, topic, '1', 'alice');
+  const bob = await member(gw2, topic, '2', 'bob');
+  const anon = await anonymous(gw2, topic);
+  const want = ['alice: 1', 'bob: 1', 'Anonymous: 1'];
+  assert.ok(await viewerSees(gw1, topic, 0, want, 5000), 'presence before the failover');
+  const t0 = Date.now();
+  await cluster.kill(victim);
+  const slot = cluster.slotOf(`${PREFIX}:room:{${room}}`);
+  await waitFor(() => {
+    const m = cluster.masters().find((x) => x.slots.some(([a, b]) => a <= slot && slot <= b));
+    return m && m.port !== victim;
+  }, 20000, 'a replica to take over', 100);
+  const promoted = Date.now() - t0;
+  await waitFor(async () => await crosses(alice, bob, topic, 500) && await crosses(bob, alice, topic, 500), 20000, 'messages cross both ways');
+  const crossed = Date.now() - t0;
+  let n = 0;
+  await waitFor(async () => await viewerSees(gw1, topic, ++n, want, 500) && await viewerSees(gw2, topic, ++n, want, 500), 20000, 'new viewers see everyone');
+  assert.ok(await crosses(alice, anon, topic, 3000), 'the anonymous viewer gets them');
+  t.diagnostic(`master ${victim} killed: promotion after ${promoted} ms, messages both ways after ${crossed} ms, presence complete after ${Date.now() - t0} ms`);
+  await waitFor(async () => (await Promise.all([gw1, gw2].map(async (g) => (await fetch(`${g.adminUrl}/health/ready`)).status))).every((c) => c === 200), 15000, 'ready again');
+  for (const c of [alice, bob, anon]) assert.equal(c.closeInfo, null);
 });
 
 test('TLS cluster: a server certificate from another CA is refused, logged (certificate) and retried; readiness 503', async (t) => {

@@ -49,6 +49,7 @@ test('TLS sentinel: the sentinels announce TLS ports; the gateways follow a fail
   const r = await failover(set, { gateways: [gw1, gw2], a: alice, b: bob, topic, want, n: 100 });
   t.diagnostic(`${r.old} killed, promotion ${r.promotionMs} ms later; messages both ways after ${r.crossedMs} ms, presence complete after ${r.ms} ms (503 seen on ${r.seen503.join(', ')})`);
   assert.equal(r.promoted, r.replica, 'the replica was promoted');
+  assert.deepEqual(r.seen503, ['stls-gw1', 'stls-gw2'], 'readiness was 503 on both nodes meanwhile');
   assert.ok(await crosses(alice, anon2, topic, 3000) && await crosses(bob, anon1, topic, 3000), 'anonymous viewers get them after the failover');
   assert.ok(r.ms <= 10000, `${r.ms} ms > 10000 ms`);
   for (const c of [alice, bob, anon1, anon2]) assert.equal(c.closeInfo, null);
