@@ -7,11 +7,11 @@ import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import {
-  test, startGateway, teardown, connect, join, push, hs256, claims, rawConnect, wsUrl, waitFor, sleep,
-  createRoom, GATEWAY_BIN, DEFAULT_SECRET,
+  test, startGateway, teardown, connect, join, push, hs256, claims, rawConnect, wsUrl, waitFor,
+  createRoom, GATEWAY_BIN,
 } from './lib/harness.mjs';
 import { observer, waitRows } from './lib/presence.mjs';
-import { makeCerts, startRedisWith, spawnGateway } from './lib/tls.mjs';
+import { makeCerts, startRedisWith, refused, processEnv, tlsFilesEnv } from './lib/tls.mjs';
 
 const PREFIX = 'tls';
 let certs;
@@ -41,28 +41,9 @@ function tlsEnv(extra = {}) {
   return {
     ...ENV,
     GATEWAY_REDIS_URL: mtls.url,
-    GATEWAY_REDIS_TLS_CA_FILE: certs.ca,
-    GATEWAY_REDIS_TLS_CERT_FILE: certs.clientCert,
-    GATEWAY_REDIS_TLS_KEY_FILE: certs.clientKey,
+    ...tlsFilesEnv(certs),
     ...extra,
   };
-}
-
-/** The environment `gateway serve` would get, for a process this file spawns itself. */
-function processEnv(env) {
-  const base = {};
-  for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('GATEWAY_')) base[k] = v;
-  const merged = {
-    ...base,
-    NO_COLOR: '1',
-    GATEWAY_SERVER_LISTEN: '127.0.0.1:0',
-    GATEWAY_ADMIN_LISTEN: '127.0.0.1:0',
-    GATEWAY_REDIS_PREFIX: PREFIX,
-    GATEWAY_AUTH_HS256_SECRET: DEFAULT_SECRET,
-    ...env,
-  };
-  for (const [k, v] of Object.entries(merged)) if (v === undefined) delete merged[k];
-  return merged;
 }
 
 /** Two gateways on one Redis: a signed-in user on each, messages both ways, presence on both. */
@@ -101,68 +82,38 @@ async function endToEnd(t, env, redis, room) {
   return [g1, g2];
 }
 
-/**
- * A gateway that cannot get in: it keeps running, logs a WARN naming the cause (matching
- * `cause`), retries, and never prints `secret`. If its admin port is up, readiness is 503.
- */
-async function refused(t, env, cause, secret) {
-  const g = spawnGateway(GATEWAY_BIN, processEnv(env));
-  try {
-    const warn = (l) => / WARN /.test(l) && cause.test(l);
-    await waitFor(() => g.stderr().split('\n').filter(warn).length >= 2 || !g.alive(), 10000, `two WARN lines matching ${cause}`);
-    assert.ok(g.alive(), `the gateway exited: ${JSON.stringify(g.exitInfo())}\n${g.stderr()}`);
-    await sleep(500);
-    assert.ok(g.alive(), 'still running, still retrying');
-    const line = g.stderr().split('\n').find(warn);
-    t.diagnostic(line);
-    if (secret) {
-      assert.ok(!g.stderr().includes(secret), 'the password never appears in a log line');
-      assert.ok(!g.stdout().includes(secret), 'the password never appears on stdout');
-    }
-    const listening = g.stdout().split('\n').map((l) => { try { return JSON.parse(l); } catch { return null; } })
-      .find((m) => m && m.event === 'listening');
-    if (listening) {
-      assert.equal((await fetch(`http://${listening.admin}/health/ready`)).status, 503);
-    } else {
-      t.diagnostic('admin port not up before Redis in this build: asserted the log and the retries');
-    }
-  } finally {
-    await g.kill();
-  }
-}
-
 test('TLS with client certificates: CLI, joins, presence and pub/sub across two gateways', async (t) => {
   await endToEnd(t, tlsEnv(), mtls, 'tlsroom');
 });
 
 test('TLS: a server certificate from another CA is refused, logged (UnknownIssuer) and retried', async (t) => {
-  await refused(t, tlsEnv({ GATEWAY_REDIS_TLS_CA_FILE: certs.otherCa }), /UnknownIssuer|certificate/);
+  await refused(t, PREFIX, tlsEnv({ GATEWAY_REDIS_TLS_CA_FILE: certs.otherCa }), /UnknownIssuer|certificate/);
 });
 
 test('TLS: the system roots do not trust the test CA either (no tls_ca_file)', async (t) => {
-  await refused(t, tlsEnv({ GATEWAY_REDIS_TLS_CA_FILE: undefined }), /UnknownIssuer|certificate/);
+  await refused(t, PREFIX, tlsEnv({ GATEWAY_REDIS_TLS_CA_FILE: undefined }), /UnknownIssuer|certificate/);
 });
 
 test('TLS: the server name is checked (a name the certificate does not carry is refused)', async (t) => {
   const url = mtls.url.replace('127.0.0.1', '127.0.0.2');
-  await refused(t, tlsEnv({ GATEWAY_REDIS_URL: url }), /NotValidForName|certificate/);
+  await refused(t, PREFIX, tlsEnv({ GATEWAY_REDIS_URL: url }), /NotValidForName|certificate/);
 });
 
 test('mutual TLS: without a client certificate the server refuses; logged and retried', async (t) => {
-  await refused(t, tlsEnv({ GATEWAY_REDIS_TLS_CERT_FILE: undefined, GATEWAY_REDIS_TLS_KEY_FILE: undefined }), /certificate|alert|reset|closed/i);
+  await refused(t, PREFIX, tlsEnv({ GATEWAY_REDIS_TLS_CERT_FILE: undefined, GATEWAY_REDIS_TLS_KEY_FILE: undefined }), /certificate|alert|reset|closed/i);
 });
 
 test('a client certificate without its key is a configuration error at start', async () => {
   let err;
   try {
-    execFileSync(GATEWAY_BIN, ['serve'], { env: processEnv(tlsEnv({ GATEWAY_REDIS_TLS_KEY_FILE: undefined })), encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000 });
+    execFileSync(GATEWAY_BIN, ['serve'], { env: processEnv(PREFIX, tlsEnv({ GATEWAY_REDIS_TLS_KEY_FILE: undefined })), encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000 });
   } catch (e) { err = e; }
   assert.ok(err, 'serve must fail');
   assert.notEqual(err.status, 0);
   assert.match(`${err.stderr}`, /redis\.tls_cert_file.*tls_key_file|tls_key_file/);
   let err2;
   try {
-    execFileSync(GATEWAY_BIN, ['serve'], { env: processEnv(tlsEnv({ GATEWAY_REDIS_TLS_CA_FILE: '/nonexistent/ca.pem' })), encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000 });
+    execFileSync(GATEWAY_BIN, ['serve'], { env: processEnv(PREFIX, tlsEnv({ GATEWAY_REDIS_TLS_CA_FILE: '/nonexistent/ca.pem' })), encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000 });
   } catch (e) { err2 = e; }
   assert.ok(err2, 'serve must fail on an unreadable CA file');
   assert.match(`${err2.stderr}`, /redis\.tls_ca_file/);
@@ -177,5 +128,5 @@ test('ACL user: the gateway and the CLI work end to end as user:password@', asyn
 });
 
 test('ACL user: a wrong password is logged as WRONGPASS, never the password, and retried', async (t) => {
-  await refused(t, { ...ENV, GATEWAY_REDIS_URL: `redis://gw:hunter2-wrong@127.0.0.1:${acl.port}` }, /WRONGPASS/, 'hunter2-wrong');
+  await refused(t, PREFIX, { ...ENV, GATEWAY_REDIS_URL: `redis://gw:hunter2-wrong@127.0.0.1:${acl.port}` }, /WRONGPASS/, 'hunter2-wrong');
 });

@@ -1,6 +1,9 @@
 // A real local Redis Cluster for the cluster-mode tests: 6 redis-server processes
 // (--cluster-enabled yes, cluster-node-timeout 2 s) on free ports, joined with
 // `redis-cli --cluster create … --cluster-replicas 1`: 3 masters, each with one replica.
+// With `tls: certs` (from tls.mjs' makeCerts) every node speaks TLS only: `--port 0 --tls-port P`,
+// TLS on the cluster bus and for replication, client certificates required; the seed URLs are
+// rediss:// and redis-cli goes in with the CA and the client certificate.
 import { spawn, execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs';
@@ -8,6 +11,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { requireTool, waitFor, withTimeout, uid } from './harness.mjs';
+import { tlsServerArgs, tlsCliArgs, tlsFilesEnv } from './tls.mjs';
 
 const procs = new Set();
 process.on('exit', () => { for (const p of procs) { try { p.kill('SIGKILL'); } catch { /* gone */ } } });
@@ -38,20 +42,19 @@ async function freeClusterPort(taken) {
   throw new Error('no free port pair for a cluster node');
 }
 
-function cliOn(port, ...args) {
-  return execFileSync('redis-cli', ['-h', '127.0.0.1', '-p', String(port), '--raw', ...args.map(String)], {
-    encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000,
-  }).replace(/\n$/, '');
-}
-
-export async function startCluster({ nodeTimeoutMs = 2000 } = {}) {
+export async function startCluster({ nodeTimeoutMs = 2000, tls } = {}) {
   requireTool('redis-server');
   requireTool('redis-cli');
+  const cliTls = tlsCliArgs(tls);
+  const cliOn = (port, ...args) => execFileSync('redis-cli', ['-h', '127.0.0.1', '-p', String(port), ...cliTls, '--raw', ...args.map(String)], {
+    encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000,
+  }).replace(/\n$/, '');
   const taken = new Set();
   const nodes = [];
   const start = (n) => {
     const proc = spawn('redis-server', [
-      '--port', String(n.port), '--bind', '127.0.0.1', '--protected-mode', 'no',
+      ...(tls ? [...tlsServerArgs(n.port, tls), '--tls-cluster', 'yes'] : ['--port', String(n.port)]),
+      '--bind', '127.0.0.1', '--protected-mode', 'no',
       '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf',
       '--cluster-node-timeout', String(nodeTimeoutMs),
       '--save', '', '--appendonly', 'no', '--dir', n.dir,
@@ -74,7 +77,7 @@ export async function startCluster({ nodeTimeoutMs = 2000 } = {}) {
     await waitFor(() => { try { return cliOn(n.port, 'PING') === 'PONG'; } catch { return false; } }, 5000, `cluster node ${n.port} to answer PING`);
   }
   try {
-    execFileSync('redis-cli', ['--cluster', 'create', ...nodes.map((n) => `127.0.0.1:${n.port}`),
+    execFileSync('redis-cli', [...cliTls, '--cluster', 'create', ...nodes.map((n) => `127.0.0.1:${n.port}`),
       '--cluster-replicas', '1', '--cluster-yes'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 30000 });
   } catch (e) {
     throw new Error(`redis-cli --cluster create failed: ${e.stdout}\n${e.stderr}`);
@@ -83,14 +86,14 @@ export async function startCluster({ nodeTimeoutMs = 2000 } = {}) {
     nodes,
     ports: nodes.map((n) => n.port),
     /** The seed list the gateway gets (every node). */
-    url: nodes.map((n) => `redis://127.0.0.1:${n.port}`).join(','),
+    url: nodes.map((n) => `${tls ? 'rediss' : 'redis'}://127.0.0.1:${n.port}`).join(','),
     env: {},
     cli: (port, ...args) => cliOn(port, ...args),
     alive: () => nodes.filter((n) => !n.exited),
     /** [{port, slots: [[a,b]...], replicas: [port]}] from CLUSTER SLOTS on a live node. */
     masters() {
       const n = cluster.alive()[0];
-      const out = execFileSync('redis-cli', ['-h', '127.0.0.1', '-p', String(n.port), '--json', 'CLUSTER', 'SLOTS'], { encoding: 'utf8' });
+      const out = execFileSync('redis-cli', ['-h', '127.0.0.1', '-p', String(n.port), ...cliTls, '--json', 'CLUSTER', 'SLOTS'], { encoding: 'utf8' });
       const ranges = JSON.parse(out);
       const byPort = new Map();
       for (const r of ranges) {
@@ -162,6 +165,7 @@ export async function startCluster({ nodeTimeoutMs = 2000 } = {}) {
     },
   };
   cluster.env = { GATEWAY_REDIS_MODE: 'cluster', GATEWAY_REDIS_URL: cluster.url };
+  if (tls) Object.assign(cluster.env, tlsFilesEnv(tls));
   await cluster.waitOk();
   // every node must agree on the slot map before the gateways read it
   await waitFor(() => cluster.masters().length === 3 && cluster.masters().every((m) => m.replicas.length === 1), 20000, 'three masters with a replica each', 100);

@@ -248,7 +248,8 @@ function requireBinary() {
   }
 }
 
-function gatewayEnv({ redisPort, prefix, env = {} }) {
+/** The environment `gateway serve` gets: this process's minus its GATEWAY_*, then the test's. */
+export function gatewayEnv({ redisPort, prefix, env = {} }) {
   const base = {};
   for (const [k, v] of Object.entries(process.env)) {
     if (!k.startsWith('GATEWAY_')) base[k] = v;
@@ -258,7 +259,7 @@ function gatewayEnv({ redisPort, prefix, env = {} }) {
     NO_COLOR: '1',
     GATEWAY_SERVER_LISTEN: '127.0.0.1:0',
     GATEWAY_ADMIN_LISTEN: '127.0.0.1:0',
-    GATEWAY_REDIS_URL: `redis://127.0.0.1:${redisPort}`,
+    ...(redisPort ? { GATEWAY_REDIS_URL: `redis://127.0.0.1:${redisPort}` } : {}),
     GATEWAY_REDIS_PREFIX: prefix,
     GATEWAY_AUTH_HS256_SECRET: DEFAULT_SECRET,
     ...env,
@@ -357,6 +358,11 @@ export async function startGateway({ redisPort, prefix = 'gw', env = {}, name, r
     },
   });
   return g;
+}
+
+/** Gateways named `names`, started side by side on the same settings (see startGateway). */
+export function startGateways(names, { redisPort, prefix, env }) {
+  return Promise.all(names.map((name) => startGateway({ redisPort, prefix, env, name })));
 }
 
 /**
@@ -681,6 +687,33 @@ export async function rawConnect(url, { protocols, headers, timeoutMs = 5000, ws
   c.close = () => { try { ws.close(); } catch { /* */ } };
   c.terminate = () => { try { ws.terminate(); } catch { /* */ } };
   return c;
+}
+
+/** A raw socket of a signed-in user (`sub`, `username`) joined to `topic` on gateway `g`. */
+export async function member(g, topic, sub, username) {
+  const c = await rawConnect(wsUrl(g, { token: hs256(claims(sub, username)) }));
+  const rep = await c.join(topic, '1');
+  if (rep[4].status !== 'ok') throw new Error(`join of ${username}: ${JSON.stringify(rep)}`);
+  return c;
+}
+
+/** A raw anonymous socket joined to `topic` on gateway `g`. */
+export async function anonymous(g, topic) {
+  const c = await rawConnect(wsUrl(g));
+  const rep = await c.join(topic, '1');
+  if (rep[4].status !== 'ok') throw new Error(`anonymous join: ${JSON.stringify(rep)}`);
+  return c;
+}
+
+let crossSeq = 0;
+/** One try: a `new_msg` sent by raw socket `from` on `topic` reaches raw socket `to` within `ms`. */
+export async function crosses(from, to, topic, ms) {
+  const body = `m${++crossSeq}`;
+  from.send(['1', String(1000 + crossSeq), topic, 'new_msg', { body }]);
+  try {
+    await to.next((f) => f[3] === 'new_msg' && f[4].body === body, ms);
+    return true;
+  } catch { return false; }
 }
 
 export function closeAllRaw() {

@@ -303,3 +303,14 @@ export async function nodeTraces(rc, prefix, room, node) {
   if (lease !== null) out.push(`lease = ${lease}`);
   return out.join(', ');
 }
+
+/** One try: a new signed-in viewer `viewer<n>` on gateway `g` sees exactly `want` (itself included). */
+export async function viewerSees(g, topic, n, want, ms) {
+  const o = await observer(g.publicUrl, topic, { sub: `v${n}`, username: `viewer${n}` });
+  try {
+    await waitRows(o, [...want, `viewer${n}: 1`], ms, 'new viewer');
+    return true;
+  } catch { return false; } finally {
+    o.socket.disconnect();
+  }
+}

@@ -6,7 +6,10 @@ import { once } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, requireTool, waitFor, withTimeout } from './harness.mjs';
+import assert from 'node:assert/strict';
+import {
+  freePort, requireTool, waitFor, withTimeout, sleep, gatewayEnv, GATEWAY_BIN,
+} from './harness.mjs';
 
 const children = new Set();
 process.on('exit', () => {
@@ -53,6 +56,25 @@ export function makeCerts() {
 }
 
 /**
+ * redis-server's arguments for TLS only on `port` (`--port 0`): its server certificate, the client
+ * certificate for the links it opens itself (replication, cluster bus), TLS replication, and
+ * client certificates required unless `authClients` says otherwise.
+ */
+export function tlsServerArgs(port, certs, authClients = 'yes') {
+  return ['--port', '0', '--tls-port', String(port), '--tls-cert-file', certs.serverCert, '--tls-key-file', certs.serverKey,
+    '--tls-client-cert-file', certs.clientCert, '--tls-client-key-file', certs.clientKey,
+    '--tls-ca-cert-file', certs.ca, '--tls-auth-clients', authClients, '--tls-replication', 'yes'];
+}
+
+/** The gateway's TLS settings for `certs`: the CA and the client certificate (mutual TLS). */
+export const tlsFilesEnv = (certs) => ({
+  GATEWAY_REDIS_TLS_CA_FILE: certs.ca, GATEWAY_REDIS_TLS_CERT_FILE: certs.clientCert, GATEWAY_REDIS_TLS_KEY_FILE: certs.clientKey,
+});
+
+/** redis-cli's arguments for TLS with the client certificate (none without `certs`). */
+export const tlsCliArgs = (certs) => (certs ? ['--tls', '--cacert', certs.ca, '--cert', certs.clientCert, '--key', certs.clientKey] : []);
+
+/**
  * A private redis-server on a free port with extra arguments.
  * `tls`: {certs, authClients: 'yes'|'no'|'optional'}: TLS only (`--port 0 --tls-port P`).
  * `user`/`password`: how redis-cli authenticates (ACL).
@@ -63,10 +85,7 @@ export async function startRedisWith({ tls, user, password, args = [], port: wan
   requireTool('redis-cli');
   const port = wanted ?? await freePort();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'gw-e2e-redis-'));
-  const portArgs = tls
-    ? ['--port', '0', '--tls-port', String(port), '--tls-cert-file', tls.certs.serverCert, '--tls-key-file', tls.certs.serverKey,
-      '--tls-ca-cert-file', tls.certs.ca, '--tls-auth-clients', tls.authClients ?? 'yes']
-    : ['--port', String(port)];
+  const portArgs = tls ? tlsServerArgs(port, tls.certs, tls.authClients) : ['--port', String(port)];
   const proc = spawn('redis-server', [
     ...portArgs, '--save', '', '--appendonly', 'no', '--bind', '127.0.0.1', '--dir', dir, '--protected-mode', 'no', ...args,
   ], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -77,7 +96,7 @@ export async function startRedisWith({ tls, user, password, args = [], port: wan
   let exited = false;
   proc.on('exit', () => { exited = true; children.delete(proc); });
   const cliArgs = ['-h', '127.0.0.1', '-p', String(port), '--raw', '--no-auth-warning'];
-  if (tls) cliArgs.push('--tls', '--cacert', tls.certs.ca, '--cert', tls.certs.clientCert, '--key', tls.certs.clientKey);
+  cliArgs.push(...tlsCliArgs(tls?.certs));
   if (user) cliArgs.push('--user', user);
   if (password) cliArgs.push('--pass', password);
   const cli = (...a) => execFileSync('redis-cli', [...cliArgs, ...a.map(String)], {
@@ -147,4 +166,37 @@ export function spawnGateway(bin, env) {
       await once(proc, 'exit').catch(() => {});
     },
   };
+}
+
+/** The environment `gateway serve` gets for a process a test spawns itself (`env` names the Redis). */
+export const processEnv = (prefix, env) => gatewayEnv({ prefix, env });
+
+/**
+ * A gateway that cannot get in: it keeps running, logs a WARN naming the cause (matching
+ * `cause`), retries, and never prints `secret`. Its admin port answers meanwhile (it does before
+ * Redis is reached), with readiness 503.
+ */
+export async function refused(t, prefix, env, cause, secret) {
+  const g = spawnGateway(GATEWAY_BIN, processEnv(prefix, env));
+  try {
+    const warn = (l) => / WARN /.test(l) && cause.test(l);
+    await waitFor(() => g.stderr().split('\n').filter(warn).length >= 2 || !g.alive(), 10000, `two WARN lines matching ${cause}`);
+    assert.ok(g.alive(), `the gateway exited: ${JSON.stringify(g.exitInfo())}\n${g.stderr()}`);
+    await sleep(500);
+    assert.ok(g.alive(), 'still running, still retrying');
+    const line = g.stderr().split('\n').find(warn);
+    t.diagnostic(line);
+    assert.ok(g.stderr().split('\n').some((l) => warn(l) && / gateway::/.test(l)), `the gateway's own WARN names the cause:\n${g.stderr()}`);
+    if (secret) {
+      assert.ok(!g.stderr().includes(secret), 'the password never appears in a log line');
+      assert.ok(!g.stdout().includes(secret), 'the password never appears on stdout');
+    }
+    const started = g.stdout().split('\n').map((l) => { try { return JSON.parse(l); } catch { return null; } })
+      .find((m) => m && m.event === 'starting' && m.admin);
+    assert.ok(started, `no "starting" line with the admin address:\n${g.stdout()}`);
+    assert.equal((await fetch(`http://${started.admin}/health/ready`)).status, 503);
+    assert.equal((await fetch(`http://${started.admin}/health/live`)).status, 200);
+  } finally {
+    await g.kill();
+  }
 }
