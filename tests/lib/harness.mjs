@@ -156,6 +156,18 @@ export function requireTool(name, { why = 'a real Redis', install = 'apt-get ins
  * Start a private redis-server on a free port. Never touches 6379.
  * Returns {port, url, cli(...args) -> string, lines(...args) -> string[], scanAll(), stop(), kill()}
  */
+/** `CLIENT LIST` lines parsed into objects ({name, sub, psub, user, ...}). */
+export function parseClientList(lines) {
+  return lines.map((line) => {
+    const o = {};
+    for (const kv of line.trim().split(' ')) {
+      const i = kv.indexOf('=');
+      if (i > 0) o[kv.slice(0, i)] = kv.slice(i + 1);
+    }
+    return o;
+  });
+}
+
 export async function startRedis() {
   requireTool('redis-server');
   requireTool('redis-cli');
@@ -222,14 +234,7 @@ export async function startRedis() {
       },
       /** CLIENT LIST parsed into objects ({name, sub, psub, ...}) */
       clients() {
-        return lines('CLIENT', 'LIST').map((line) => {
-          const o = {};
-          for (const kv of line.trim().split(' ')) {
-            const i = kv.indexOf('=');
-            if (i > 0) o[kv.slice(0, i)] = kv.slice(i + 1);
-          }
-          return o;
-        });
+        return parseClientList(lines('CLIENT', 'LIST'));
       },
       stop,
       kill() { if (!exited) proc.kill('SIGKILL'); },

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import assert from 'node:assert/strict';
 import {
-  freePort, requireTool, waitFor, withTimeout, sleep, gatewayEnv, GATEWAY_BIN,
+  freePort, parseClientList, requireTool, waitFor, withTimeout, sleep, gatewayEnv, GATEWAY_BIN,
 } from './harness.mjs';
 
 const children = new Set();
@@ -121,14 +121,7 @@ export async function startRedisWith({ tls, user, password, args = [], port: wan
     lines,
     output: () => out,
     clients() {
-      return lines('CLIENT', 'LIST').map((line) => {
-        const o = {};
-        for (const kv of line.trim().split(' ')) {
-          const i = kv.indexOf('=');
-          if (i > 0) o[kv.slice(0, i)] = kv.slice(i + 1);
-        }
-        return o;
-      });
+      return parseClientList(lines('CLIENT', 'LIST'));
     },
     async stop() {
       if (exited) return;
