@@ -1250,7 +1250,7 @@ mod tests {
 
     #[test]
     fn shipped_file_documents_the_defaults() {
-        let text = include_str!("../../config/gateway.toml");
+        let text = include_str!("../../../config/gateway.toml");
         let c = Config::from_toml_and_env(text, "config/gateway.toml", &[]).expect("valid");
         assert_eq!(c, Config::default());
         // every key of every section appears in the file (commented out for optional ones)
