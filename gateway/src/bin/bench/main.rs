@@ -41,7 +41,6 @@ use hyper::header::{CONNECTION, UPGRADE};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-#[path = "bench/redis_broadcast.rs"]
 mod redis_broadcast;
 
 #[derive(Parser)]
