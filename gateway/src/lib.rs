@@ -6,7 +6,7 @@
 //! ## Layout
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | TOML + `GATEWAY_<SECTION>_<KEY>` env → typed, validated settings |
+//! | [`config`] | TOML + `GATEWAY_<SECTION>_<KEY>` env → typed, validated settings (`config/`: `settings`, `load`, `validate`, `secrets`, `tls`) |
 //! | [`server`] | public listener: checks before the upgrade, hands sockets to `session` |
 //! | [`http`] | accept loop, HTTP/1 builder, response helpers (shared by `server` and `admin`) |
 //! | [`demo`] | the demo page, phoenix.js and demo tokens on the public port |
@@ -21,7 +21,7 @@
 //! | [`httpclient`] | the pooled outbound HTTP/1.1 client (HTTPS against the system's roots) |
 //! | [`rooms`] | room ids, topics, who may push what |
 //! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames |
-//! | [`presence`] | the Redis presence store (Lua scripts) and the node-local `Mirror` |
+//! | [`presence`] | the Redis presence store (Lua scripts) and the node-local `Mirror` (`presence/`: `store`, `mirror`, `meta`, the test `model`) |
 //! | [`redis`] | key names, scripts, and the connections — hot [`redis::Redis`], cold [`redis::Pool`], [`redis::Subscriber`] — each hiding standalone vs cluster |
 //! | [`history`] | room history on Redis Streams: broadcasts appended and published, reads, ids |
 //! | [`catalog`] | room records for the CLI and the admin API |
@@ -32,6 +32,10 @@
 //! `rooms` rules → `presence` (one Lua call) or `fanout` publish (`history`: one Lua call appends
 //! and publishes) → Redis → every node's `fanout` subscriber → `Mirror` / the room's history tail
 //! and the shared frame → each local session's queue → writer → socket.
+//!
+//! Long test modules sit beside their code as `<module>/tests.rs` (`#[cfg(test)] mod tests;`), so a
+//! reader meets the code first. The `bench` binary is `src/bin/bench/`: `main.rs` dispatches, one
+//! file per scenario, `client` and `measure` shared.
 
 pub mod admin;
 pub mod app;

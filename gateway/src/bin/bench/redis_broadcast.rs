@@ -174,7 +174,7 @@ pub async fn run(c: RedisBroadcast) -> anyhow::Result<()> {
                 .arg("RESETSTAT")
                 .query_async(&mut meter)
                 .await?;
-            let cpu0 = crate::redis_cpu_seconds(&mut meter).await?;
+            let cpu0 = crate::measure::redis_cpu_seconds(&mut meter).await?;
             let mut pace = (c.rate > 0).then(|| {
                 let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / c.rate as f64));
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -186,8 +186,8 @@ pub async fn run(c: RedisBroadcast) -> anyhow::Result<()> {
                 }
                 let _: redis::Value = shape.request.query_async(&mut conn).await?;
             }
-            let cpu1 = crate::redis_cpu_seconds(&mut meter).await?;
-            let stats = crate::redis_commandstats(&mut meter).await?;
+            let cpu1 = crate::measure::redis_cpu_seconds(&mut meter).await?;
+            let stats = crate::measure::redis_commandstats(&mut meter).await?;
             let usec: f64 = shape
                 .top_level
                 .iter()
@@ -209,17 +209,17 @@ pub async fn run(c: RedisBroadcast) -> anyhow::Result<()> {
     let of = |i: usize, pick: fn(&(usize, f64, f64)) -> f64| -> Vec<f64> {
         rows.iter().filter(|r| r.0 == i).map(pick).collect()
     };
-    let base = crate::median(&of(0, |r| r.1));
+    let base = crate::measure::median(&of(0, |r| r.1));
     for (i, shape) in shapes.iter().enumerate() {
         let cpu = of(i, |r| r.1);
-        let m = crate::median(&cpu);
+        let m = crate::measure::median(&cpu);
         let runs: Vec<String> = cpu.iter().map(|x| format!("{x:.1}")).collect();
         println!(
             "redis-broadcast {:10} Redis CPU {m:6.2} µs per broadcast ({:.3}× publish) [{}], command time {:5.2} µs (medians of {})",
             shape.name,
             m / base,
             runs.join(" "),
-            crate::median(&of(i, |r| r.2)),
+            crate::measure::median(&of(i, |r| r.2)),
             c.runs
         );
     }

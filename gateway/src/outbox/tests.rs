@@ -1,0 +1,250 @@
+//! Tests of the outbound queue and its writer: framing, partial writes returned in order, an idle
+//! writer holding nothing, the byte and frame bounds, and the close rules (first request wins,
+//! queued frames before a close except 4008, a client's close echoed at once).
+
+use super::*;
+
+async fn framed(m: Out) -> Vec<u8> {
+    let ((head, n), parts) = frame_parts(&m);
+    let mut wire = head[..n].to_vec();
+    parts.iter().for_each(|p| wire.extend_from_slice(p));
+    wire
+}
+
+#[tokio::test]
+async fn frames_text_with_the_right_header() {
+    assert_eq!(
+        framed(Out::Text(Bytes::from_static(b"hi"))).await,
+        vec![0x81, 2, b'h', b'i']
+    );
+    let b = framed(Out::Text(Bytes::from(vec![b'x'; 300]))).await;
+    assert_eq!(&b[..4], &[0x81, 126, 1, 44]);
+    assert_eq!(b.len(), 304);
+    let b = framed(Out::Text(Bytes::from(vec![b'x'; 70_000]))).await;
+    assert_eq!(&b[..2], &[0x81, 127]);
+    assert_eq!(u64::from_be_bytes(b[2..10].try_into().unwrap()), 70_000);
+    assert_eq!(b.len(), 70_010);
+    assert_eq!(
+        framed(Out::Pong(Bytes::from_static(b"p"))).await,
+        vec![0x8A, 1, b'p']
+    );
+}
+
+#[tokio::test]
+async fn wraps_a_shared_payload_small_and_large() {
+    let b = framed(Out::Wrapped(
+        Bytes::from_static(b"[1,"),
+        Bytes::from_static(b"{}"),
+    ))
+    .await;
+    assert_eq!(b, b"\x81\x06[1,{}]".to_vec());
+    let big = format!("{{\"k\":\"{}\"}}", "y".repeat(5000));
+    let b = framed(Out::Wrapped(
+        Bytes::from_static(b"[\"3\",null,\"t\",\"e\","),
+        Bytes::from(big.clone()),
+    ))
+    .await;
+    let text = std::str::from_utf8(&b[4..]).unwrap();
+    assert_eq!(usize::from(u16::from_be_bytes([b[2], b[3]])), text.len());
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    assert_eq!(v[4]["k"].as_str().unwrap().len(), 5000);
+}
+
+#[tokio::test]
+async fn what_the_kernel_does_not_take_at_once_is_returned_in_order() {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = l.accept().await.unwrap();
+    let (_r, mut w) = server.into_split();
+    let frame = |i: usize| {
+        Out::Wrapped(
+            Bytes::from_static(b"[1,"),
+            Bytes::from(vec![b'a' + (i % 26) as u8; 100_000]),
+        )
+    };
+    // the client reads nothing until the socket's buffers are full
+    let mut expected = Vec::new();
+    let mut rest = None;
+    for batch in 0..100 {
+        let chunk: Vec<Out> = (0..4).map(|i| frame(batch * 4 + i)).collect();
+        for i in 0..4 {
+            expected.extend(framed(frame(batch * 4 + i)).await);
+        }
+        if let Some(r) = write_now(&w, chunk.iter()).unwrap() {
+            rest = Some(r);
+            break;
+        }
+    }
+    let rest = rest.expect("40 MB to a client that does not read fill the socket");
+    assert!(!rest.is_empty());
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    w.write_all(&rest).await.unwrap();
+    w.shutdown().await.unwrap();
+    let got = reader.await.unwrap();
+    assert_eq!(got.len(), expected.len());
+    assert!(
+        got == expected,
+        "the stream differs from the frames in order"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_writer_holds_no_write_state() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (_r, w) = l.accept().await.unwrap().0.into_split();
+    let out = Outbox::new(Limits::frames(4), crate::metrics::Metrics::new());
+    let writer = run_writer(out, w, Duration::from_secs(1));
+    // the task of every idle socket is this big: a write under way is boxed
+    let size = std::mem::size_of_val(&writer);
+    assert!(size <= 256, "writer future: {size} bytes");
+}
+
+#[test]
+fn first_close_request_wins() {
+    let c = Outbox::new(Limits::frames(4), crate::metrics::Metrics::new());
+    c.close(close::SLOW_CONSUMER);
+    c.close(close::RESTART);
+    assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
+    assert!(
+        !c.send(Bytes::from_static(b"x")),
+        "a closing socket takes nothing"
+    );
+}
+
+#[test]
+fn a_full_queue_closes_the_socket_as_slow() {
+    let c = Outbox::new(Limits::frames(2), crate::metrics::Metrics::new());
+    assert!(c.send(Bytes::from_static(b"1")) && c.send(Bytes::from_static(b"2")));
+    assert!(!c.send(Bytes::from_static(b"3")));
+    assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
+    let mut got: [Option<Out>; 10] = Default::default();
+    assert_eq!(c.take_into(&mut got), 2);
+}
+
+#[test]
+fn the_queue_is_bounded_in_bytes_too_but_an_empty_one_takes_any_frame() {
+    let limits = Limits {
+        frames: 100,
+        bytes: 100,
+    };
+    let c = Outbox::new(limits, crate::metrics::Metrics::new());
+    assert!(
+        c.send(Bytes::from(vec![b'x'; 1000])),
+        "an empty queue takes one big frame"
+    );
+    let mut got: [Option<Out>; 4] = Default::default();
+    assert_eq!(c.take_into(&mut got), 1);
+    assert_eq!(c.queue().bytes, 0);
+    assert!(c.send(Bytes::from(vec![b'x'; 60])));
+    assert!(c.send_wrapped(Bytes::from_static(b"[1,"), Bytes::from(vec![b'y'; 36])));
+    assert_eq!(c.queue().bytes, 100);
+    assert!(
+        !c.send(Bytes::from_static(b"z")),
+        "101 bytes: over the bound"
+    );
+    assert_eq!(c.code(), u32::from(close::SLOW_CONSUMER));
+}
+
+/// Everything the client reads until the server closes: (opcode, payload) per frame.
+async fn frames_written(out: Outbox) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (_r, w) = l.accept().await.unwrap().0.into_split();
+    run_writer(out, w, Duration::from_secs(2)).await;
+    let mut wire = Vec::new();
+    client.read_to_end(&mut wire).await.unwrap();
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < wire.len() {
+        let (op, len) = (wire[at] & 0x0f, usize::from(wire[at + 1] & 0x7f));
+        assert!(len < 126, "short frames only");
+        frames.push((op, wire[at + 2..at + 2 + len].to_vec()));
+        at += 2 + len;
+    }
+    frames
+}
+
+#[tokio::test]
+async fn what_was_queued_before_a_close_goes_out_first_except_for_4008() {
+    let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
+    out.send(Bytes::from_static(b"reply 1"));
+    out.send(Bytes::from_static(b"reply 2"));
+    out.close(close::REFUSED_JOINS);
+    assert!(
+        !out.send(Bytes::from_static(b"late")),
+        "nothing after the close"
+    );
+    let got = frames_written(out).await;
+    assert_eq!(
+        got,
+        vec![
+            (1, b"reply 1".to_vec()),
+            (1, b"reply 2".to_vec()),
+            (8, 4009u16.to_be_bytes().to_vec()),
+        ]
+    );
+
+    // a slow consumer's queue is what it could not take: it is dropped
+    let out = Outbox::new(Limits::frames(2), crate::metrics::Metrics::new());
+    out.send(Bytes::from_static(b"1"));
+    out.send(Bytes::from_static(b"2"));
+    out.send(Bytes::from_static(b"3"));
+    let got = frames_written(out).await;
+    assert_eq!(got, vec![(8, 4008u16.to_be_bytes().to_vec())]);
+}
+
+#[tokio::test]
+async fn a_clients_close_is_echoed_at_once_without_the_queue() {
+    let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
+    out.send(Bytes::from_static(b"a broadcast"));
+    out.echo_close(1000);
+    out.close(close::RESTART);
+    assert_eq!(out.closed_code(), 1000);
+    let got = frames_written(out).await;
+    assert_eq!(got, vec![(8, 1000u16.to_be_bytes().to_vec())]);
+
+    let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
+    out.echo_close(NO_STATUS);
+    assert_eq!(frames_written(out).await, vec![(8, Vec::new())]);
+}
+
+#[test]
+fn a_close_with_code_0_is_not_lost() {
+    let out = Outbox::new(Limits::frames(2), crate::metrics::Metrics::new());
+    out.close(0);
+    assert_eq!(
+        out.code(),
+        1002,
+        "0 reads as open: it becomes a protocol error"
+    );
+}
+
+#[test]
+fn a_drained_queue_gives_its_memory_back() {
+    let c = Outbox::new(Limits::frames(100), crate::metrics::Metrics::new());
+    for _ in 0..40 {
+        assert!(c.send(Bytes::from_static(b"x")));
+    }
+    let mut got: [Option<Out>; 30] = Default::default();
+    assert_eq!(c.take_into(&mut got), 30);
+    assert!(
+        c.queue().frames.capacity() >= 10,
+        "not drained yet: storage kept"
+    );
+    assert_eq!(c.take_into(&mut got), 10);
+    let cap = c.queue().frames.capacity();
+    assert_eq!(cap, 0);
+}
