@@ -115,8 +115,9 @@ start_gateway() {
   "$GATEWAY_BIN" serve >"$out" 2>"$work/gw$1.err" &
   eval "gw$1_pid=$!"
   pids+=($!)
-  for _ in $(seq 100); do grep -q listening "$out" 2>/dev/null && break; sleep 0.05; done
-  eval "gw$1=$(python3 -c "import json,sys; print(json.load(open('$out'))['public'])")"
+  for _ in $(seq 200); do grep -q '"event":"listening"' "$out" 2>/dev/null && break; sleep 0.05; done
+  # stdout has a "starting" line (ports bound) before "listening" (sessions served)
+  eval "gw$1=$(python3 -c "import json; print(next(e for e in map(json.loads, open('$out')) if e.get('event') == 'listening')['public'])")"
 }
 stop_gateways() { kill "$gw1_pid" "$gw2_pid" 2>/dev/null || true; wait "$gw1_pid" "$gw2_pid" 2>/dev/null || true; }
 
