@@ -112,7 +112,9 @@ test('a fresh gateway, before any traffic, exports every metric and label the da
   const want = {
     gateway_connections: ['kind', ['anonymous', 'signed_in']],
     gateway_joins_total: ['result', ['invalid', 'no_room', 'ok', 'rate_limited', 'refused', 'unavailable']],
-    gateway_pushes_total: ['result', ['invalid', 'not_signed_in', 'ok', 'rate_limited', 'unavailable', 'unknown_event']],
+    gateway_pushes_total: ['result', ['invalid', 'not_signed_in', 'ok', 'rate_limited', 'refused', 'unavailable', 'unknown_event']],
+    gateway_hook_events_total: ['result', ['dropped', 'retried', 'sent']],
+    gateway_hook_duration_seconds_count: ['hook', ['events', 'publish']],
     gateway_presence_frames_total: ['event', ['presence_count', 'presence_diff', 'presence_state']],
     gateway_redis_script_duration_seconds_count: ['script', ['broadcast', 'heartbeat', 'history', 'join', 'leave', 'snapshot', 'sync']],
     gateway_history_recoveries_total: ['outcome', ['gap', 'none', 'recovered']],
@@ -122,6 +124,10 @@ test('a fresh gateway, before any traffic, exports every metric and label the da
     assert.deepEqual(samples.map((s) => s.labels[label]).sort(), values, `${name}{${label}} on a fresh gateway`);
     assert.ok(samples.every((s) => s.value === 0), `${name} is 0 on a fresh gateway: ${JSON.stringify(samples)}`);
   }
+  // the hook requests: every hook × outcome at 0
+  const hooks = (series.get('gateway_hook_requests_total') ?? []).map((s) => `${s.labels.hook}/${s.labels.outcome}`).sort();
+  const wantHooks = ['events', 'publish'].flatMap((h) => ['http_error', 'invalid', 'ok', 'overloaded', 'refused', 'timeout'].map((o) => `${h}/${o}`));
+  assert.deepEqual(hooks, wantHooks, 'gateway_hook_requests_total{hook,outcome} on a fresh gateway');
   const errors = (series.get('gateway_redis_errors_total') ?? []).map((s) => s.labels.op);
   for (const op of ['join', 'leave', 'heartbeat', 'snapshot', 'sync', 'broadcast', 'history', 'publish', 'exists', 'ping', 'node_record', 'pubsub']) {
     assert.ok(errors.includes(op), `gateway_redis_errors_total{op="${op}"} on a fresh gateway`);
