@@ -10,7 +10,7 @@
 //! | [`server`] | public listener: checks before the upgrade, hands sockets to `session` |
 //! | [`http`] | accept loop, HTTP/1 builder, response helpers (shared by `server` and `admin`) |
 //! | [`demo`] | the demo page, phoenix.js and demo tokens on the public port |
-//! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit |
+//! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit; `session/pushes`: the socket's ordered queue of pushes waiting on the publish hook |
 //! | [`wsread`] | client WebSocket frames read from the TCP stream, no buffer held while idle |
 //! | [`wsmessage`] | frames → messages: reassembly, UTF-8, close-frame rules, fragment deadline (pure) |
 //! | [`expiry`] | token lifetimes of open sockets and channels: one deadline list per node |
