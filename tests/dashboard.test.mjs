@@ -6,6 +6,7 @@
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 import { REPO_ROOT, connect, createRoom, hs256, join, push, sleep, startGateway, startRedis, teardown, test, waitFor } from './lib/harness.mjs';
 import { startPrometheus } from './lib/prometheus.mjs';
@@ -197,7 +198,21 @@ const finite = (v) => Number.isFinite(Number(v));
 
 test('a real Prometheus scraping two gateways evaluates every dashboard query, with data', { timeout: 120000 }, async (t) => {
   const t0 = Date.now();
-  const env = { GATEWAY_PRESENCE_HEARTBEAT_INTERVAL_MS: '1000' }; // heartbeats and pub/sub probes every second
+  // the application behind the publish hook: every new_msg asks it (and it says broadcast)
+  const application = http.createServer((req, res) => {
+    req.resume();
+    req.on('end', () => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end('{"result":"broadcast"}');
+    });
+  });
+  await new Promise((r) => application.listen(0, '127.0.0.1', r));
+  t.after(() => { application.close(); application.closeAllConnections(); });
+  const env = {
+    GATEWAY_PRESENCE_HEARTBEAT_INTERVAL_MS: '1000', // heartbeats and pub/sub probes every second
+    GATEWAY_HOOKS_PUBLISH_URL: `http://127.0.0.1:${application.address().port}/publish`,
+    GATEWAY_HOOKS_SECRET: 'dashboard-hook-secret-0123456789abcdef',
+  };
   const g1 = await startGateway({ redisPort: redis.port, prefix: 'prom', env, name: 'prom1' });
   gws.push(g1);
   const g2 = await startGateway({ redisPort: redis.port, prefix: 'prom', env, name: 'prom2' });
