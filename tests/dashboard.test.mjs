@@ -6,6 +6,7 @@
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 import { REPO_ROOT, connect, createRoom, hs256, join, push, sleep, startGateway, startRedis, teardown, test, waitFor } from './lib/harness.mjs';
 import { startPrometheus } from './lib/prometheus.mjs';
@@ -112,7 +113,9 @@ test('a fresh gateway, before any traffic, exports every metric and label the da
   const want = {
     gateway_connections: ['kind', ['anonymous', 'signed_in']],
     gateway_joins_total: ['result', ['invalid', 'no_room', 'ok', 'rate_limited', 'refused', 'unavailable']],
-    gateway_pushes_total: ['result', ['invalid', 'not_signed_in', 'ok', 'rate_limited', 'unavailable', 'unknown_event']],
+    gateway_pushes_total: ['result', ['invalid', 'not_signed_in', 'ok', 'rate_limited', 'refused', 'unavailable', 'unknown_event']],
+    gateway_hook_events_total: ['result', ['dropped', 'retried', 'sent']],
+    gateway_hook_duration_seconds_count: ['hook', ['events', 'publish']],
     gateway_presence_frames_total: ['event', ['presence_count', 'presence_diff', 'presence_state']],
     gateway_redis_script_duration_seconds_count: ['script', ['broadcast', 'heartbeat', 'history', 'join', 'leave', 'snapshot', 'sync']],
     gateway_history_recoveries_total: ['outcome', ['gap', 'none', 'recovered']],
@@ -122,6 +125,10 @@ test('a fresh gateway, before any traffic, exports every metric and label the da
     assert.deepEqual(samples.map((s) => s.labels[label]).sort(), values, `${name}{${label}} on a fresh gateway`);
     assert.ok(samples.every((s) => s.value === 0), `${name} is 0 on a fresh gateway: ${JSON.stringify(samples)}`);
   }
+  // the hook requests: every hook × outcome at 0
+  const hooks = (series.get('gateway_hook_requests_total') ?? []).map((s) => `${s.labels.hook}/${s.labels.outcome}`).sort();
+  const wantHooks = ['events', 'publish'].flatMap((h) => ['http_error', 'invalid', 'ok', 'overloaded', 'refused', 'timeout'].map((o) => `${h}/${o}`));
+  assert.deepEqual(hooks, wantHooks, 'gateway_hook_requests_total{hook,outcome} on a fresh gateway');
   const errors = (series.get('gateway_redis_errors_total') ?? []).map((s) => s.labels.op);
   for (const op of ['join', 'leave', 'heartbeat', 'snapshot', 'sync', 'broadcast', 'history', 'publish', 'exists', 'ping', 'node_record', 'pubsub']) {
     assert.ok(errors.includes(op), `gateway_redis_errors_total{op="${op}"} on a fresh gateway`);
@@ -191,7 +198,21 @@ const finite = (v) => Number.isFinite(Number(v));
 
 test('a real Prometheus scraping two gateways evaluates every dashboard query, with data', { timeout: 120000 }, async (t) => {
   const t0 = Date.now();
-  const env = { GATEWAY_PRESENCE_HEARTBEAT_INTERVAL_MS: '1000' }; // heartbeats and pub/sub probes every second
+  // the application behind the publish hook: every new_msg asks it (and it says broadcast)
+  const application = http.createServer((req, res) => {
+    req.resume();
+    req.on('end', () => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end('{"result":"broadcast"}');
+    });
+  });
+  await new Promise((r) => application.listen(0, '127.0.0.1', r));
+  t.after(() => { application.close(); application.closeAllConnections(); });
+  const env = {
+    GATEWAY_PRESENCE_HEARTBEAT_INTERVAL_MS: '1000', // heartbeats and pub/sub probes every second
+    GATEWAY_HOOKS_PUBLISH_URL: `http://127.0.0.1:${application.address().port}/publish`,
+    GATEWAY_HOOKS_SECRET: 'dashboard-hook-secret-0123456789abcdef',
+  };
   const g1 = await startGateway({ redisPort: redis.port, prefix: 'prom', env, name: 'prom1' });
   gws.push(g1);
   const g2 = await startGateway({ redisPort: redis.port, prefix: 'prom', env, name: 'prom2' });

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::fanout::Hub;
+use crate::hooks::PublishHook;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::presence::{Lease, Store};
@@ -25,6 +26,8 @@ pub struct Gateway {
     pub cfg: Arc<Config>,
     pub metrics: Metrics,
     pub verifier: Arc<Verifier>,
+    /// `hooks.publish_url`, when set.
+    pub publish_hook: Option<Arc<PublishHook>>,
     app: OnceLock<Arc<App>>,
 }
 
@@ -41,10 +44,13 @@ impl Gateway {
         if let Some(w) = crate::auth::missing_audience_warning(&cfg.auth) {
             tracing::warn!("{w}");
         }
+        let metrics = Metrics::new();
+        let publish_hook = PublishHook::from_config(&cfg, metrics.clone())?.map(Arc::new);
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
-            metrics: Metrics::new(),
+            metrics,
             verifier: Arc::new(verifier),
+            publish_hook,
             app: OnceLock::new(),
         }))
     }
@@ -74,6 +80,8 @@ pub struct App {
     pub keys: Keys,
     pub verifier: Arc<Verifier>,
     pub policy: PushPolicy,
+    /// The application's say on pushes (`hooks.publish_url`), when set.
+    pub publish_hook: Option<Arc<PublishHook>>,
     pub hub: Arc<Hub>,
     pub metrics: Metrics,
     /// Token deadlines of open sockets and channels (one list, one task).
@@ -226,6 +234,7 @@ impl App {
                 &cfg.rooms.client_events,
                 &cfg.rooms.anonymous_events,
             ),
+            publish_hook: gw.publish_hook.clone(),
             cfg,
             node,
             keys,

@@ -1,5 +1,5 @@
 //! Outbound HTTP: one pooled HTTP/1.1 client for the calls the gateway makes itself (the JWKS
-//! fetch; later the publish hook). Connections are kept alive and reused per host, `https://`
+//! fetch, the publish hook). Connections are kept alive and reused per host, `https://`
 //! is verified against the system's root certificates (the server name is checked against the
 //! certificate), every request has a deadline covering connect, headers and body, and a response
 //! body is read only up to a cap. Knows nothing of what it fetches.
@@ -176,7 +176,7 @@ impl HttpClient {
     }
 }
 
-const USER_AGENT: &str = concat!("phoenix-redis-gateway/", env!("CARGO_PKG_VERSION"));
+pub(crate) const USER_AGENT: &str = concat!("phoenix-redis-gateway/", env!("CARGO_PKG_VERSION"));
 
 /// The error and its causes on one line: hyper-util's "client error (Connect)" alone hides
 /// whether the port was closed or the certificate untrusted.

@@ -10,7 +10,7 @@
 //! | [`server`] | public listener: checks before the upgrade, hands sockets to `session` |
 //! | [`http`] | accept loop, HTTP/1 builder, response helpers (shared by `server` and `admin`) |
 //! | [`demo`] | the demo page, phoenix.js and demo tokens on the public port |
-//! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit |
+//! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit; `session/pushes`: the socket's ordered queue of pushes waiting on the publish hook |
 //! | [`wsread`] | client WebSocket frames read from the TCP stream, no buffer held while idle |
 //! | [`wsmessage`] | frames → messages: reassembly, UTF-8, close-frame rules, fragment deadline (pure) |
 //! | [`expiry`] | token lifetimes of open sockets and channels: one deadline list per node |
@@ -18,6 +18,7 @@
 //! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
 //! | [`auth`] | JWT → `Identity` |
 //! | [`jwks`] | an identity provider's key set (`auth.jwks_url`): fetch, refresh, lookup by `kid` |
+//! | [`hooks`] | the publish hook: a push posted, signed, to the application, its answer a verdict |
 //! | [`httpclient`] | the pooled outbound HTTP/1.1 client (HTTPS against the system's roots) |
 //! | [`rooms`] | room ids, topics, who may push what |
 //! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames |
@@ -46,6 +47,7 @@ pub mod demo;
 pub mod expiry;
 pub mod fanout;
 pub mod history;
+pub mod hooks;
 pub mod http;
 pub mod httpclient;
 pub mod jwks;

@@ -159,6 +159,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         Command::CheckConfig => {
             gateway::auth::Verifier::from_config(&cfg)?;
             cfg.admin_token()?;
+            cfg.hooks_secret()?;
             if let Some(w) = gateway::auth::missing_audience_warning(&cfg.auth) {
                 eprintln!("warning: {w}");
             }
@@ -419,6 +420,7 @@ async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow:
     // bound (inline and env secrets were checked when the settings were loaded)
     cfg.hs256_secret()?;
     cfg.admin_token()?;
+    cfg.hooks_secret()?;
     let node = new_node_id();
     let gw = Gateway::new(cfg)?;
     // bind before connecting to Redis: a port conflict is reported at once

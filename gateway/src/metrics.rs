@@ -37,14 +37,50 @@ pub mod push_result {
     pub const UNAVAILABLE: &str = "unavailable";
     /// Over the socket's push rate limit (`server.push_rate_per_s` / `server.push_burst`).
     pub const RATE_LIMITED: &str = "rate_limited";
-    pub const ALL: [&str; 6] = [
+    /// The publish hook answered `refuse`.
+    pub const REFUSED: &str = "refused";
+    pub const ALL: [&str; 7] = [
         OK,
         NOT_SIGNED_IN,
         UNKNOWN_EVENT,
         INVALID,
         UNAVAILABLE,
         RATE_LIMITED,
+        REFUSED,
     ];
+}
+
+/// Label values of `gateway_hook_requests_total{hook}` and `gateway_hook_duration_seconds{hook}`.
+pub mod hook_kind {
+    pub const PUBLISH: &str = "publish";
+    pub const EVENTS: &str = "events";
+    pub const ALL: [&str; 2] = [PUBLISH, EVENTS];
+}
+
+/// Label values of `gateway_hook_requests_total{outcome}`.
+pub mod hook_outcome {
+    /// A valid answer that lets the push through (`broadcast`, `ack`).
+    pub const OK: &str = "ok";
+    /// The application answered `refuse`.
+    pub const REFUSED: &str = "refused";
+    /// No answer: another status than 2xx, or the connection failed.
+    pub const HTTP_ERROR: &str = "http_error";
+    /// No answer within `hooks.timeout_ms` (the request was abandoned).
+    pub const TIMEOUT: &str = "timeout";
+    /// A 2xx answer we cannot use: not JSON, an unknown result, a replacement body that breaks
+    /// the body rules.
+    pub const INVALID: &str = "invalid";
+    /// Not sent: `hooks.max_in_flight` requests were already in flight.
+    pub const OVERLOADED: &str = "overloaded";
+    pub const ALL: [&str; 6] = [OK, REFUSED, HTTP_ERROR, TIMEOUT, INVALID, OVERLOADED];
+}
+
+/// Label values of `gateway_hook_events_total{result}` (the events hook's deliveries).
+pub mod hook_event_result {
+    pub const SENT: &str = "sent";
+    pub const RETRIED: &str = "retried";
+    pub const DROPPED: &str = "dropped";
+    pub const ALL: [&str; 3] = [SENT, RETRIED, DROPPED];
 }
 
 /// Label values of `gateway_presence_frames_total{event}`: the presence events sent to clients.
@@ -160,6 +196,9 @@ struct Inner {
     closes: IntCounterVec,
     heartbeat_rooms: IntGauge,
     recoveries: IntCounterVec,
+    hook_requests: IntCounterVec,
+    hook_seconds: HistogramVec,
+    hook_events: IntCounterVec,
     ready: IntGauge,
 }
 
@@ -266,6 +305,30 @@ impl Metrics {
             ),
             &["outcome"],
         ));
+        let hook_requests = must(IntCounterVec::new(
+            Opts::new(
+                "gateway_hook_requests_total",
+                "Requests to the application's hooks by hook and outcome",
+            ),
+            &["hook", "outcome"],
+        ));
+        let hook_seconds = must(HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_hook_duration_seconds",
+                "Round trip of a hook request (sent ones; timeouts count at the deadline)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["hook"],
+        ));
+        let hook_events = must(IntCounterVec::new(
+            Opts::new(
+                "gateway_hook_events_total",
+                "Events of the events hook by delivery result",
+            ),
+            &["result"],
+        ));
         let ready = must(IntGauge::new(
             "gateway_ready",
             "1 when /health/ready would answer 200 (Redis answers, pub/sub up, not draining), \
@@ -291,6 +354,9 @@ impl Metrics {
         reg(Box::new(closes.clone()));
         reg(Box::new(heartbeat_rooms.clone()));
         reg(Box::new(recoveries.clone()));
+        reg(Box::new(hook_requests.clone()));
+        reg(Box::new(hook_seconds.clone()));
+        reg(Box::new(hook_events.clone()));
         reg(Box::new(ready.clone()));
         reg(Box::new(build));
         #[cfg(target_os = "linux")]
@@ -308,6 +374,13 @@ impl Metrics {
         init(&script_seconds, &script::ALL);
         init(&redis_errors, &redis_op::ALL);
         init(&recoveries, &recovery_outcome::ALL);
+        for hook in hook_kind::ALL {
+            for outcome in hook_outcome::ALL {
+                hook_requests.with_label_values(&[hook, outcome]);
+            }
+        }
+        init(&hook_seconds, &hook_kind::ALL);
+        init(&hook_events, &hook_event_result::ALL);
         Metrics(Arc::new(Inner {
             registry,
             connections,
@@ -325,6 +398,9 @@ impl Metrics {
             closes,
             heartbeat_rooms,
             recoveries,
+            hook_requests,
+            hook_seconds,
+            hook_events,
             ready,
         }))
     }
@@ -387,6 +463,23 @@ impl Metrics {
     }
     pub fn recovery(&self, outcome: &'static str) {
         self.0.recoveries.with_label_values(&[outcome]).inc();
+    }
+    /// One hook request's outcome (`hook_kind`, `hook_outcome`).
+    pub fn hook_request(&self, hook: &'static str, outcome: &'static str) {
+        self.0
+            .hook_requests
+            .with_label_values(&[hook, outcome])
+            .inc();
+    }
+    pub fn hook_duration(&self, hook: &'static str, secs: f64) {
+        self.0.hook_seconds.with_label_values(&[hook]).observe(secs);
+    }
+    /// Events of the events hook by delivery result (`hook_event_result`).
+    pub fn hook_events(&self, result: &'static str, n: usize) {
+        self.0
+            .hook_events
+            .with_label_values(&[result])
+            .inc_by(n as u64);
     }
     /// The readiness `/metrics` just evaluated, so an alert can see a node that is up but not
     /// ready (a scrape of a dead node fails instead: Prometheus' `up`).

@@ -6,6 +6,9 @@
 //! `server.max_frame_bytes`, UTF-8, close codes), decodes Phoenix frames and applies the rules
 //! (`rooms`), calling into the [`crate::fanout::Hub`] for joins, leaves and broadcasts.
 //!
+//! A push that waits on the application (the publish hook) does not stop the reader: it queues,
+//! in order, in the socket's [`pushes`] queue.
+//!
 //! Redis keys and other sessions are out of reach from here.
 
 use std::collections::HashMap;
@@ -20,13 +23,15 @@ use crate::app::App;
 use crate::auth::{AuthError, Identity};
 use crate::expiry::{Expiring, ExpiryKey};
 use crate::fanout::{JoinError, Joiner, Room, Want};
-use crate::history::HistoryError;
 use crate::metrics::{join_result, push_result};
 use crate::outbox::{Limits, NO_STATUS, Outbox, run_writer};
 use crate::protocol::{self, Inbound, Payload, close, reason};
 use crate::rooms::{PushRefusal, RoomId};
 use crate::wsmessage::{Assembler, Event, Message, Violation};
 use crate::wsread::FrameReader;
+
+mod pushes;
+use pushes::{Broadcast, PushQueue, ReplyTo};
 
 struct Channel {
     room: Arc<Room>,
@@ -39,7 +44,7 @@ struct Channel {
 struct Session {
     app: Arc<App>,
     socket: u64,
-    conn: String,
+    conn: Arc<str>,
     identity: Identity,
     /// Why the connection's token was refused, told in every join reply that uses it.
     auth_error: Option<AuthError>,
@@ -52,6 +57,8 @@ struct Session {
     pushes: Bucket,
     /// `server.join_rate_per_s` / `server.join_burst`.
     joins: Bucket,
+    /// Pushes waiting on the publish hook, and the replies and pushes queued behind them.
+    queue: PushQueue,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` held.
@@ -116,7 +123,7 @@ pub async fn run(
         out.close(close::RESTART);
     }
     let mut session = Session {
-        conn: format!("{}.{}", app.node, socket),
+        conn: Arc::from(format!("{}.{}", app.node, socket)),
         app: app.clone(),
         socket,
         identity,
@@ -127,6 +134,7 @@ pub async fn run(
         refused_since: tokio::time::Instant::now(),
         pushes: Bucket::full(app.cfg.server.push_burst),
         joins: Bucket::full(app.cfg.server.join_burst),
+        queue: PushQueue::default(),
     };
     // the connection's token ends the socket when it expires (4001)
     let expiry = session.identity.user().map(|u| {
@@ -148,6 +156,8 @@ pub async fn run(
         out.abort();
     }
     drop(ws);
+    // pushes still waiting on the application are abandoned: no reply could reach the client
+    session.queue.stop();
     let _ = writer.await;
     let closed_code = out.closed_code();
     // nothing more is queued for this socket, whoever still holds its outbox
@@ -349,7 +359,7 @@ impl Session {
                             out: self.out.clone(),
                             room: room.clone(),
                             socket: self.socket,
-                            conn: Arc::from(self.conn.as_str()),
+                            conn: self.conn.clone(),
                             join_ref: join_ref.clone(),
                         },
                     )),
@@ -429,10 +439,25 @@ impl Session {
         }
     }
 
+    /// A push reply, released after the replies of the socket's earlier pushes (DESIGN §12).
+    fn push_reply(&mut self, frame: Bytes) {
+        if self.queue.busy() {
+            self.queue.reply(&self.app, &self.out, &self.conn, frame);
+        } else {
+            self.out.send(frame);
+        }
+    }
+
+    fn push_error(&mut self, f: &Inbound, why: &str) {
+        let frame =
+            protocol::reply_error(f.join_ref.as_deref(), f.reference.as_deref(), &f.topic, why);
+        self.push_reply(frame);
+    }
+
     async fn push(&mut self, f: Inbound) {
         let app = self.app.clone();
         let Some(ch) = self.channels.get(&f.topic) else {
-            return self.out.send_unit(protocol::reply_error(
+            return self.push_reply(protocol::reply_error(
                 None,
                 f.reference.as_deref(),
                 &f.topic,
@@ -450,12 +475,12 @@ impl Session {
             if let Some(ch) = self.channels.remove(&topic) {
                 self.end_channel(&ch).await;
             }
-            return self.reply_error(&f, reason::ROOM_DOES_NOT_EXIST);
+            return self.push_error(&f, reason::ROOM_DOES_NOT_EXIST);
         }
         let s = &app.cfg.server;
         if !self.pushes.take(s.push_rate_per_s, s.push_burst) {
             app.metrics.push(push_result::RATE_LIMITED);
-            return self.reply_error(&f, reason::RATE_LIMITED);
+            return self.push_error(&f, reason::RATE_LIMITED);
         }
         let Some(ch) = self.channels.get(&f.topic) else {
             return;
@@ -467,60 +492,76 @@ impl Session {
         {
             // the channel's token ran out (its presence is leaving): no more writes with it
             app.metrics.push(push_result::NOT_SIGNED_IN);
-            return self.reply_error(&f, reason::TOKEN_EXPIRED);
+            return self.push_error(&f, reason::TOKEN_EXPIRED);
         }
-        let refused = |refusal: PushRefusal| {
+        let refusal = |refusal: PushRefusal| {
             app.metrics.push(match refusal {
                 PushRefusal::NotSignedIn => push_result::NOT_SIGNED_IN,
                 PushRefusal::UnknownEvent => push_result::UNKNOWN_EVENT,
                 PushRefusal::InvalidPayload => push_result::INVALID,
             });
-            self.reply_error(&f, refusal.reason());
+            refusal.reason()
         };
-        if let Err(refusal) = app.policy.check(&ch.identity, &f.event) {
-            return refused(refusal);
+        if let Err(r) = app.policy.check(&ch.identity, &f.event) {
+            let why = refusal(r);
+            return self.push_error(&f, why);
         }
         // anonymous: an event of `rooms.anonymous_events`, broadcast with "user": null
         let user = ch.identity.user();
         let Payload::Json(payload) = &f.payload else {
             app.metrics.push(push_result::INVALID);
-            return self.reply_error(&f, reason::BINARY_UNSUPPORTED);
+            return self.push_error(&f, reason::BINARY_UNSUPPORTED);
         };
         // only the body is the client's; the sender comes from the token, every other field is
         // dropped (see `rooms::broadcast_payload`)
+        let at_ms = crate::unix_ms();
         let payload = match crate::rooms::broadcast_payload(
             &f.event,
             payload,
             user,
-            crate::unix_ms(),
+            at_ms,
             app.cfg.rooms.max_body_bytes,
         ) {
             Ok(p) => p,
-            Err(refusal) => return refused(refusal),
+            Err(r) => {
+                let why = refusal(r);
+                return self.push_error(&f, why);
+            }
         };
         let room = ch.room.clone();
-        match app.hub.publish(&room, &f.event, &payload).await {
-            Ok(_) => {
-                app.metrics.push(push_result::OK);
-                self.out.send(protocol::reply_ok(
-                    f.join_ref.as_deref(),
-                    f.reference.as_deref(),
-                    &f.topic,
-                    json!({}),
-                ));
+        let identity = ch.identity.clone();
+        let reply = ReplyTo {
+            join_ref: f.join_ref.clone(),
+            reference: f.reference.clone(),
+            topic: f.topic.clone(),
+        };
+        let hooked = app
+            .publish_hook
+            .as_ref()
+            .is_some_and(|h| h.applies_to(&f.event));
+        if hooked || self.queue.busy() {
+            // the application decides, or an earlier push of this socket still waits on it:
+            // in order, without holding up the reader
+            if self.queue.publishes() >= s.push_burst as usize {
+                app.metrics.push(push_result::RATE_LIMITED);
+                return self.push_error(&f, reason::RATE_LIMITED);
             }
-            Err(HistoryError::NoRoom) => {
-                // deleted meanwhile: the hub closed its channels; nothing was written
-                self.reply_error(&f, reason::ROOM_DOES_NOT_EXIST);
-                if let Some(ch) = self.channels.remove(&f.topic) {
-                    self.end_channel(&ch).await;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(room = %room.id, error = %e, "broadcast failed");
-                app.metrics.push(push_result::UNAVAILABLE);
-                self.reply_error(&f, "unavailable");
-            }
+            let p = pushes::Publish {
+                room,
+                event: f.event.clone(),
+                payload,
+                identity,
+                hooked,
+                at_ms,
+                reply,
+            };
+            return self.queue.publish(&app, &self.out, &self.conn, p);
+        }
+        let done = pushes::broadcast(&app, &self.out, &room, &f.event, &payload, &reply).await;
+        if let Broadcast::NoRoom = done
+            && let Some(ch) = self.channels.remove(&f.topic)
+        {
+            self.end_channel(&ch).await;
         }
     }
 

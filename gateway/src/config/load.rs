@@ -9,8 +9,8 @@ use std::path::Path;
 use super::{Config, ConfigError};
 
 /// The sections, in the order `check-config` prints them. Env variables are matched against these.
-const SECTIONS: [&str; 7] = [
-    "server", "admin", "redis", "auth", "presence", "rooms", "log",
+const SECTIONS: [&str; 8] = [
+    "server", "admin", "redis", "auth", "presence", "rooms", "hooks", "log",
 ];
 
 /// `GATEWAY_*` variables that are not settings: the settings file (`--config`), the log filter's

@@ -7,7 +7,7 @@
 //! errors: a typo must not silently fall back to a default. Every error names the setting and where
 //! its value came from (the file, or the environment variable that set it).
 //!
-//! Secrets (`auth.hs256_secret`, `admin.token`) may be given inline, by env, or as a file path
+//! Secrets (`auth.hs256_secret`, `admin.token`, `hooks.secret`) may be given inline, by env, or as a file path
 //! (`*_file` keys), so they never have to be committed. An empty or whitespace-only secret is an
 //! error wherever it comes from, and an HS256 secret shorter than [`MIN_HS256_SECRET_BYTES`] is one
 //! unless `auth.allow_short_hs256_secret` says otherwise: a blank key would let anyone sign tokens.
@@ -30,8 +30,8 @@ mod validate;
 
 pub use secrets::{MIN_HS256_SECRET_BYTES, redact_url};
 pub use settings::{
-    AdminConfig, AuthConfig, Config, LogConfig, LogFormat, PresenceConfig, RedisConfig, RedisMode,
-    RoomsConfig, ServerConfig,
+    AdminConfig, AuthConfig, Config, HooksConfig, LogConfig, LogFormat, MIN_HOOK_SECRET_BYTES,
+    PresenceConfig, RedisConfig, RedisMode, RoomsConfig, ServerConfig,
 };
 pub use tls::TlsFiles;
 pub use validate::HISTORY_QUEUE_SLACK;

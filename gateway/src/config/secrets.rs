@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, MIN_HOOK_SECRET_BYTES};
 
 /// Shortest HS256 secret accepted without `auth.allow_short_hs256_secret`: RFC 7518 §3.2 asks for
 /// a key at least as long as the hash output (256 bits); a shorter one can be brute-forced
@@ -22,6 +22,9 @@ impl Config {
         }
         if c.admin.token.is_some() {
             c.admin.token = Some("***".into());
+        }
+        if c.hooks.secret.is_some() {
+            c.hooks.secret = Some("***".into());
         }
         if c.redis.master_password.is_some() {
             c.redis.master_password = Some("***".into());
@@ -58,6 +61,26 @@ impl Config {
         )
     }
 
+    /// The hook secret from `hooks.secret` or `hooks.secret_file`; a blank or short one is an
+    /// error, never a key.
+    pub fn hooks_secret(&self) -> Result<Option<String>, ConfigError> {
+        let secret = read_secret(
+            &self.hooks.secret,
+            ("hooks.secret", "hooks.secret_file"),
+            &self.hooks.secret_file,
+            None,
+        )?;
+        if let Some(s) = &secret {
+            let key = if self.hooks.secret.is_some() {
+                "hooks.secret"
+            } else {
+                "hooks.secret_file"
+            };
+            check_hook_secret(s, key)?;
+        }
+        Ok(secret)
+    }
+
     pub(super) fn hs256_min_len(&self) -> usize {
         if self.auth.allow_short_hs256_secret {
             1
@@ -90,6 +113,22 @@ pub(super) fn check_secret(
                 "is {} bytes; an HS256 secret needs at least {min_len} (RFC 7518 §3.2). Use a longer \
                  one (e.g. `openssl rand -base64 48`), or set auth.allow_short_hs256_secret = true \
                  (GATEWAY_AUTH_ALLOW_SHORT_HS256_SECRET) to accept it anyway",
+                secret.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a hook secret shorter than [`MIN_HOOK_SECRET_BYTES`].
+pub(super) fn check_hook_secret(secret: &str, key: &'static str) -> Result<(), ConfigError> {
+    check_secret(secret, key, None)?;
+    if secret.len() < MIN_HOOK_SECRET_BYTES {
+        return Err(ConfigError::Invalid {
+            key,
+            message: format!(
+                "is {} bytes; the hook secret needs at least {MIN_HOOK_SECRET_BYTES} (e.g. \
+                 `openssl rand -base64 48`)",
                 secret.len()
             ),
         });

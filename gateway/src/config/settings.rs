@@ -16,6 +16,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub presence: PresenceConfig,
     pub rooms: RoomsConfig,
+    pub hooks: HooksConfig,
     pub log: LogConfig,
 }
 
@@ -207,6 +208,33 @@ pub struct RoomsConfig {
     pub history_on_join: usize,
 }
 
+/// The application in the loop (DESIGN §12). Off unless a URL is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    /// The publish hook: an allowed push of an event of `publish_events` is posted here, signed,
+    /// and the answer decides (broadcast, broadcast another body, ack without broadcast, refuse).
+    /// Unset: no push waits for anyone.
+    pub publish_url: Option<String>,
+    /// Events whose pushes go through the publish hook; other allowed events are broadcast
+    /// directly (still in the socket's order).
+    pub publish_events: Vec<String>,
+    /// Key of the `x-gateway-signature` HMAC-SHA256 of every hook request; required with any hook
+    /// URL, at least [`MIN_HOOK_SECRET_BYTES`] bytes.
+    pub secret: Option<String>,
+    /// File holding the hook secret (alternative to `secret`; trailing newline trimmed).
+    pub secret_file: Option<PathBuf>,
+    /// Deadline of one hook request (connect, answer and body); past it the push is answered
+    /// `unavailable` and the request abandoned.
+    pub timeout_ms: u64,
+    /// Hook requests in flight on this node at most; one more is a failure (`overloaded`), so a
+    /// slow application cannot make the node hold unbounded requests.
+    pub max_in_flight: usize,
+}
+
+/// Shortest hook secret: an HMAC-SHA256 key as long as the hash output (256 bits).
+pub const MIN_HOOK_SECRET_BYTES: usize = 32;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -226,6 +254,25 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        Self {
+            publish_url: None,
+            publish_events: vec!["new_msg".into()],
+            secret: None,
+            secret_file: None,
+            timeout_ms: 2_000,
+            max_in_flight: 1_024,
+        }
+    }
+}
+
+impl HooksConfig {
+    pub fn timeout(&self) -> Duration {
+        ms(self.timeout_ms)
+    }
 }
 
 impl Default for LogConfig {

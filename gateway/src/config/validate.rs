@@ -4,7 +4,7 @@
 //! A broken rule is [`ConfigError::Invalid`] naming the key; `load.rs` turns it into one that names
 //! the variable when the value came from the environment.
 
-use super::secrets::check_secret;
+use super::secrets::{check_hook_secret, check_secret};
 use super::{Config, ConfigError, RedisMode, redact_url};
 
 /// Room in a socket's outbound queue beyond a full recovery (`rooms.history_len` events): the
@@ -281,6 +281,57 @@ impl Config {
         if self.redis.command_timeout_ms == 0 || self.redis.connect_timeout_ms == 0 {
             return Err(bad("redis.command_timeout_ms", "timeouts must be positive"));
         }
+        self.validate_hooks()
+    }
+
+    /// `[hooks]`: an http(s) URL, a secret with it (inline checked here, a file when read), sane
+    /// bounds.
+    fn validate_hooks(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        let h = &self.hooks;
+        if h.secret.is_some() && h.secret_file.is_some() {
+            return Err(bad("hooks.secret", "set either secret or secret_file"));
+        }
+        if let Some(s) = &h.secret {
+            check_hook_secret(s, "hooks.secret")?;
+        }
+        let Some(url) = &h.publish_url else {
+            return Ok(());
+        };
+        let ok = (url.starts_with("https://") || url.starts_with("http://"))
+            && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some());
+        if !ok {
+            return Err(bad(
+                "hooks.publish_url",
+                format!("{url:?}: use an absolute http:// or https:// URL"),
+            ));
+        }
+        if h.secret.is_none() && h.secret_file.is_none() {
+            return Err(bad(
+                "hooks.secret",
+                "required with hooks.publish_url (GATEWAY_HOOKS_SECRET or hooks.secret_file): \
+                 the application checks every request's x-gateway-signature with it",
+            ));
+        }
+        if !(10..=60_000).contains(&h.timeout_ms) {
+            return Err(bad("hooks.timeout_ms", "from 10 to 60000"));
+        }
+        if h.max_in_flight == 0 {
+            return Err(bad("hooks.max_in_flight", "at least 1"));
+        }
+        for ev in &h.publish_events {
+            if crate::rooms::is_reserved(ev) {
+                return Err(bad(
+                    "hooks.publish_events",
+                    format!("{ev:?} is reserved and can never be pushed by a client"),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -328,6 +379,72 @@ fn check_listen(addr: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::config::env;
+
+    #[test]
+    fn hooks_need_a_url_a_long_secret_and_sane_bounds() {
+        let e = |pairs: &[(&str, &str)]| {
+            Config::from_toml_and_env("", "t", &env(pairs))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let secret = "s".repeat(32);
+        let url = ("GATEWAY_HOOKS_PUBLISH_URL", "http://app.internal/hook");
+        assert!(e(&[url]).contains("hooks.secret"), "{}", e(&[url]));
+        assert!(e(&[url, ("GATEWAY_HOOKS_SECRET", "short")]).contains("at least 32"));
+        assert!(
+            e(&[
+                ("GATEWAY_HOOKS_PUBLISH_URL", "ftp://x/"),
+                ("GATEWAY_HOOKS_SECRET", &secret)
+            ])
+            .contains("hooks.publish_url")
+        );
+        assert!(
+            e(&[
+                url,
+                ("GATEWAY_HOOKS_SECRET", &secret),
+                ("GATEWAY_HOOKS_MAX_IN_FLIGHT", "0")
+            ])
+            .contains("hooks.max_in_flight")
+        );
+        assert!(
+            e(&[
+                url,
+                ("GATEWAY_HOOKS_SECRET", &secret),
+                ("GATEWAY_HOOKS_TIMEOUT_MS", "0")
+            ])
+            .contains("hooks.timeout_ms")
+        );
+        assert!(
+            e(&[
+                url,
+                ("GATEWAY_HOOKS_SECRET", &secret),
+                ("GATEWAY_HOOKS_PUBLISH_EVENTS", "[\"phx_join\"]")
+            ])
+            .contains("reserved")
+        );
+        let c = Config::from_toml_and_env(
+            "",
+            "t",
+            &env(&[
+                url,
+                ("GATEWAY_HOOKS_SECRET", &secret),
+                ("GATEWAY_HOOKS_PUBLISH_EVENTS", "[\"new_msg\", \"typing\"]"),
+            ]),
+        )
+        .expect("valid hooks");
+        assert_eq!(c.hooks.publish_events, ["new_msg", "typing"]);
+        assert_eq!(c.hooks_secret().unwrap(), Some(secret.clone()));
+        assert!(
+            !c.to_masked_toml().contains(&secret),
+            "the secret is masked"
+        );
+        // off by default: no URL, no secret needed
+        let d = Config::default();
+        assert_eq!(d.hooks.publish_url, None);
+        assert_eq!(d.hooks.publish_events, ["new_msg"]);
+        assert_eq!((d.hooks.timeout_ms, d.hooks.max_in_flight), (2000, 1024));
+    }
 
     #[test]
     fn tls_and_sentinel_settings_are_checked_at_start() {

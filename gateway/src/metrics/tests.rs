@@ -5,7 +5,7 @@ use super::*;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Every labelled family and the closed set of its one label.
-const CLOSED_SETS: [(&str, &str, &[&str]); 9] = [
+const CLOSED_SETS: [(&str, &str, &[&str]); 13] = [
     ("gateway_connections", "kind", &conn_kind::ALL),
     ("gateway_joins_total", "result", &join_result::ALL),
     ("gateway_pushes_total", "result", &push_result::ALL),
@@ -30,6 +30,15 @@ const CLOSED_SETS: [(&str, &str, &[&str]); 9] = [
         "gateway_history_recoveries_total",
         "outcome",
         &recovery_outcome::ALL,
+    ),
+    // two labels: each checked as its own closed set, their product below
+    ("gateway_hook_requests_total", "hook", &hook_kind::ALL),
+    ("gateway_hook_requests_total", "outcome", &hook_outcome::ALL),
+    ("gateway_hook_duration_seconds", "hook", &hook_kind::ALL),
+    (
+        "gateway_hook_events_total",
+        "result",
+        &hook_event_result::ALL,
     ),
 ];
 
@@ -56,7 +65,17 @@ fn renders_every_family_without_ids() {
 #[test]
 fn fresh_metrics_export_every_label_value_at_zero() {
     let text = String::from_utf8(Metrics::new().render().1).unwrap();
+    for hook in hook_kind::ALL {
+        for outcome in hook_outcome::ALL {
+            let line =
+                format!("gateway_hook_requests_total{{hook=\"{hook}\",outcome=\"{outcome}\"}} 0\n");
+            assert!(text.contains(&line), "fresh /metrics lacks {line:?}");
+        }
+    }
     for (family, label, values) in CLOSED_SETS {
+        if family == "gateway_hook_requests_total" {
+            continue;
+        }
         // a histogram's series show in its _count
         let sample = if family.ends_with("_seconds") {
             format!("{family}_count")
@@ -125,6 +144,9 @@ fn every_label_constant_is_in_its_set() {
         ("close_code", &close_code::ALL[..]),
         ("pubsub_event", &pubsub_event::ALL[..]),
         ("recovery_outcome", &recovery_outcome::ALL[..]),
+        ("hook_kind", &hook_kind::ALL[..]),
+        ("hook_outcome", &hook_outcome::ALL[..]),
+        ("hook_event_result", &hook_event_result::ALL[..]),
     ]
     .into_iter()
     .collect();
