@@ -350,16 +350,31 @@ impl Hub {
     /// Removes a member. A signed-in member's presence is removed with one script call (skipped
     /// when the node already released all its presence at shutdown).
     pub async fn leave(&self, room: &Arc<Room>, socket: u64, conn: &str) {
-        if self.remove_member(room, socket, conn) {
+        if self.remove_member(room, socket, conn, None) {
             self.write_leave(room, conn).await;
         }
     }
 
-    /// Takes the member out of the room's local state at once (nothing more reaches it); returns
-    /// whether its signed-in presence must be removed from Redis ([`Hub::write_leave`]).
-    pub(super) fn remove_member(&self, room: &Arc<Room>, socket: u64, conn: &str) -> bool {
+    /// Takes the member out of the room's local state at once (nothing more reaches it), only if
+    /// its channel is still the one with `join_ref` when one is given (a kick must not remove a
+    /// channel joined again meanwhile); returns whether its signed-in presence must be removed
+    /// from Redis ([`Hub::write_leave`]).
+    pub(super) fn remove_member(
+        &self,
+        room: &Arc<Room>,
+        socket: u64,
+        conn: &str,
+        join_ref: Option<&str>,
+    ) -> bool {
         let signed_in = {
             let mut st = lock(&room.state);
+            let current = st
+                .members
+                .get(&socket)
+                .is_some_and(|m| join_ref.is_none_or(|jr| *m.join_ref == *jr));
+            if !current {
+                return false;
+            }
             let Some(m) = st.members.remove(&socket) else {
                 return false;
             };

@@ -54,9 +54,9 @@ impl Hub {
                 .collect()
         };
         let mut writes = Vec::new();
-        for (socket, _) in &kicked {
+        for (socket, join_ref) in &kicked {
             let conn = format!("{}.{}", self.node, socket);
-            if self.remove_member(room, *socket, &conn) {
+            if self.remove_member(room, *socket, &conn, Some(join_ref)) {
                 writes.push(conn);
             }
         }
