@@ -1,5 +1,6 @@
 -- join.lua — a viewer enters a room (or a node's batched anonymous joins arrive).
--- KEYS: the six room keys, see common.lua
+-- KEYS: the six room keys, see common.lua; KEYS[7] (optional, signed-in joins) the joining user's
+--       ban key in this room, <p>:room:{R}:ban:<sub>
 -- ARGV[1] node id
 -- ARGV[2] lease ms (presence.ttl_ms)
 -- ARGV[3] key ttl ms (how long presence keys outlive the last heartbeat)
@@ -7,6 +8,7 @@
 -- ARGV[5] meta JSON (signed-in) or the number of anonymous viewers joining (anonymous)
 -- ARGV[6] '1' to include a snapshot in the reply (the node has no mirror of the room yet)
 -- Reply: {0} when the room does not exist (nothing is written);
+--        {2} when KEYS[7] exists: the user is banned from the room (nothing is written);
 --        else {1, seq, anonymous total, {conn, meta, ...} when ARGV[6] = '1' else {}, lost}
 --        where seq is the seq of this change (its envelope is published with it) and lost = 1
 --        when this call found the caller without a live lease (lapsed, or gone while it still had
@@ -16,6 +18,7 @@
 --        {1, seq, total, snapshot, lost, had}
 
 if redis.call('EXISTS', K_ROOM) == 0 then return { 0 } end
+if KEYS[7] and redis.call('EXISTS', KEYS[7]) == 1 then return { 2 } end
 local node, lease, key_ttl, conn, arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
 local leaves, _, swept = sweep(now, node)

@@ -29,7 +29,7 @@ const probe = (gw) => `${PREFIX}:node:${gw.node}:probe`;
 /**
  * Per-node check through CLIENT LIST: the node's subscriber connection is named
  * <prefix>-sub-<node> (CLIENT SETNAME) and its sub= count is `rooms` room channels plus
- * the optional probe channel. Problems are collected (not thrown) so that one run
+ * the optional probe channel plus the control channel `<prefix>:control`. Problems are collected (not thrown) so that one run
  * reports the pub/sub behaviour and the naming separately; the test fails at the end.
  */
 function checkSubCount(problems, gw, rooms, when) {
@@ -40,9 +40,11 @@ function checkSubCount(problems, gw, rooms, when) {
     return;
   }
   const c = list[0];
-  const expected = rooms + (redis.numsub(probe(gw))[probe(gw)] > 0 ? 1 : 0);
+  const probes = redis.numsub(probe(gw))[probe(gw)] > 0 ? 1 : 0;
+  // every node also listens on the node-wide control channel (disconnects), from start-up
+  const expected = rooms + probes + 1;
   if (Number(c.sub) !== expected) {
-    problems.push(`${when}: node ${gw.name} subscriber has sub=${c.sub}, expected ${rooms} room channel(s) + ${expected - rooms} probe = ${expected}`);
+    problems.push(`${when}: node ${gw.name} subscriber has sub=${c.sub}, expected ${rooms} room channel(s) + ${probes} probe + 1 control = ${expected}`);
   }
   if (Number(c.psub || 0) !== 0) problems.push(`${when}: node ${gw.name} uses pattern subscriptions (psub=${c.psub})`);
 }

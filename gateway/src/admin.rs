@@ -7,11 +7,13 @@
 //! | `GET /health/live` | 200 while the process runs |
 //! | `GET /health/ready` | 200 when the JWKS (if any) is loaded, Redis answers, pub/sub is up and the node is not draining; else 503 with the reason |
 //! | `GET /api/rooms` | room records |
-//! | `POST /api/rooms` `{"id","name"?}` | create a room (201, 409 if it exists) |
+//! | `POST /api/rooms` `{"id","name"?,"access"?}` | create a room (201, 409 if it exists); `access` `public` (default) or `private` |
 //! | `GET /api/rooms/<id>` | record + presence (users, anonymous count per node, leases) |
 //! | `DELETE /api/rooms/<id>` | delete the room; its channels get `phx_close` on every node |
 //! | `POST /api/rooms/<id>/broadcast` `{"event","payload"}` | broadcast an event into the room (kept in its history) |
 //! | `GET /api/rooms/<id>/history?last=N` | the room's newest N broadcasts (default 20), oldest first |
+//! | `POST /api/rooms/<id>/kick` `{"user","ban_s"?}` | close the user's channels in the room on every node; `{"kicked":K}` (404: no such room) |
+//! | `POST /api/users/<sub>/disconnect` `{"ban_s"?}` | close the user's sockets on every node with 4003; `{"closed":K}` |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use crate::app::{App, Gateway};
 use crate::catalog::{Catalog, CatalogError};
 use crate::history::HistoryError;
 use crate::http::{Body, text};
-use crate::rooms::{RoomId, is_reserved};
+use crate::rooms::{Access, RoomId, is_reserved};
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -166,7 +168,18 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 Err(r) => return *r,
             };
             let name = body.get("name").and_then(Value::as_str);
-            catalog.create(&id, name).await.map(|r| {
+            let access = match body.get("access") {
+                None | Some(Value::Null) => Access::Public,
+                Some(Value::String(a)) if a == "public" => Access::Public,
+                Some(Value::String(a)) if a == "private" => Access::Private,
+                Some(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "access must be \"public\" or \"private\"",
+                    );
+                }
+            };
+            catalog.create(&id, name, access).await.map(|r| {
                 // joinable here at once, even if this node found the id missing a moment ago
                 app.hub.forget_missing(&id);
                 json_response(StatusCode::CREATED, &json!(r))
@@ -195,8 +208,36 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 (&Method::GET, ["history"]) => {
                     return history(&catalog, &id, query.as_deref()).await;
                 }
+                (&Method::POST, ["kick"]) => {
+                    let Some(user) = body.get("user").and_then(Value::as_str) else {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "body must be {\"user\": \"<sub>\", \"ban_s\": N}",
+                        );
+                    };
+                    let ban_s = match ban_seconds(&body) {
+                        Ok(b) => b,
+                        Err(r) => return *r,
+                    };
+                    catalog
+                        .kick(&id, user, ban_s)
+                        .await
+                        .map(|k| json_response(StatusCode::OK, &json!({"kicked": k})))
+                }
                 _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
             }
+        }
+        (&Method::POST, ["users", sub, "disconnect"]) if !sub.is_empty() => {
+            // the user id as the token has it (a `sub` may hold any character: percent-encoded)
+            let sub = percent_encoding::percent_decode_str(sub).decode_utf8_lossy();
+            let ban_s = match ban_seconds(&body) {
+                Ok(b) => b,
+                Err(r) => return *r,
+            };
+            catalog
+                .disconnect(&sub, ban_s)
+                .await
+                .map(|k| json_response(StatusCode::OK, &json!({"closed": k})))
         }
         _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
     };
@@ -209,6 +250,19 @@ async fn api(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             error(StatusCode::NOT_FOUND, &format!("room {id} does not exist"))
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// `ban_s` of a kick or disconnect: absent, null or 0 is no ban.
+fn ban_seconds(body: &Value) -> Result<u64, Box<Response<Body>>> {
+    match body.get("ban_s") {
+        None | Some(Value::Null) => Ok(0),
+        Some(v) => v.as_u64().ok_or_else(|| {
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "ban_s must be a whole number of seconds",
+            ))
+        }),
     }
 }
 

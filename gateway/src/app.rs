@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::auth::Verifier;
+use crate::auth::{AuthError, Identity, Verifier};
 use crate::config::Config;
 use crate::fanout::Hub;
 use crate::hooks::PublishHook;
@@ -109,15 +109,29 @@ struct NodeRecordTask {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Open sockets, for the drain and the node record (the limit is [`App::admit`]'s).
+/// Open sockets, for the drain, the node record and disconnects (the limit is [`App::admit`]'s).
 #[derive(Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<u64, Outbox>>,
+    map: Mutex<HashMap<u64, SessionEntry>>,
+}
+
+struct SessionEntry {
+    out: Outbox,
+    /// The users signed in on the socket: its connection token's and its channels' own tokens'.
+    users: Vec<Arc<str>>,
 }
 
 impl Sessions {
-    pub fn insert(&self, id: u64, out: Outbox) {
-        self.lock().insert(id, out);
+    pub fn insert(&self, id: u64, out: Outbox, user: Option<&str>) {
+        let users = user.map(Arc::from).into_iter().collect();
+        self.lock().insert(id, SessionEntry { out, users });
+    }
+    /// The users signed in on the socket now (after a channel signed in with its own token
+    /// joined or left).
+    pub fn set_users(&self, id: u64, users: Vec<Arc<str>>) {
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.users = users;
+        }
     }
     pub fn remove(&self, id: u64) {
         self.lock().remove(&id);
@@ -131,12 +145,42 @@ impl Sessions {
     /// Every open socket, oldest first.
     pub fn all(&self) -> Vec<Outbox> {
         let m = self.lock();
-        let mut v: Vec<_> = m.iter().map(|(k, c)| (*k, c.clone())).collect();
+        let mut v: Vec<_> = m.iter().map(|(k, c)| (*k, c.out.clone())).collect();
         v.sort_by_key(|(k, _)| *k);
         v.into_iter().map(|(_, c)| c).collect()
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Outbox>> {
+    /// The sockets on which `user` is signed in (by the connection's token or a channel's).
+    pub fn of_user(&self, user: &str) -> Vec<Outbox> {
+        self.lock()
+            .values()
+            .filter(|e| e.users.iter().any(|u| &**u == user))
+            .map(|e| e.out.clone())
+            .collect()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SessionEntry>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Carries out the hub's orders for this node's sessions: a disconnect closes every socket of the
+/// user with 4003 (their presence leaves as the sessions end) and answers how many.
+async fn run_control(
+    app: Arc<App>,
+    mut orders: tokio::sync::mpsc::UnboundedReceiver<crate::fanout::Control>,
+) {
+    while let Some(order) = orders.recv().await {
+        match order {
+            crate::fanout::Control::Disconnect { user, reply } => {
+                let sockets = app.sessions.of_user(&user);
+                for out in &sockets {
+                    out.close(crate::protocol::close::DISCONNECTED);
+                }
+                tracing::info!(sockets = sockets.len(), "user disconnected by the server");
+                if let Some(key) = reply {
+                    app.hub.reply(&key, sockets.len()).await;
+                }
+            }
+        }
     }
 }
 
@@ -256,6 +300,9 @@ impl App {
     /// record's refresher.
     pub fn start(self: &Arc<Self>) {
         tokio::spawn(self.hub.clone().run_subscriber());
+        if let Some(orders) = self.hub.take_control() {
+            tokio::spawn(run_control(self.clone(), orders));
+        }
         tokio::spawn(self.hub.clone().run_heartbeat());
         tokio::spawn(self.expiries.clone().run(self.hub.clone()));
         let task = tokio::spawn(node_record(self.clone()));
@@ -293,6 +340,31 @@ impl App {
 
     pub fn next_socket(&self) -> u64 {
         self.next_socket.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A verified identity whose user is banned (`<p>:user:{<sub>}:ban`, set by a disconnect
+    /// with `ban_s`) signs nothing in: it becomes anonymous with `auth_error: banned`.
+    ///
+    /// Cost: one `EXISTS` per signed-in upgrade and per join with its own `guardian_token` (never
+    /// for anonymous sockets, never for joins under the connection's token, which was checked at
+    /// the upgrade). Redis unreachable: the ban is not enforced (the join or upgrade would need
+    /// Redis anyway), and a warning is logged.
+    pub async fn unless_banned(
+        &self,
+        (identity, error): (Identity, Option<AuthError>),
+    ) -> (Identity, Option<AuthError>) {
+        let Some(u) = identity.user() else {
+            return (identity, error);
+        };
+        let cmd = redis::cmd("EXISTS").arg(self.keys.user_ban(&u.id)).clone();
+        match self.hub.store().command::<i64>("exists", &cmd).await {
+            Ok(1) => (Identity::Anonymous, Some(AuthError::Banned)),
+            Ok(_) => (identity, error),
+            Err(e) => {
+                tracing::warn!(error = %e, "checking a user ban failed; not enforced");
+                (identity, error)
+            }
+        }
     }
 
     pub fn is_draining(&self) -> bool {

@@ -35,6 +35,55 @@ pub struct User {
     /// Until when (Unix ms) the token stays valid: its `exp` plus the leeway. An open socket or
     /// channel signed in with it ends then (see `expiry`).
     pub valid_until_ms: i64,
+    /// The private rooms the token lets its bearer join (claim `rooms`).
+    pub rooms: RoomGrant,
+}
+
+/// The claim `rooms`: which private rooms a token may join. Public rooms ignore it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RoomGrant {
+    /// No claim, or an empty list: no private room.
+    #[default]
+    None,
+    /// `"*"` in the list: every room.
+    All,
+    /// These room ids (as given; an id that is not a valid room id simply never matches).
+    Some(Vec<String>),
+}
+
+impl RoomGrant {
+    pub fn allows(&self, room: &str) -> bool {
+        match self {
+            RoomGrant::None => false,
+            RoomGrant::All => true,
+            RoomGrant::Some(ids) => ids.iter().any(|r| r == room),
+        }
+    }
+
+    fn from_claim(v: Option<Value>) -> Result<Self, AuthError> {
+        const RULE: AuthError = AuthError::BadClaim {
+            claim: "rooms",
+            rule: "be an array of room ids",
+        };
+        let list = match v {
+            None | Some(Value::Null) => return Ok(RoomGrant::None),
+            Some(Value::Array(a)) => a,
+            Some(_) => return Err(RULE),
+        };
+        let mut ids = Vec::with_capacity(list.len());
+        for v in list {
+            match v {
+                Value::String(s) if s == "*" => return Ok(RoomGrant::All),
+                Value::String(s) => ids.push(s),
+                _ => return Err(RULE),
+            }
+        }
+        Ok(if ids.is_empty() {
+            RoomGrant::None
+        } else {
+            RoomGrant::Some(ids)
+        })
+    }
 }
 
 impl Identity {
@@ -85,6 +134,9 @@ pub enum AuthError {
     /// JWKS: the key set has not been fetched yet.
     #[error("signing keys not available yet")]
     KeysUnavailable,
+    /// A valid token whose `sub` is banned (`POST /api/users/<sub>/disconnect` with `ban_s`).
+    #[error("banned")]
+    Banned,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +166,8 @@ struct Claims {
     username: Option<Value>,
     #[serde(default)]
     exp: Option<Value>,
+    #[serde(default)]
+    rooms: Option<Value>,
 }
 
 /// The start-up warning for a public-key algorithm without `auth.audience`, if it applies. Such a
@@ -299,7 +353,12 @@ impl Verifier {
     }
 
     fn claims_to_user(&self, claims: Claims) -> Result<User, AuthError> {
-        let Claims { sub, username, exp } = claims;
+        let Claims {
+            sub,
+            username,
+            exp,
+            rooms,
+        } = claims;
         let exp = match exp {
             None => return Err(AuthError::MissingClaim("exp")),
             Some(v) => v.as_u64().ok_or(AuthError::BadClaim {
@@ -339,10 +398,12 @@ impl Verifier {
             .unwrap_or_else(|| sub.clone());
         let valid_until_ms =
             (exp.saturating_add(self.validation.leeway) as i64).saturating_mul(1000);
+        let rooms = RoomGrant::from_claim(rooms)?;
         Ok(User {
             id: sub,
             username,
             valid_until_ms,
+            rooms,
         })
     }
 

@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use crate::redis::keys::Keys;
 use crate::redis::{Pool, PoolError};
-use crate::rooms::RoomId;
+use crate::rooms::{Access, RoomId};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -50,7 +51,16 @@ pub struct RoomRecord {
     pub id: String,
     pub name: String,
     pub created_at: i64,
+    /// `public` or `private` (see [`Access`]).
+    pub access: &'static str,
 }
+
+/// How long an admin kick or disconnect waits for every node's answer. Nodes answer within a
+/// command deadline; a subscriber that is not a gateway (someone's `redis-cli SUBSCRIBE`) never
+/// answers, so the call returns what it has after this.
+const ANSWERS_WAIT: Duration = Duration::from_secs(2);
+/// How often the reply list is read while answers are missing.
+const ANSWERS_POLL: Duration = Duration::from_millis(20);
 
 /// Presence of a room as Redis holds it (all nodes).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -95,6 +105,7 @@ impl Catalog {
         &self,
         id: &RoomId,
         name: Option<&str>,
+        access: Access,
     ) -> Result<RoomRecord, CatalogError> {
         let mut c = self.pool.get().await?;
         let key = self.keys.room_record(id);
@@ -102,7 +113,15 @@ impl Catalog {
         if !created {
             return Err(CatalogError::Exists(id.clone()));
         }
-        let _: () = c.hset(&key, "name", name.unwrap_or(id.as_str())).await?;
+        let _: () = c
+            .hset_multiple(
+                &key,
+                &[
+                    ("name", name.unwrap_or(id.as_str())),
+                    ("access", access.as_str()),
+                ],
+            )
+            .await?;
         self.get(id)
             .await?
             .ok_or_else(|| CatalogError::Missing(id.clone()))
@@ -121,6 +140,7 @@ impl Catalog {
                 .get("created_at")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            access: Access::parse(h.get("access").map(String::as_str)).as_str(),
         }))
     }
 
@@ -168,6 +188,67 @@ impl Catalog {
             return Err(CatalogError::Missing(id.clone()));
         }
         Ok(())
+    }
+
+    /// Kicks user `sub` from the room on every node (see `fanout/moderation.rs`), after setting
+    /// the ban first when `ban_s` > 0 (so a rejoin racing the kick is refused). Returns how many
+    /// channels were closed, summed from every node's answer.
+    pub async fn kick(&self, id: &RoomId, sub: &str, ban_s: u64) -> Result<u64, CatalogError> {
+        if self.get(id).await?.is_none() {
+            return Err(CatalogError::Missing(id.clone()));
+        }
+        if ban_s > 0 {
+            self.ban(&self.keys.room_ban(id, sub), ban_s).await?;
+        }
+        let msg = |reply: &str| serde_json::json!({"kick": sub, "reply": reply}).to_string();
+        self.order(&self.keys.events(id), msg).await
+    }
+
+    /// Closes every socket of user `sub` on every node with 4003, after setting the user's ban
+    /// first when `ban_s` > 0. Returns how many sockets were closed, summed from every node's
+    /// answer.
+    pub async fn disconnect(&self, sub: &str, ban_s: u64) -> Result<u64, CatalogError> {
+        if ban_s > 0 {
+            self.ban(&self.keys.user_ban(sub), ban_s).await?;
+        }
+        let msg = |reply: &str| serde_json::json!({"disconnect": sub, "reply": reply}).to_string();
+        self.order(&self.keys.control(), msg).await
+    }
+
+    async fn ban(&self, key: &str, ban_s: u64) -> Result<(), CatalogError> {
+        let mut c = self.pool.get().await?;
+        let _: () = c.set_ex(key, "1", ban_s).await?;
+        Ok(())
+    }
+
+    /// Publishes an order on `channel` and sums the answers. `PUBLISH` says how many subscribers
+    /// got it (every node subscribed there); each node pushes its count onto the reply list, and
+    /// the call waits until that many answers are in, or [`ANSWERS_WAIT`].
+    async fn order(
+        &self,
+        channel: &str,
+        msg: impl Fn(&str) -> String,
+    ) -> Result<u64, CatalogError> {
+        let mut c = self.pool.get().await?;
+        let reply = self.keys.reply(&format!("{:016x}", rand::random::<u64>()));
+        let receivers: usize = redis::cmd(c.publish_command())
+            .arg(channel)
+            .arg(msg(&reply))
+            .query_async(&mut c)
+            .await?;
+        let until = tokio::time::Instant::now() + ANSWERS_WAIT;
+        let mut answers: Vec<u64> = Vec::new();
+        if receivers > 0 {
+            loop {
+                answers = c.lrange(&reply, 0, -1).await?;
+                if answers.len() >= receivers || tokio::time::Instant::now() >= until {
+                    break;
+                }
+                tokio::time::sleep(ANSWERS_POLL).await;
+            }
+        }
+        let _: () = c.del(&reply).await?;
+        Ok(answers.iter().sum())
     }
 
     /// The room's newest `last` broadcasts from its history stream, oldest first, each with its

@@ -21,7 +21,7 @@
 //! | [`hooks`] | the publish hook: a push posted, signed, to the application, its answer a verdict |
 //! | [`httpclient`] | the pooled outbound HTTP/1.1 client (HTTPS against the system's roots) |
 //! | [`rooms`] | room ids, topics, who may push what |
-//! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames |
+//! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames, kicks and disconnects as they arrive |
 //! | [`presence`] | the Redis presence store (Lua scripts) and the node-local `Mirror` (`presence/`: `store`, `mirror`, `meta`, the test `model`) |
 //! | [`redis`] | key names, scripts, and the connections — hot [`redis::Redis`], cold [`redis::Pool`], [`redis::Subscriber`] — each hiding standalone vs cluster |
 //! | [`history`] | room history on Redis Streams: broadcasts appended and published, reads, ids |

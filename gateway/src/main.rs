@@ -13,7 +13,7 @@ use gateway::app::{App, Gateway, new_node_id};
 use gateway::catalog::{Catalog, CatalogError, iso8601_utc};
 use gateway::config::{Config, LogFormat};
 use gateway::redis::keys::Keys;
-use gateway::rooms::RoomId;
+use gateway::rooms::{Access, RoomId};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +56,11 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Act on a user's connections on every node.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
     /// List live gateway processes and their rooms.
     Nodes,
     /// One command for a newcomer: uses the Redis at redis.url or starts a local redis-server,
@@ -70,6 +75,18 @@ enum RoomsCommand {
         id: String,
         #[arg(long)]
         name: Option<String>,
+        /// Only signed-in users whose token's `rooms` claim lists the room (or "*") may join.
+        #[arg(long)]
+        private: bool,
+    },
+    /// Close a user's channels in the room on every node (phx_close); prints how many.
+    Kick {
+        id: String,
+        /// The user id (`sub`).
+        user: String,
+        /// Also refuse the user's joins of the room for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        ban_s: u64,
     },
     /// List rooms.
     List,
@@ -83,6 +100,18 @@ enum RoomsCommand {
         /// How many (at most 1000).
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
         last: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Close every socket of a user on every node (close code 4003); prints how many.
+    Disconnect {
+        /// The user id (`sub`).
+        user: String,
+        /// Also let no token with this `sub` sign in for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        ban_s: u64,
     },
 }
 
@@ -168,6 +197,23 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rooms { command } => rooms(cfg, command).await,
+        Command::Users {
+            command: UsersCommand::Disconnect { user, ban_s },
+        } => {
+            let cat = catalog(&cfg)?;
+            let n = cat
+                .disconnect(&user, ban_s)
+                .await
+                .map_err(redis_error(&cfg))?;
+            println!(
+                "closed {n} socket{} of {user}",
+                if n == 1 { "" } else { "s" }
+            );
+            if ban_s > 0 {
+                println!("{user} banned for {ban_s} s");
+            }
+            Ok(())
+        }
         Command::Token {
             user,
             sub,
@@ -239,12 +285,30 @@ async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
     let cat = catalog(&cfg)?;
     let redis = redis_error(&cfg);
     match cmd {
-        RoomsCommand::Create { id, name } => {
+        RoomsCommand::Create { id, name, private } => {
+            let access = if private {
+                Access::Private
+            } else {
+                Access::Public
+            };
             let r = cat
-                .create(&room_id(&id)?, name.as_deref())
+                .create(&room_id(&id)?, name.as_deref(), access)
                 .await
                 .map_err(redis)?;
-            println!("created room {} ({})", r.id, r.name);
+            println!("created room {} ({}, {})", r.id, r.name, r.access);
+        }
+        RoomsCommand::Kick { id, user, ban_s } => {
+            let n = cat
+                .kick(&room_id(&id)?, &user, ban_s)
+                .await
+                .map_err(redis)?;
+            println!(
+                "kicked {user} from {id}: {n} channel{} closed",
+                if n == 1 { "" } else { "s" }
+            );
+            if ban_s > 0 {
+                println!("{user} banned from {id} for {ban_s} s");
+            }
         }
         RoomsCommand::List => {
             let rooms = cat.list().await.map_err(redis)?;
@@ -267,6 +331,7 @@ async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
             let p = cat.presence(&id).await.map_err(redis)?;
             println!("room {} ({})", rec.id, rec.name);
             println!("created {}", iso8601_utc(rec.created_at));
+            println!("access: {}", rec.access);
             println!("signed-in users: {}", p.users.len());
             for u in &p.users {
                 println!(
@@ -349,7 +414,7 @@ async fn dev(mut cfg: Config, listen_told: bool) -> anyhow::Result<()> {
     };
     let cat = catalog(&cfg)?;
     let lobby = room_id("lobby")?;
-    match cat.create(&lobby, Some("Lobby")).await {
+    match cat.create(&lobby, Some("Lobby"), Access::Public).await {
         Ok(_) | Err(gateway::catalog::CatalogError::Exists(_)) => {}
         Err(e) => return Err(e.into()),
     }

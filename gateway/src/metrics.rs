@@ -173,9 +173,9 @@ pub mod pubsub_event {
 /// as its number, and `other`. [`close_label`] maps a code into this set.
 pub mod close_code {
     pub const OTHER: &str = "other";
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         "1000", "1001", "1002", "1005", "1006", "1007", "1009", "1011", "1012", "4000", "4001",
-        "4008", "4009", OTHER,
+        "4003", "4008", "4009", OTHER,
     ];
 }
 
@@ -532,6 +532,8 @@ fn close_label(code: u16) -> &'static str {
         close::IDLE_TIMEOUT => "4000",
         // token expired in an open session (DESIGN §10)
         close::TOKEN_EXPIRED => "4001",
+        // disconnected by an operator (DESIGN §11)
+        close::DISCONNECTED => "4003",
         close::SLOW_CONSUMER => "4008",
         close::REFUSED_JOINS => "4009",
         _ => close_code::OTHER,

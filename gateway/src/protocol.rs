@@ -34,11 +34,16 @@ pub mod close {
     /// More than `server.max_refused_joins_per_min` joins refused (rooms that do not exist,
     /// invalid topics) within a minute: a client looping over random room ids.
     pub const REFUSED_JOINS: u16 = 4009;
+    /// Disconnected by the server: an operator's `POST /api/users/<sub>/disconnect` (or
+    /// `gateway users disconnect`); a ban may follow, so the client should not retry at once.
+    pub const DISCONNECTED: u16 = 4003;
 }
 
 /// Reply reasons, in one place so tests and clients can rely on the exact strings.
 pub mod reason {
     pub const NOT_SIGNED_IN: &str = "Not signed in";
+    /// A private room the token does not list, or a ban from the room.
+    pub const NOT_ALLOWED: &str = "Not allowed";
     pub const ROOM_DOES_NOT_EXIST: &str = "Room does not exist";
     pub const INVALID_ROOM_ID: &str = "invalid room id";
     pub const UNMATCHED_TOPIC: &str = "unmatched topic";

@@ -75,6 +75,62 @@ impl fmt::Display for RoomId {
     }
 }
 
+/// Who may join a room (field `access` of the room record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    /// Anyone, signed in or not (the default, and what a record without the field means).
+    #[default]
+    Public,
+    /// Only signed-in users whose token's `rooms` claim names the room (or holds `"*"`).
+    Private,
+}
+
+impl Access {
+    /// The record's field value; anything but `private` is public.
+    pub fn parse(v: Option<&str>) -> Self {
+        match v {
+            Some("private") => Access::Private,
+            _ => Access::Public,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Public => "public",
+            Access::Private => "private",
+        }
+    }
+}
+
+/// Why a join is refused by the room's rules (the room exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRefusal {
+    /// A private room and no signed-in identity.
+    NotSignedIn,
+    /// A private room the token does not list, or a ban.
+    NotAllowed,
+}
+
+impl JoinRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            JoinRefusal::NotSignedIn => reason::NOT_SIGNED_IN,
+            JoinRefusal::NotAllowed => reason::NOT_ALLOWED,
+        }
+    }
+}
+
+/// May `user` (None: anonymous) join room `id` of this access? The identity is the one that
+/// signs the join in: its `guardian_token` if it has one, else the connection's token.
+pub fn may_join(access: Access, id: &RoomId, user: Option<&User>) -> Result<(), JoinRefusal> {
+    match (access, user) {
+        (Access::Public, _) => Ok(()),
+        (Access::Private, None) => Err(JoinRefusal::NotSignedIn),
+        (Access::Private, Some(u)) if u.rooms.allows(id.as_str()) => Ok(()),
+        (Access::Private, Some(_)) => Err(JoinRefusal::NotAllowed),
+    }
+}
+
 /// Why a push is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushRefusal {
@@ -223,12 +279,44 @@ mod tests {
     }
 
     #[test]
+    fn private_rooms_need_the_rooms_claim() {
+        use crate::auth::RoomGrant;
+        let id = RoomId::parse("vip").unwrap();
+        let with = |rooms| User { rooms, ..user() };
+        assert_eq!(may_join(Access::Public, &id, None), Ok(()));
+        assert_eq!(may_join(Access::Public, &id, Some(&user())), Ok(()));
+        assert_eq!(
+            may_join(Access::Private, &id, None),
+            Err(JoinRefusal::NotSignedIn)
+        );
+        assert_eq!(
+            may_join(Access::Private, &id, Some(&user())),
+            Err(JoinRefusal::NotAllowed)
+        );
+        let other = with(RoomGrant::Some(vec!["other".into()]));
+        assert_eq!(
+            may_join(Access::Private, &id, Some(&other)),
+            Err(JoinRefusal::NotAllowed)
+        );
+        let listed = with(RoomGrant::Some(vec!["vip".into()]));
+        assert_eq!(may_join(Access::Private, &id, Some(&listed)), Ok(()));
+        assert_eq!(
+            may_join(Access::Private, &id, Some(&with(RoomGrant::All))),
+            Ok(())
+        );
+        assert_eq!(Access::parse(Some("private")), Access::Private);
+        assert_eq!(Access::parse(None), Access::Public);
+        assert_eq!(Access::parse(Some("odd")), Access::Public);
+    }
+
+    #[test]
     fn push_rules() {
         let p = PushPolicy::new(&["new_msg".to_string()]);
         let user = Identity::User(Arc::new(User {
             id: "1".into(),
             username: "a".into(),
             valid_until_ms: i64::MAX,
+            rooms: crate::auth::RoomGrant::None,
         }));
         assert_eq!(
             p.check(&Identity::Anonymous, "new_msg"),
@@ -257,6 +345,7 @@ mod tests {
             id: "42".into(),
             username: "ann".into(),
             valid_until_ms: i64::MAX,
+            rooms: crate::auth::RoomGrant::None,
         }
     }
 

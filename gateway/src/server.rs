@@ -143,8 +143,14 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> 
             .map(String::from)
     });
     // waits only for a JWKS refresh (a kid not held yet); the permit is held meanwhile
-    let (identity, error) = app.verifier.identify(token.as_deref()).await;
+    let verified = app.verifier.identify(token.as_deref()).await;
+    // a valid token of a banned user signs nothing in (DESIGN §11): one EXISTS per signed-in upgrade
+    let (identity, error) = app.unless_banned(verified).await;
     if let Some(e) = &error {
+        if *e == AuthError::Banned && app.cfg.auth.reject_invalid_tokens {
+            tracing::debug!(%peer, "banned user refused");
+            return text(StatusCode::FORBIDDEN, "banned\n");
+        }
         if app.cfg.auth.reject_invalid_tokens {
             tracing::debug!(%peer, error = %e, "refused token");
             return text(StatusCode::UNAUTHORIZED, &format!("{e}\n"));

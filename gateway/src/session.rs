@@ -116,7 +116,8 @@ pub async fn run(
     );
     let signed_in = identity.user().is_some();
     app.metrics.connection_opened(signed_in);
-    app.sessions.insert(socket, out.clone());
+    app.sessions
+        .insert(socket, out.clone(), identity.user().map(|u| u.id.as_str()));
     if app.is_draining() {
         // upgraded after the drain began (and perhaps after it closed the sessions it saw):
         // told to reconnect elsewhere like every other socket of this node
@@ -311,17 +312,31 @@ impl Session {
             matches!(params.get("guardian_token"), Some(Value::String(t)) if !t.is_empty());
         let (identity, auth_error): (Identity, Option<AuthError>) =
             match params.get("guardian_token") {
-                Some(Value::String(t)) if !t.is_empty() => app.verifier.identify(Some(t)).await,
+                Some(Value::String(t)) if !t.is_empty() => {
+                    app.unless_banned(app.verifier.identify(Some(t)).await)
+                        .await
+                }
                 Some(Value::Null) | None => (self.identity.clone(), self.auth_error),
                 Some(_) => (Identity::Anonymous, Some(AuthError::Malformed)),
             };
-        if auth_error.is_some() && app.cfg.auth.reject_invalid_tokens {
+        if let Some(e) = auth_error
+            && app.cfg.auth.reject_invalid_tokens
+        {
             app.metrics.join(join_result::REFUSED);
-            return self.reply_error(&f, "invalid token");
+            let why = if e == AuthError::Banned {
+                "banned"
+            } else {
+                "invalid token"
+            };
+            return self.reply_error(&f, why);
         }
         // a second join of a joined topic replaces the channel; the old one is closed with its
         // own join_ref after the new join's reply
         let previous = self.channels.remove(&f.topic);
+        // a kicked channel already got its phx_close
+        let previous_open = previous
+            .as_ref()
+            .is_some_and(|old| old.room.is_member(self.socket, &old.join_ref));
         if let Some(old) = &previous {
             self.end_channel(old).await;
         }
@@ -374,6 +389,9 @@ impl Session {
                         expiry,
                     },
                 );
+                if own_token {
+                    self.publish_users();
+                }
             }
             Err(e) => {
                 let (label, why) = match &e {
@@ -382,18 +400,21 @@ impl Session {
                         (join_result::UNAVAILABLE, reason::PRESENCE_UNAVAILABLE)
                     }
                     JoinError::ShuttingDown => (join_result::UNAVAILABLE, reason::SHUTTING_DOWN),
+                    JoinError::Refused(r) => (join_result::REFUSED, r.reason()),
                 };
                 if let JoinError::Unavailable(detail) = &e {
                     tracing::warn!(room = %id, %detail, "join failed");
                 }
                 app.metrics.join(label);
                 self.reply_error(&f, why);
-                if let JoinError::NoRoom = e {
+                // a room that does not exist, a private room, a ban: the client's own fault
+                if let JoinError::NoRoom | JoinError::Refused(_) = e {
                     self.refused_join();
                 }
             }
         }
         if let Some(old) = previous
+            && previous_open
             && *old.join_ref != *join_ref
         {
             self.out.send(protocol::phx_close(&old.join_ref, &f.topic));
@@ -494,6 +515,17 @@ impl Session {
             app.metrics.push(push_result::NOT_SIGNED_IN);
             return self.push_error(&f, reason::TOKEN_EXPIRED);
         }
+        if !ch.room.is_member(self.socket, &ch.join_ref) {
+            // kicked (its phx_close is out): the channel is gone, as after a leave
+            let topic = f.topic.clone();
+            if let Some(ch) = self.channels.remove(&topic) {
+                self.end_channel(&ch).await;
+            }
+            return self.push_error(&f, reason::UNMATCHED_TOPIC);
+        }
+        let Some(ch) = self.channels.get(&f.topic) else {
+            return;
+        };
         let refusal = |refusal: PushRefusal| {
             app.metrics.push(match refusal {
                 PushRefusal::NotSignedIn => push_result::NOT_SIGNED_IN,
@@ -569,8 +601,24 @@ impl Session {
     async fn end_channel(&self, ch: &Channel) {
         if let Some(k) = ch.expiry {
             self.app.expiries.remove(k);
+            // it was signed in with its own token
+            self.publish_users();
         }
         self.app.hub.leave(&ch.room, self.socket, &self.conn).await;
+    }
+
+    /// Tells the node's registry which users are signed in on this socket (the connection's
+    /// token's and its channels' own), so a disconnect of any of them closes it.
+    fn publish_users(&self) {
+        let mut users: Vec<Arc<str>> = Vec::new();
+        let all =
+            std::iter::once(&self.identity).chain(self.channels.values().map(|c| &c.identity));
+        for u in all.filter_map(Identity::user) {
+            if !users.iter().any(|x| **x == *u.id) {
+                users.push(Arc::from(u.id.as_str()));
+            }
+        }
+        self.app.sessions.set_users(self.socket, users);
     }
 
     async fn leave_all(&mut self) {

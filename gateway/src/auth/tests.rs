@@ -41,6 +41,7 @@ fn accepts_a_valid_token_and_falls_back_to_sub() {
             id: "42".into(),
             username: "ann".into(),
             valid_until_ms: u.valid_until_ms,
+            rooms: RoomGrant::None,
         }
     );
     assert!(
@@ -223,5 +224,30 @@ fn warns_about_a_missing_audience_only_with_public_key_algorithms() {
         assert!(w.contains("auth.audience") && w.contains(alg), "{w}");
         a.audience = Some("gateway".into());
         assert_eq!(missing_audience_warning(&a), None, "{alg} with audience");
+    }
+}
+
+#[test]
+fn the_rooms_claim_lists_private_rooms() {
+    let v = verifier(K);
+    let u = v
+        .verify(&hs(K, json!({"sub":"1","exp":now()+60,"rooms":["a","b"]})))
+        .unwrap();
+    assert!(u.rooms.allows("a") && u.rooms.allows("b") && !u.rooms.allows("c"));
+    let u = v
+        .verify(&hs(K, json!({"sub":"1","exp":now()+60,"rooms":["x","*"]})))
+        .unwrap();
+    assert_eq!(u.rooms, RoomGrant::All);
+    let u = v.verify(&hs(K, json!({"sub":"1","exp":now()+60}))).unwrap();
+    assert_eq!(u.rooms, RoomGrant::None);
+    assert!(!u.rooms.allows("a"));
+    for bad in [json!("a"), json!([1]), json!({"a":1})] {
+        assert_eq!(
+            v.verify(&hs(K, json!({"sub":"1","exp":now()+60,"rooms":bad}))),
+            Err(AuthError::BadClaim {
+                claim: "rooms",
+                rule: "be an array of room ids"
+            })
+        );
     }
 }

@@ -219,7 +219,7 @@ pub(super) fn remove_room(hub: &Hub, room: &Arc<Room>) -> bool {
 pub(super) async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
     let r = if delta > 0 {
         hub.store
-            .join(&room.keys, "", &delta.to_string(), false)
+            .join(&room.keys, ("", None), &delta.to_string(), false)
             .await
             .map(|j| match j {
                 JoinReply::Joined {
@@ -229,6 +229,8 @@ pub(super) async fn flush_anon(hub: Arc<Hub>, room: Arc<Room>, delta: i64) {
                     ..
                 } => (seq, lost, true, had_lease),
                 JoinReply::NoRoom => (0, false, false, true),
+                // anonymous joins carry no ban key
+                JoinReply::Banned => (0, false, true, true),
             })
     } else {
         hub.store

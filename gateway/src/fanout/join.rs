@@ -18,13 +18,20 @@ impl Hub {
         }
         // one deadline for the whole join, waiting for a cold room's install included
         let until = Instant::now() + self.join_deadline();
-        let known = lock(&self.rooms).get(id).is_some_and(|r| !r.is_deleted());
-        if !known {
-            // a cold room: check it exists before any room object, task or subscription is made
-            // for it (anonymous clients can ask for any id)
-            self.check_exists(id).await?;
-        }
-        let room = self.acquire(id);
+        let known = lock(&self.rooms)
+            .get(id)
+            .filter(|r| !r.is_deleted())
+            .map(|r| r.access);
+        let access = match known {
+            Some(a) => a,
+            // a cold room: check it exists (and read its access) before any room object, task or
+            // subscription is made for it (anonymous clients can ask for any id)
+            None => self.check_exists(id).await?,
+        };
+        // a private room's rule, from the node's memory once the room is warm; a refusal has
+        // written nothing
+        crate::rooms::may_join(access, id, j.user).map_err(JoinError::Refused)?;
+        let room = self.acquire(id, access);
         let r = Box::pin(self.join_inner(&room, &j, until)).await;
         // the reads the channel's history needs (none in a warm room), before the final lock
         let read = match r {
@@ -84,6 +91,7 @@ impl Hub {
                 out: j.out.clone(),
                 join_ref: Arc::from(j.join_ref),
                 anonymous: j.user.is_none(),
+                user: j.user.map(|u| Arc::from(u.id.as_str())),
                 skip_until: served.last.filter(|l| delivered.is_none_or(|d| *l > d)),
             },
         );
@@ -97,7 +105,7 @@ impl Hub {
 
     /// The room object for `id`, created (with its driver task) if the node has none; counted as a
     /// pending join so it is not torn down meanwhile.
-    fn acquire(self: &Arc<Self>, id: &RoomId) -> Arc<Room> {
+    fn acquire(self: &Arc<Self>, id: &RoomId, access: Access) -> Arc<Room> {
         let mut rooms = lock(&self.rooms);
         if rooms.get(id).is_some_and(|r| r.is_deleted()) {
             // a deleted room's object winds down on its own; a new join starts afresh (and the
@@ -110,6 +118,7 @@ impl Hub {
                 let rooms_cfg = &self.cfg.rooms;
                 let room = Arc::new(Room {
                     id: id.clone(),
+                    access,
                     topic: Arc::from(id.topic()),
                     keys: self.keys.room(id),
                     state: Mutex::new(RoomState {
@@ -137,17 +146,20 @@ impl Hub {
         self.cfg.redis.command_timeout() * 2
     }
 
-    /// `EXISTS` on the room record, answered from memory for an id found missing a moment ago.
-    async fn check_exists(&self, id: &RoomId) -> Result<(), JoinError> {
+    /// Reads the room record (a few short fields) for whether it exists and its `access`,
+    /// answered from memory for an id found missing a moment ago. Only a cold room pays it: a warm
+    /// room's object holds its access.
+    async fn check_exists(&self, id: &RoomId) -> Result<Access, JoinError> {
         if self.known_missing(id) {
             return Err(JoinError::NoRoom);
         }
-        let cmd = redis::cmd("EXISTS").arg(self.keys.room(id).room).clone();
-        if self.store.command::<i64>("exists", &cmd).await? == 0 {
+        let cmd = redis::cmd("HGETALL").arg(self.keys.room(id).room).clone();
+        let record: HashMap<String, String> = self.store.command("exists", &cmd).await?;
+        if record.is_empty() {
             self.remember_missing(id);
             return Err(JoinError::NoRoom);
         }
-        Ok(())
+        Ok(Access::parse(record.get("access").map(String::as_str)))
     }
 
     async fn join_inner(
@@ -159,6 +171,9 @@ impl Hub {
         let meta = j
             .user
             .map(|u| meta_json(&u.id, &u.username, crate::unix_ms(), &self.node));
+        // a signed-in join checks the user's ban from the room in the same script call
+        let ban = j.user.map(|u| self.keys.room_ban(&room.id, &u.id));
+        let ban = ban.as_deref();
         let mut joined = false;
         loop {
             // a cold room is installed once: the first joiner does it, every joiner arriving
@@ -179,7 +194,9 @@ impl Hub {
             };
             let wait = match wait {
                 Ok(tx) => {
-                    let r = self.install(room, j.conn, meta.as_deref(), until).await;
+                    let r = self
+                        .install(room, (j.conn, ban), meta.as_deref(), until)
+                        .await;
                     joined = r.is_ok() && meta.is_some();
                     lock(&room.state).installing = None;
                     let _ = tx.send(Some(r.clone()));
@@ -191,7 +208,11 @@ impl Hub {
             if let Some(mut rx) = wait {
                 match tokio::time::timeout_at(until, rx.wait_for(Option::is_some)).await {
                     Ok(Ok(outcome)) => {
-                        if let Some(Err(e)) = &*outcome {
+                        // the installer's own refusal (its user is banned) is not this joiner's:
+                        // it looks again (and installs the room itself)
+                        if let Some(Err(e)) = &*outcome
+                            && !matches!(e, JoinError::Refused(_))
+                        {
                             return Err(e.clone());
                         }
                     }
@@ -209,7 +230,7 @@ impl Hub {
             if Instant::now() >= until {
                 return Err(JoinError::Unavailable("join deadline passed".into()));
             }
-            self.write_join(room, j.conn, &meta, false).await?;
+            self.write_join(room, (j.conn, ban), &meta, false).await?;
         }
         Ok(())
     }
@@ -219,7 +240,7 @@ impl Hub {
     async fn install(
         &self,
         room: &Arc<Room>,
-        conn: &str,
+        conn: (&str, Option<&str>),
         meta: Option<&str>,
         until: Instant,
     ) -> Result<(), JoinError> {
@@ -255,12 +276,15 @@ impl Hub {
     async fn write_join(
         &self,
         room: &Arc<Room>,
-        conn: &str,
+        (conn, ban): (&str, Option<&str>),
         meta: &str,
         want_snapshot: bool,
     ) -> Result<Option<crate::presence::Snapshot>, JoinError> {
         lock(&room.state).set_signed(conn, Some(meta.to_string()));
-        let r = self.store.join(&room.keys, conn, meta, want_snapshot).await;
+        let r = self
+            .store
+            .join(&room.keys, (conn, ban), meta, want_snapshot)
+            .await;
         let mut st = lock(&room.state);
         match r {
             Ok(JoinReply::Joined {
@@ -280,6 +304,10 @@ impl Hub {
             Ok(JoinReply::NoRoom) => {
                 st.set_signed(conn, None);
                 Err(JoinError::NoRoom)
+            }
+            Ok(JoinReply::Banned) => {
+                st.set_signed(conn, None);
+                Err(JoinError::Refused(JoinRefusal::NotAllowed))
             }
             Err(e) => {
                 st.set_signed(conn, None);
@@ -322,10 +350,33 @@ impl Hub {
     /// Removes a member. A signed-in member's presence is removed with one script call (skipped
     /// when the node already released all its presence at shutdown).
     pub async fn leave(&self, room: &Arc<Room>, socket: u64, conn: &str) {
+        if self.remove_member(room, socket, conn, None) {
+            self.write_leave(room, conn).await;
+        }
+    }
+
+    /// Takes the member out of the room's local state at once (nothing more reaches it), only if
+    /// its channel is still the one with `join_ref` when one is given (a kick must not remove a
+    /// channel joined again meanwhile); returns whether its signed-in presence must be removed
+    /// from Redis ([`Hub::write_leave`]).
+    pub(super) fn remove_member(
+        &self,
+        room: &Arc<Room>,
+        socket: u64,
+        conn: &str,
+        join_ref: Option<&str>,
+    ) -> bool {
         let signed_in = {
             let mut st = lock(&room.state);
+            let current = st
+                .members
+                .get(&socket)
+                .is_some_and(|m| join_ref.is_none_or(|jr| *m.join_ref == *jr));
+            if !current {
+                return false;
+            }
             let Some(m) = st.members.remove(&socket) else {
-                return;
+                return false;
             };
             if m.anonymous {
                 st.anon_local = st.anon_local.saturating_sub(1);
@@ -344,9 +395,11 @@ impl Hub {
             write
         };
         room.wake.notify_one();
-        if !signed_in {
-            return;
-        }
+        signed_in
+    }
+
+    /// The leave script for a member [`Hub::remove_member`] took out.
+    pub(super) async fn write_leave(&self, room: &Arc<Room>, conn: &str) {
         let lost = match Box::pin(self.store.leave(&room.keys, conn, 0, false)).await {
             Ok(r) if !r.exists => {
                 self.mark_deleted(room);

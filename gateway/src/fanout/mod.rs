@@ -28,14 +28,17 @@
 //! | `driver.rs` | the per-room task: coalesced diffs and counts, anonymous batching, re-snapshot, sync, teardown |
 //! | `heartbeat.rs` | the lease heartbeat and the release on drain |
 //! | `history.rs` | the room's history tail: broadcasts as they arrive, joins' history and recoveries |
+//! | `moderation.rs` | kicks (on the room's channel) and disconnects (on the control channel) as they arrive |
 
 mod driver;
 mod heartbeat;
 mod history;
 mod join;
+mod moderation;
 mod subscriber;
 
 pub use history::{Served, Want};
+pub use moderation::Control;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +60,7 @@ use crate::presence::Snapshot;
 use crate::presence::{Applied, Envelope, JoinReply, Mirror, Store, StoreError, meta_json};
 use crate::protocol;
 use crate::redis::keys::{Keys, RoomKeys};
-use crate::rooms::RoomId;
+use crate::rooms::{Access, JoinRefusal, RoomId};
 
 /// An anonymous write whose seq is not known yet.
 const SEQ_UNKNOWN: u64 = u64::MAX;
@@ -72,6 +75,9 @@ pub enum JoinError {
     Unavailable(String),
     #[error("shutting down")]
     ShuttingDown,
+    /// The room's rules refuse the joiner: a private room, or a ban. Nothing was written.
+    #[error("join refused: {0:?}")]
+    Refused(JoinRefusal),
 }
 
 impl From<StoreError> for JoinError {
@@ -105,6 +111,8 @@ struct Member {
     out: Outbox,
     join_ref: Arc<str>,
     anonymous: bool,
+    /// The signed-in user (`sub`) of the channel, for kicks.
+    user: Option<Arc<str>>,
     /// The channel's history went beyond what the subscription has delivered here: live frames up
     /// to this id are not sent to it again (cleared by the first one above it).
     skip_until: Option<crate::history::StreamId>,
@@ -129,6 +137,9 @@ pub struct Joiner<'a> {
 
 pub struct Room {
     pub id: RoomId,
+    /// The record's `access`, read when the node took the room up (a cold join): joins of a warm
+    /// room are checked without a Redis read.
+    pub access: Access,
     topic: Arc<str>,
     pub keys: RoomKeys,
     state: Mutex<RoomState>,
@@ -145,6 +156,14 @@ impl Room {
 
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Relaxed)
+    }
+
+    /// Whether the socket's channel with this join_ref is still a member (a kick removes it).
+    pub fn is_member(&self, socket: u64, join_ref: &str) -> bool {
+        lock(&self.state)
+            .members
+            .get(&socket)
+            .is_some_and(|m| &*m.join_ref == join_ref)
     }
 }
 
@@ -348,6 +367,10 @@ pub struct Hub {
     /// Subscribe requests queued and not yet taken by the subscriber (bounded by
     /// [`SUBSCRIBE_QUEUE_MAX`]).
     sub_pending: std::sync::atomic::AtomicUsize,
+    /// `<p>:control`: node-wide orders (disconnects), subscribed from start-up.
+    control_channel: String,
+    control_tx: mpsc::UnboundedSender<Control>,
+    control_rx: Mutex<Option<mpsc::UnboundedReceiver<Control>>>,
     /// Room ids recently found not to exist, with when.
     missing: Mutex<HashMap<RoomId, Instant>>,
     pubsub_up: AtomicBool,
@@ -391,7 +414,9 @@ impl Hub {
         metrics: Metrics,
     ) -> Arc<Self> {
         let (sub_tx, sub_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
         let probe_channel = keys.probe(&node);
+        let control_channel = keys.control();
         // the channel kind the subscriber listens to: shard channels on Redis Cluster
         let publish = if store.redis().publish_command() == "SPUBLISH" {
             PublishCommand::SPublish
@@ -415,6 +440,9 @@ impl Hub {
             sub_tx,
             sub_rx: Mutex::new(Some(sub_rx)),
             sub_pending: Default::default(),
+            control_channel,
+            control_tx,
+            control_rx: Mutex::new(Some(control_rx)),
             missing: Mutex::new(HashMap::new()),
             pubsub_up: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),

@@ -20,7 +20,10 @@ const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(50);
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(1);
 
 impl Hub {
-    fn dispatch(&self, channel: &str, payload: &[u8]) {
+    fn dispatch(self: &Arc<Self>, channel: &str, payload: &[u8]) {
+        if channel == self.control_channel {
+            return self.control(payload);
+        }
         if channel.starts_with(self.probe_channel.as_str()) {
             let got = std::str::from_utf8(payload)
                 .ok()
@@ -47,6 +50,8 @@ impl Hub {
             Some(b'[') => self.deliver_event(&room, payload),
             // the room was deleted (admin API / CLI)
             Some(b'{') if payload.starts_with(br#"{"deleted""#) => self.mark_deleted(&room),
+            // an operator kicked a user from the room (admin API / CLI)
+            Some(b'{') if payload.starts_with(br#"{"kick""#) => self.kick(&room, payload),
             Some(b'{') => match serde_json::from_slice::<Envelope>(payload) {
                 Ok(env) => {
                     let mut st = lock(&room.state);
@@ -102,7 +107,8 @@ impl Hub {
         let mut first = true;
         let mut backoff = Duration::from_millis(50);
         // the channels this task has subscribed: what a new connection subscribes again
-        let mut subscribed: HashSet<String> = HashSet::new();
+        // (the control channel from the start: disconnects reach every node, whatever its rooms)
+        let mut subscribed: HashSet<String> = HashSet::from([self.control_channel.clone()]);
         loop {
             let t = self.cfg.redis.command_timeout();
             let connected = tokio::time::timeout(self.cfg.redis.connect_timeout() + t, async {

@@ -29,6 +29,8 @@ pub enum StoreError {
 #[derive(Debug)]
 pub enum JoinReply {
     NoRoom,
+    /// The user is banned from the room (its ban key exists): nothing was written.
+    Banned,
     Joined {
         seq: u64,
         anon: u64,
@@ -173,15 +175,20 @@ impl Store {
     }
 
     /// `join.lua`: a signed-in connection (conn, meta) or `n` anonymous viewers (conn = "").
+    /// `ban`: the joining user's ban key in this room (`gw:room:{R}:ban:<sub>`), checked in the
+    /// same call, so a ban costs signed-in joins no extra round trip.
     pub async fn join(
         &self,
         keys: &RoomKeys,
-        conn: &str,
+        (conn, ban): (&str, Option<&str>),
         meta_or_count: &str,
         want_snapshot: bool,
     ) -> Result<JoinReply, StoreError> {
         let mut inv = self.scripts.join.prepare_invoke();
         Self::with_keys(&mut inv, keys);
+        if let Some(b) = ban {
+            inv.key(b);
+        }
         inv.arg(&self.lease.node)
             .arg(self.lease.lease_ms)
             .arg(self.lease.key_ttl_ms)
@@ -189,8 +196,10 @@ impl Store {
             .arg(meta_or_count)
             .arg(if want_snapshot { "1" } else { "0" });
         let v: Flat = self.run(script::JOIN, inv).await?;
-        if int_at(&v, 0)? == 0 {
-            return Ok(JoinReply::NoRoom);
+        match int_at(&v, 0)? {
+            0 => return Ok(JoinReply::NoRoom),
+            2 => return Ok(JoinReply::Banned),
+            _ => {}
         }
         let seq = int_at(&v, 1)?;
         let anon = int_at(&v, 2)?;

@@ -11,6 +11,10 @@
 //! | `<p>:room:{R}:seq` | STRING | presence change counter |
 //! | `<p>:room:{R}:events` | channel | room events and presence changes |
 //! | `<p>:room:{R}:history` | STREAM | the room's recent broadcasts (`MAXLEN ~ rooms.history_len`) |
+//! | `<p>:room:{R}:ban:<sub>` | STRING (TTL) | user `sub` may not join R until it expires (kick with `ban_s`) |
+//! | `<p>:user:{<sub>}:ban` | STRING (TTL) | a token with `sub` signs nothing in until it expires |
+//! | `<p>:control` | channel | node-wide orders (disconnect a user) |
+//! | `<p>:reply:<id>` | LIST (TTL) | each node's answer to one kick or disconnect (how many it closed) |
 //! | `<p>:node:<node>` | STRING (TTL) | node record for operators |
 //! | `<p>:node:<node>:probe` | channel | the node's own pub/sub liveness probe |
 
@@ -101,6 +105,29 @@ impl Keys {
         RoomId::parse(rest.strip_suffix('}')?).ok()
     }
 
+    /// The ban of user `sub` from a room; shares the room's hash tag, so `join.lua` checks it in
+    /// the same call. `sub` is any string (it comes from a verified token or the admin API): it
+    /// sits after the tag, so it cannot change the slot or name another room's key.
+    pub fn room_ban(&self, room: &RoomId, sub: &str) -> String {
+        format!("{}:ban:{}", self.room_record(room), sub)
+    }
+
+    /// The ban of user `sub` from signing in anywhere. The tag is the user id: a `sub` holding
+    /// `{` or `}` only moves the key to another slot, never onto a room's key.
+    pub fn user_ban(&self, sub: &str) -> String {
+        format!("{}:user:{{{}}}:ban", self.prefix, sub)
+    }
+
+    /// The node-wide control channel: every node subscribes to it from start-up.
+    pub fn control(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    /// Where nodes answer one kick or disconnect (`id` is random per request).
+    pub fn reply(&self, id: &str) -> String {
+        format!("{}:reply:{}", self.prefix, id)
+    }
+
     pub fn node(&self, node: &str) -> String {
         format!("{}:node:{}", self.prefix, node)
     }
@@ -133,6 +160,10 @@ mod tests {
         assert_eq!(k.events(&r), rk.events);
         assert_eq!(k.node("n1"), "gw:node:n1");
         assert_eq!(k.probe("n1"), "gw:node:n1:probe");
+        assert_eq!(k.room_ban(&r, "alice"), "gw:room:{lobby}:ban:alice");
+        assert_eq!(k.user_ban("alice"), "gw:user:{alice}:ban");
+        assert_eq!(k.control(), "gw:control");
+        assert_eq!(k.reply("x1"), "gw:reply:x1");
     }
 
     #[test]

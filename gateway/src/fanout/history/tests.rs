@@ -351,6 +351,7 @@ fn members_skip_what_their_history_already_had() {
             out: out.clone(),
             join_ref: Arc::from("1"),
             anonymous: true,
+            user: None,
             skip_until: Some(id(5)),
         },
     );
