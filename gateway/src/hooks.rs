@@ -302,6 +302,7 @@ mod tests {
             id: "7".into(),
             username: "ann".into(),
             valid_until_ms: 0,
+            rooms: Default::default(),
         };
         let body = json!("hi");
         let mut push = Push {
