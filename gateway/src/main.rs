@@ -1,4 +1,9 @@
 //! `gateway`: CLI → config → tracing → build the node → serve → wait for a signal → drain.
+//!
+//! Why one file of ~630 lines: it is the binary's one concern, the command line. Each
+//! subcommand's body is a thin call into the library (`catalog`, `app`, `auth`); what is left
+//! here is argument parsing, printing, the dev server's local Redis, and the order of start-up
+//! and drain, which must read top to bottom in one place.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -10,6 +10,11 @@
 //! in order, in the socket's [`pushes`] queue.
 //!
 //! Redis keys and other sessions are out of reach from here.
+//!
+//! Why one file of ~630 lines: it is one concept, a connection's life — the read loop and the
+//! three things a client asks of it (join, leave, push), which share the channel map, the
+//! buckets and the refused-join count. The parts that stand alone already live apart: framing
+//! (`wsread`, `wsmessage`), the writer (`outbox`), the hook queue (`pushes`), the rules (`rooms`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
