@@ -3,10 +3,9 @@
 // closes, bans that refuse and then expire.
 import { before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import {
   test, startRedis, startGateway, teardown, hs256, claims, rawConnect, wsUrl, sleep, waitFor,
-  tryUpgrade, connect, join, GATEWAY_BIN, gatewayEnv,
+  tryUpgrade, connect, join, runCli,
 } from './lib/harness.mjs';
 
 const PREFIX = 'md';
@@ -23,13 +22,7 @@ before(async () => {
 });
 after(() => teardown({ gateways: [g1, g2], redis }));
 
-function cli(args) {
-  try {
-    return { code: 0, out: execFileSync(GATEWAY_BIN, args, { env: gatewayEnv({ redisPort: redis.port, prefix: PREFIX }), encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 15000 }) };
-  } catch (e) {
-    return { code: e.status, out: `${e.stdout}${e.stderr}` };
-  }
-}
+const cli = (args) => runCli(redis, PREFIX, args);
 
 const api = (method, path, body, g = g1) => fetch(`${g.adminUrl}${path}`, {
   method,

@@ -374,6 +374,15 @@ export function startGateways(names, { redisPort, prefix, env }) {
  * `gateway rooms create <id>` with the same Redis env. Throws (with output) on failure:
  * the CLI is part of the contract, there is no fallback.
  */
+/** Runs `gateway <args>` against `redis` with `prefix`; never throws: {code, out} (stdout + stderr). */
+export function runCli(redis, prefix, args, env = {}) {
+  try {
+    return { code: 0, out: execFileSync(GATEWAY_BIN, args, { env: gatewayEnv({ redisPort: redis.port, prefix, env }), encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 15000 }) };
+  } catch (e) {
+    return { code: e.status, out: `${e.stdout}${e.stderr}` };
+  }
+}
+
 export function createRoom(redis, prefix, id, env = {}) {
   requireBinary();
   try {
