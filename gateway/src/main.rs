@@ -318,9 +318,10 @@ async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
         RoomsCommand::List => {
             let rooms = cat.list().await.map_err(redis)?;
             // tab-separated under a header, for people and for `cut -f`
-            println!("ID\tNAME\tCREATED (UTC)");
+            println!("ID\tNAME\tCREATED (UTC)\tACCESS");
             for r in &rooms {
-                println!("{}\t{}\t{}", r.id, r.name, iso8601_utc(r.created_at));
+                let created = iso8601_utc(r.created_at);
+                println!("{}\t{}\t{created}\t{}", r.id, r.name, r.access);
             }
             if rooms.is_empty() {
                 eprintln!("no rooms (create one: gateway rooms create <id>)");

@@ -566,6 +566,7 @@ impl Session {
             }
         };
         let room = ch.room.clone();
+        let channel = ch.join_ref.clone();
         let identity = ch.identity.clone();
         let reply = ReplyTo {
             join_ref: f.join_ref.clone(),
@@ -585,6 +586,8 @@ impl Session {
             }
             let p = pushes::Publish {
                 room,
+                socket: self.socket,
+                channel,
                 event: f.event.clone(),
                 payload,
                 identity,

@@ -59,6 +59,10 @@ impl ReplyTo {
 /// An allowed push, its broadcast payload built (`rooms::broadcast_payload`).
 pub(super) struct Publish {
     pub room: Arc<Room>,
+    /// The socket and the channel's join_ref: a push whose channel was left (or kicked, or
+    /// replaced by a rejoin) before its turn or its answer is not broadcast.
+    pub socket: u64,
+    pub channel: Arc<str>,
     pub event: String,
     pub payload: Value,
     pub identity: Identity,
@@ -187,6 +191,11 @@ async fn work(
 
 /// Asks the application (a hooked push), then publishes and replies.
 async fn publish(app: &App, out: &Outbox, conn: &str, p: Publish) {
+    // the channel ended while the push waited its turn: the application is not asked
+    if !p.room.is_member(p.socket, &p.channel) {
+        out.send(p.reply.error(reason::UNMATCHED_TOPIC));
+        return;
+    }
     let mut payload = p.payload;
     if p.hooked
         && let Some(hook) = &app.publish_hook
@@ -217,6 +226,13 @@ async fn publish(app: &App, out: &Outbox, conn: &str, p: Publish) {
                 return refused(push_result::INVALID, reason::INVALID_PAYLOAD);
             }
             Verdict::Unavailable => return refused(push_result::UNAVAILABLE, "unavailable"),
+        }
+        // the channel ended while the application decided (as in Phoenix, where no handle_in
+        // runs after a leave): nothing is broadcast, and the reply, which phoenix.js drops for
+        // a closed channel anyway, says so
+        if !p.room.is_member(p.socket, &p.channel) {
+            out.send(p.reply.error(reason::UNMATCHED_TOPIC));
+            return;
         }
     }
     broadcast(app, out, &p.room, &p.event, &payload, &p.reply).await;
