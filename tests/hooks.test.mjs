@@ -1,14 +1,19 @@
-// The publish hook (DESIGN §12): a node http server plays the application. It checks every
-// request's x-gateway-signature and answers as the pushed body tells it ("ack", "refuse:<why>",
-// "replace:<body>", "sleep:<ms>:<text>", "status:<code>", "notjson", anything else: broadcast).
-// Real redis, real gateways, raw sockets (exact frames and their order matter here).
+// The publish hook (DESIGN §12), end to end: real redis, real gateways, raw sockets where exact
+// frames and their order matter, the real phoenix client for the long ordering run.
+// Two applications: the example application (examples/app/server.mjs) where its behaviour is
+// what is tested (it verifies the signature, stores messages, refuses blocked words, trims and
+// acks); an in-test node http server where a test must control the answer. The in-test server
+// checks every request's x-gateway-signature and answers as the pushed body tells it ("refuse:<why>",
+// "sleep:<ms>:<text>" (then broadcast with body <text>), "status:<code>", "notjson", "unknown",
+// anything else: broadcast).
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import http from 'node:http';
 import {
-  createRoom, hs256, rawConnect, sleep, startGateway, startRedis, teardown, test, waitFor,
+  connect, createRoom, disconnectAll, hs256, join, push, rawConnect, sleep, startGateway, startRedis, teardown, test, waitFor,
 } from './lib/harness.mjs';
+import { startExampleApp } from './lib/app.mjs';
 
 const PREFIX = 'hk';
 const SECRET = 'hook-secret-for-the-e2e-tests-0123456789';
@@ -17,9 +22,10 @@ const TIMEOUT_MS = 1000;
 /**
  * The application: records each request ({body, sigOk, at}), answers by the push's body.
  * `mode = 'hang'` makes it never answer; `stop()` closes it and every kept-alive connection.
+ * `busiest[conn]`: the most requests of one connection it held unanswered at once.
  */
 async function application() {
-  const app = { requests: [], mode: 'normal', hanging: [] };
+  const app = { requests: [], mode: 'normal', hanging: [], open: {}, busiest: {} };
   const server = http.createServer((req, res) => {
     const chunks = [];
     req.on('data', (c) => chunks.push(c));
@@ -39,7 +45,11 @@ async function application() {
         return;
       }
       const text = typeof body.body === 'string' ? body.body : '';
+      const conn = body.conn;
+      app.open[conn] = (app.open[conn] ?? 0) + 1;
+      app.busiest[conn] = Math.max(app.busiest[conn] ?? 0, app.open[conn]);
       const json = (o, status = 200) => {
+        app.open[conn] -= 1;
         res.writeHead(status, { 'content-type': 'application/json' });
         res.end(JSON.stringify(o));
       };
@@ -48,11 +58,10 @@ async function application() {
         await sleep(Number(arg));
         return json({ result: 'broadcast', ...(rest ? { body: rest } : {}) });
       }
-      if (cmd === 'ack') return json({ result: 'ack' });
       if (cmd === 'refuse') return json({ result: 'refuse', reason: arg === 'long' ? 'x'.repeat(300) : arg });
-      if (cmd === 'replace') return json({ result: 'broadcast', body: arg === 'empty' ? '' : arg });
       if (cmd === 'status') return json({ result: 'broadcast' }, Number(arg));
       if (cmd === 'notjson') {
+        app.open[conn] -= 1;
         res.writeHead(200, { 'content-type': 'text/plain' });
         return res.end('broadcast');
       }
@@ -85,15 +94,24 @@ const hookEnv = (url, extra = {}) => ({
 let redis;
 let appSrv;
 let gw;
+/** The example application, and a gateway whose publish hook it serves. */
+let example;
+let gwEx;
 before(async () => {
   redis = await startRedis();
   appSrv = await application();
+  example = await startExampleApp({ secret: SECRET, words: ['spam', 'scam'] });
   gw = await startGateway({ redisPort: redis.port, prefix: PREFIX, env: hookEnv(appSrv.url) });
-  for (const r of ['hall', 'side', 'third']) createRoom(redis, PREFIX, r);
+  gwEx = await startGateway({
+    redisPort: redis.port, prefix: PREFIX, name: 'example-app', env: hookEnv(`${example.url}/hooks/publish`),
+  });
+  for (const r of ['hall', 'side', 'third', 'shop']) createRoom(redis, PREFIX, r);
 });
 after(async () => {
-  await teardown({ gateways: [gw], redis });
+  await disconnectAll();
+  await teardown({ gateways: [gw, gwEx], redis });
   await appSrv.stop();
+  await example.stop();
 });
 
 const url = (g, sub) => `${g.publicUrl}/websocket?vsn=2.0.0${sub ? `&token=${hs256({ sub, username: `user-${sub}`, exp: Math.floor(Date.now() / 1000) + 600 })}` : ''}`;
@@ -124,7 +142,7 @@ test('hook metrics exist at zero on a fresh gateway', async () => {
   }
 });
 
-test('the request: signed, JSON, room id, sender, conn and node; broadcast and a replaced body reach the room', async () => {
+test('the request: signed, JSON, room id, sender, conn and node; a broadcast reaches the room', async () => {
   const a = await joined(gw, 'ann', ['rooms:hall']);
   const watcher = await joined(gw, 'wat', ['rooms:hall']);
   const before = appSrv.requests.length;
@@ -145,15 +163,6 @@ test('the request: signed, JSON, room id, sender, conn and node; broadcast and a
   assert.ok(req.body.conn.startsWith(`${gw.node}.`), req.body.conn);
   assert.ok(Math.abs(req.body.at - Date.now()) < 5000);
 
-  // the application's body replaces the client's
-  a.send(['j0', 'p2', 'rooms:hall', 'new_msg', { body: 'replace:cleaned' }]);
-  assert.equal((await a.reply('p2'))[4].status, 'ok');
-  const r = await watcher.next((x) => x[3] === 'new_msg' && x[4].body === 'cleaned');
-  assert.deepEqual(r[4].user, { id: 'ann', username: 'user-ann' });
-  // ...under the same body rules: an empty new_msg body is refused
-  a.send(['j0', 'p3', 'rooms:hall', 'new_msg', { body: 'replace:empty' }]);
-  assert.deepEqual((await a.reply('p3'))[4], { status: 'error', response: { reason: 'invalid payload' } });
-
   // an anonymous push of an anonymous event: user null
   const anon = await joined(gw, null, ['rooms:hall']);
   anon.send(['j0', 'r1', 'rooms:hall', 'reaction', { body: '👍' }]);
@@ -161,17 +170,13 @@ test('the request: signed, JSON, room id, sender, conn and node; broadcast and a
   await watcher.next((x) => x[3] === 'reaction' && x[4].body === '👍');
   assert.equal(appSrv.requests.at(-1).body.user, null);
   assert.ok(appSrv.requests.every((q) => q.sigOk));
-  await sleep(150);
-  assert.ok(!watcher.frames.some((x) => x[3] === 'new_msg' && ['replace:cleaned', 'replace:empty', ''].includes(x[4].body)));
 });
 
-test('ack: ok, nothing broadcast or stored; refuse: the reason (cut to 200), nothing broadcast', async () => {
+test('refuse: the reason (cut to 200 characters), nothing broadcast or stored', async () => {
   const a = await joined(gw, 'bob', ['rooms:side']);
   const watcher = await joined(gw, 'wat2', ['rooms:side']);
   const streamLen = () => Number(redis.cli('XLEN', `${PREFIX}:room:{side}:history`) || 0);
   const stored = streamLen();
-  a.send(['j0', 'a1', 'rooms:side', 'new_msg', { body: 'ack:quiet' }]);
-  assert.deepEqual((await a.reply('a1'))[4], { status: 'ok', response: {} });
   a.send(['j0', 'f1', 'rooms:side', 'new_msg', { body: 'refuse:no spam here' }]);
   assert.deepEqual((await a.reply('f1'))[4], { status: 'error', response: { reason: 'no spam here' } });
   a.send(['j0', 'f2', 'rooms:side', 'new_msg', { body: 'refuse:long' }]);
@@ -311,4 +316,172 @@ test('a dead application stalls only the pushes waiting on it: other rooms fan o
     await g2.stop();
     await dead.stop().catch(() => {});
   }
+});
+
+test('the example application: verifies the signature, stores what it broadcasts, refuses a blocked word, trims a body, acks a command', async () => {
+  const a = await joined(gwEx, 'kim', ['rooms:shop']);
+  const watcher = await joined(gwEx, 'wat6', ['rooms:shop']);
+  const streamLen = () => Number(redis.cli('XLEN', `${PREFIX}:room:{shop}:history`) || 0);
+  const stored = streamLen();
+  const ask = async (ref, body) => {
+    a.send(['j0', ref, 'rooms:shop', 'new_msg', { body }]);
+    return (await a.reply(ref))[4];
+  };
+  // broadcast as sent, and kept by the application
+  assert.deepEqual(await ask('b1', 'fresh bread today'), { status: 'ok', response: {} });
+  const b1 = await watcher.next((x) => x[3] === 'new_msg' && x[4].body === 'fresh bread today');
+  assert.deepEqual(b1[4].user, { id: 'kim', username: 'user-kim' });
+  // a blocked word (any case, a whole word): the application's reason, nothing broadcast or kept
+  assert.deepEqual(await ask('w1', 'cheap SPAM, click here'), {
+    status: 'error', response: { reason: 'message refused: it contains the blocked word "spam"' },
+  });
+  assert.deepEqual(await ask('w2', 'spammer is not a blocked word'), { status: 'ok', response: {} });
+  // the application's body replaces the client's: trimmed
+  assert.deepEqual(await ask('t1', '   hello there  \n'), { status: 'ok', response: {} });
+  const t1 = await watcher.next((x) => x[3] === 'new_msg' && x[4].body === 'hello there');
+  assert.deepEqual(t1[4].user, { id: 'kim', username: 'user-kim' }, 'sender and time stay the gateway\'s');
+  // ...under the same body rules: a blank body trims to "", which no new_msg may carry
+  assert.deepEqual(await ask('t2', '   '), { status: 'error', response: { reason: 'invalid payload' } });
+  // a command: ack, the client gets ok, nothing is broadcast or stored
+  assert.deepEqual(await ask('c1', '/away lunch'), { status: 'ok', response: {} });
+  assert.deepEqual(await ask('m', 'marker'), { status: 'ok', response: {} });
+  await watcher.next((x) => x[3] === 'new_msg' && x[4].body === 'marker');
+  assert.deepEqual(
+    watcher.frames.filter((x) => x[3] === 'new_msg').map((x) => x[4].body),
+    ['fresh bread today', 'spammer is not a blocked word', 'hello there', 'marker'],
+  );
+  assert.equal(streamLen(), stored + 4, 'the room history holds the four broadcasts only');
+  // the application's own store: the same four, as broadcast, with room id, sender, conn and node
+  const kept = await example.messages('shop');
+  assert.deepEqual(kept.map((m) => m.body), ['fresh bread today', 'spammer is not a blocked word', 'hello there', 'marker']);
+  assert.deepEqual(kept[0].user, { id: 'kim', username: 'user-kim' });
+  assert.equal(kept[0].room, 'shop');
+  assert.equal(kept[0].node, gwEx.node);
+  assert.equal(example.stderr(), '');
+});
+
+test('the example application refuses a request signed with another secret (401): the client gets "unavailable", nothing is kept', async () => {
+  const g = await startGateway({
+    redisPort: redis.port,
+    prefix: PREFIX,
+    name: 'wrong-secret',
+    env: hookEnv(`${example.url}/hooks/publish`, { GATEWAY_HOOKS_SECRET: 'not-the-secret-the-application-knows-0000' }),
+  });
+  try {
+    const a = await joined(g, 'lou', ['rooms:shop']);
+    const before = (await example.messages()).length;
+    a.send(['j0', 'x1', 'rooms:shop', 'new_msg', { body: 'forged?' }]);
+    assert.deepEqual((await a.reply('x1'))[4], { status: 'error', response: { reason: 'unavailable' } });
+    assert.equal((await example.messages()).length, before, 'nothing stored');
+    const text = await metricsText(g);
+    assert.equal(metric(text, 'gateway_hook_requests_total', { hook: 'publish', outcome: 'http_error' }), 1);
+    // and a request without any signature
+    const res = await fetch(`${example.url}/hooks/publish`, { method: 'POST', body: '{"room":"shop"}' });
+    assert.equal(res.status, 401);
+  } finally {
+    await g.stop();
+  }
+});
+
+test('50 pushes of one phoenix.js socket, across two channels, while the application answers the earlier ones slower: every reply and broadcast in push order; a second socket is not held behind', { timeout: 60000 }, async () => {
+  const ord = await application();
+  const g = await startGateway({
+    redisPort: redis.port,
+    prefix: PREFIX,
+    name: 'order',
+    env: hookEnv(ord.url, { GATEWAY_SERVER_PUSH_RATE_PER_S: '1000', GATEWAY_SERVER_PUSH_BURST: '100' }),
+  });
+  try {
+    const token = (sub) => hs256({ sub, username: `user-${sub}`, exp: Math.floor(Date.now() / 1000) + 600 });
+    const open = async (sub, topics) => {
+      const s = await connect(`${g.publicUrl}`, { token: token(sub) });
+      const chans = {};
+      for (const t of topics) {
+        chans[t] = s.channel(`rooms:${t}`, {});
+        assert.equal((await join(chans[t])).status, 'ok');
+      }
+      return { s, chans };
+    };
+    const A = await open('ord-a', ['hall', 'side']);
+    const B = await open('ord-b', ['third']);
+    const W = await open('ord-w', ['hall', 'side', 'third']);
+    const N = 50;
+    // push i: every fifth a `typing` (not hooked), the others new_msg whose answer takes
+    // (N - i) * 3 ms plus up to 10 ms: were they asked at once, the answers would come back reversed
+    const t0 = Date.now();
+    const aOrder = [];
+    const aReplies = [];
+    for (let i = 0; i < N; i++) {
+      const room = i % 2 ? 'side' : 'hall';
+      const typing = i % 5 === 4;
+      const body = typing ? `a${i}` : `sleep:${(N - i) * 3 + Math.floor(Math.random() * 10)}:a${i}`;
+      aReplies.push(push(A.chans[room], typing ? 'typing' : 'new_msg', { body }, 20000).then((r) => { aOrder.push(i); return r; }));
+    }
+    // meanwhile another socket's pushes, answered after random delays
+    const bOrder = [];
+    const bReplies = [];
+    for (let i = 0; i < 20; i++) {
+      const body = `sleep:${Math.floor(Math.random() * 20)}:b${i}`;
+      bReplies.push(push(B.chans.third, 'new_msg', { body }, 20000).then((r) => { bOrder.push({ i, at: Date.now() }); return r; }));
+    }
+    const bDone = await Promise.all(bReplies);
+    const bTook = Date.now() - t0;
+    const aDone = await Promise.all(aReplies);
+    const aTook = Date.now() - t0;
+    assert.ok(aDone.every((r) => r.status === 'ok'), JSON.stringify(aDone.filter((r) => r.status !== 'ok')));
+    assert.ok(bDone.every((r) => r.status === 'ok'));
+    assert.deepEqual(aOrder, [...Array(N).keys()], 'replies in push order');
+    assert.deepEqual(bOrder.map((x) => x.i), [...Array(20).keys()]);
+    assert.ok(aTook > 2500, `the application's answers took ${aTook} ms in all`);
+    assert.ok(bTook < aTook / 2, `the other socket was done after ${bTook} ms, not behind the first (${aTook} ms)`);
+    // the broadcasts, as one watcher socket got them across its channels
+    await waitFor(() => W.s.received.filter((m) => m.payload?.user?.id === 'ord-a').length === N, 5000, 'all 50 broadcasts');
+    const seen = W.s.received.filter((m) => ['new_msg', 'typing'].includes(m.event) && m.payload?.user?.id === 'ord-a');
+    assert.deepEqual(seen.map((m) => m.payload.body), [...Array(N).keys()].map((i) => `a${i}`), 'broadcasts in push order');
+    const bSeen = W.s.received.filter((m) => m.event === 'new_msg' && m.payload?.user?.id === 'ord-b');
+    assert.deepEqual(bSeen.map((m) => m.payload.body), [...Array(20).keys()].map((i) => `b${i}`));
+    // the application saw one request of a socket at a time, in push order
+    const aConn = ord.requests.find((q) => q.body.user?.id === 'ord-a').body.conn;
+    assert.equal(ord.busiest[aConn], 1);
+    assert.deepEqual(
+      ord.requests.filter((q) => q.body.conn === aConn).map((q) => q.body.body.split(':')[2]),
+      [...Array(N).keys()].filter((i) => i % 5 !== 4).map((i) => `a${i}`),
+    );
+    assert.ok(ord.requests.every((q) => q.sigOk));
+  } finally {
+    await disconnectAll();
+    await g.stop();
+    await ord.stop();
+  }
+});
+
+test('a push whose channel is left or replaced while it waits on the application is not broadcast (unmatched topic); one queued behind it is never asked', async () => {
+  const a = await joined(gw, 'ned', ['rooms:hall']);
+  const watcher = await joined(gw, 'wat7', ['rooms:hall']);
+  const asked = () => appSrv.requests.filter((q) => q.body.user?.id === 'ned').map((q) => q.body.body);
+  a.send(['j0', 'p1', 'rooms:hall', 'new_msg', { body: 'sleep:600:gone1' }]);
+  a.send(['j0', 'p2', 'rooms:hall', 'new_msg', { body: 'gone2' }]);
+  await waitFor(() => asked().length === 1, 2000, 'the first push at the application');
+  const t0 = Date.now();
+  a.send(['j0', 'l1', 'rooms:hall', 'phx_leave', {}]);
+  assert.equal((await a.reply('l1'))[4].status, 'ok');
+  assert.ok(Date.now() - t0 < 400, 'the leave is answered at once');
+  const unmatched = { status: 'error', response: { reason: 'unmatched topic' } };
+  assert.deepEqual((await a.reply('p1', 3000))[4], unmatched);
+  assert.deepEqual((await a.reply('p2', 3000))[4], unmatched);
+  assert.deepEqual(asked(), ['sleep:600:gone1'], 'the push queued behind the left channel was not sent to the application');
+
+  // a rejoin replaces the channel while a push of the old one waits: not broadcast either
+  assert.equal((await a.join('rooms:hall', 'j5'))[4].status, 'ok');
+  a.send(['j5', 'p3', 'rooms:hall', 'new_msg', { body: 'sleep:500:gone3' }]);
+  await waitFor(() => asked().length === 2, 2000, 'the third push at the application');
+  assert.equal((await a.join('rooms:hall', 'j6'))[4].status, 'ok');
+  assert.deepEqual((await a.reply('p3', 3000))[4], unmatched);
+  // the new channel's pushes go on
+  a.send(['j6', 'p4', 'rooms:hall', 'new_msg', { body: 'after' }]);
+  assert.equal((await a.reply('p4'))[4].status, 'ok');
+  await watcher.next((x) => x[3] === 'new_msg' && x[4].body === 'after');
+  await sleep(100);
+  const neds = watcher.frames.filter((x) => x[3] === 'new_msg' && x[4].user?.id === 'ned').map((x) => x[4].body);
+  assert.deepEqual(neds, ['after'], 'nothing of a left channel was broadcast');
 });

@@ -87,7 +87,8 @@ function blockedWord(words, text) {
 /** The decision about one push (the body of POST /hooks/publish). */
 function decide(words, push) {
   const body = push.body;
-  if (typeof body !== 'string') return { answer: { result: 'broadcast' }, stored: body };
+  // another event's body may be any JSON value: broadcast and kept as it is
+  if (typeof body !== 'string') return { answer: { result: 'broadcast' }, stored: body ?? null };
   const word = blockedWord(words, body);
   if (word) {
     const reason = `message refused: it contains the blocked word "${word}"`.slice(0, MAX_REASON_CHARS);
@@ -95,7 +96,10 @@ function decide(words, push) {
   }
   if (body.trimStart().startsWith('/')) return { answer: { result: 'ack' } };
   const trimmed = body.trim();
-  // an all-blank body trims to "", which the gateway's body rules refuse (`invalid payload`)
+  // An all-blank body trims to "", which the gateway's body rules refuse (the client gets
+  // `invalid payload`): kept as a demonstration that a replaced body is checked; an application
+  // would rather answer refuse. Not stored, since it will not be broadcast.
+  if (trimmed === '') return { answer: { result: 'broadcast', body: '' } };
   if (trimmed !== body) return { answer: { result: 'broadcast', body: trimmed }, stored: trimmed };
   return { answer: { result: 'broadcast' }, stored: body };
 }
@@ -135,7 +139,7 @@ export function createApp(cfg) {
         return send(res, 400, { error: 'expected {"room","event","body","user","conn","node","at"}' });
       }
       const { answer, stored } = decide(cfg.words, push);
-      if (answer.result === 'broadcast') {
+      if (stored !== undefined) {
         messages.append({
           room: push.room, event: push.event, body: stored, user: push.user, conn: push.conn, node: push.node, at: push.at,
         });
