@@ -44,8 +44,8 @@ test('CLI: rooms create/list/show/delete, token, nodes, check-config', async () 
   assert.deepEqual(redis.scanAll('ops:room:*'), ['ops:room:{ops-a}']);
   // a header, then one tab-separated line per room with its creation time in ISO 8601 UTC
   const list = cli(['rooms', 'list']).out;
-  assert.match(list, /^ID\tNAME\tCREATED \(UTC\)\n/);
-  const created = /^ops-a\tRoom A\t(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)$/m.exec(list);
+  assert.match(list, /^ID\tNAME\tCREATED \(UTC\)\tACCESS\n/);
+  const created = /^ops-a\tRoom A\t(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)\tpublic$/m.exec(list);
   assert.ok(created, list);
   assert.ok(Math.abs(Date.parse(created[1]) - Date.now()) < 60000, `created ${created[1]} is now`);
 

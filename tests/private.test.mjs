@@ -54,9 +54,16 @@ test('CLI and admin API: rooms are public by default, private on request, and sh
   assert.equal((await (await api('GET', '/api/rooms/api-pub')).json()).room.access, 'public');
   const list = await (await api('GET', '/api/rooms')).json();
   assert.equal(list.find((r) => r.id === 'cli-priv').access, 'private');
+  assert.equal(list.find((r) => r.id === 'cli-pub').access, 'public');
   // a record without the field (made by hand) is public
   redis.cli('HSET', `${PREFIX}:room:{by-hand}`, 'name', 'x');
   assert.equal((await (await api('GET', '/api/rooms/by-hand')).json()).room.access, 'public');
+  // `rooms list`: the access is the last column
+  const rows = cli(['rooms', 'list']).out;
+  assert.match(rows, /^ID\tNAME\tCREATED \(UTC\)\tACCESS\n/);
+  assert.match(rows, /^cli-priv\tBack stage\t\S+Z\tprivate$/m);
+  assert.match(rows, /^cli-pub\tcli-pub\t\S+Z\tpublic$/m);
+  assert.match(rows, /^by-hand\tx\t\S+Z\tpublic$/m);
 });
 
 test('private room: anonymous → "Not signed in", no claim or another room → "Not allowed", listed or "*" → ok', async () => {
