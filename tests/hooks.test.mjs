@@ -15,6 +15,9 @@ import {
 } from './lib/harness.mjs';
 import { startExampleApp } from './lib/app.mjs';
 
+/** `sha256=<hex HMAC-SHA256(secret, body)>`, as the gateway signs. */
+const sign = (secret, body) => `sha256=${crypto.createHmac('sha256', secret).update(body).digest('hex')}`;
+
 const PREFIX = 'hk';
 const SECRET = 'hook-secret-for-the-e2e-tests-0123456789';
 const TIMEOUT_MS = 1000;
@@ -484,4 +487,41 @@ test('a push whose channel is left or replaced while it waits on the application
   await sleep(100);
   const neds = watcher.frames.filter((x) => x[3] === 'new_msg' && x[4].user?.id === 'ned').map((x) => x[4].body);
   assert.deepEqual(neds, ['after'], 'nothing of a left channel was broadcast');
+});
+
+test('the example application\'s events hook: each event logged once (a retried batch, or one after a restart, adds nothing); bad signature 401, not JSON 400', async () => {
+  const app = await startExampleApp({ secret: SECRET });
+  let again;
+  try {
+    const post = (body, signature = sign(SECRET, body)) => fetch(`${app.url}/hooks/events`, {
+      method: 'POST', headers: { 'content-type': 'application/json', 'x-gateway-signature': signature }, body,
+    });
+    const ev = (id, type, room, extra = {}) => ({ id, type, room, seq: Number(id.slice(1)), at: Date.now(), ...extra });
+    const batch1 = JSON.stringify({ events: [ev('e1', 'room_occupied', 'r1'), ev('e2', 'member_added', 'r1', { user: { id: '7', username: 'ann' } })] });
+    let res = await post(batch1);
+    assert.equal(res.status, 200);
+    assert.deepEqual(await res.json(), { received: 2, added: 2 });
+    // the gateway's retry: the same events, the same ids
+    assert.deepEqual(await (await post(batch1)).json(), { received: 2, added: 0 });
+    assert.deepEqual(await (await post(JSON.stringify({ events: [ev('e2', 'member_added', 'r1'), ev('e3', 'room_occupied', 'r2')] }))).json(), { received: 2, added: 1 });
+    assert.deepEqual((await app.events()).map((e) => e.id), ['e1', 'e2', 'e3']);
+    assert.deepEqual((await app.events('r1')).map((e) => e.type), ['room_occupied', 'member_added']);
+    assert.equal((await post(batch1, sign('another-secret-another-secret-0000', batch1))).status, 401);
+    assert.equal((await post(batch1, 'sha256=')).status, 401);
+    assert.equal((await post('{"events":')).status, 400);
+    assert.equal((await post('{"events":[{"type":"member_added"}]}')).status, 400, 'an event without an id');
+    // a restart over the same data directory still knows the ids
+    const dataDir = app.dataDir;
+    app.proc.kill('SIGTERM');
+    await new Promise((r) => app.proc.on('exit', r));
+    again = await startExampleApp({ secret: SECRET, args: ['--data-dir', dataDir] });
+    const res2 = await fetch(`${again.url}/hooks/events`, {
+      method: 'POST', headers: { 'x-gateway-signature': sign(SECRET, batch1) }, body: batch1,
+    });
+    assert.deepEqual(await res2.json(), { received: 2, added: 0 });
+    assert.deepEqual((await again.events()).map((e) => e.id), ['e1', 'e2', 'e3']);
+  } finally {
+    await again?.stop();
+    await app.stop();
+  }
 });
