@@ -11,7 +11,8 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import http from 'node:http';
 import {
-  connect, createRoom, disconnectAll, hs256, join, push, rawConnect, sleep, startGateway, startRedis, teardown, test, waitFor,
+  connect, createRoom, disconnectAll, hs256, join, push, rawConnect, runCli, sleep, startGateway, startRedis, teardown, test,
+  waitFor,
 } from './lib/harness.mjs';
 import { startExampleApp } from './lib/app.mjs';
 
@@ -458,7 +459,7 @@ test('50 pushes of one phoenix.js socket, across two channels, while the applica
   }
 });
 
-test('a push whose channel is left or replaced while it waits on the application is not broadcast (unmatched topic); one queued behind it is never asked', async () => {
+test('a push whose channel is left, replaced or kicked while it waits on the application is not broadcast (unmatched topic); one queued behind it is never asked', async () => {
   const a = await joined(gw, 'ned', ['rooms:hall']);
   const watcher = await joined(gw, 'wat7', ['rooms:hall']);
   const asked = () => appSrv.requests.filter((q) => q.body.user?.id === 'ned').map((q) => q.body.body);
@@ -484,9 +485,17 @@ test('a push whose channel is left or replaced while it waits on the application
   a.send(['j6', 'p4', 'rooms:hall', 'new_msg', { body: 'after' }]);
   assert.equal((await a.reply('p4'))[4].status, 'ok');
   await watcher.next((x) => x[3] === 'new_msg' && x[4].body === 'after');
+
+  // a kick while a push waits: not broadcast either
+  a.send(['j6', 'p5', 'rooms:hall', 'new_msg', { body: 'sleep:500:gone5' }]);
+  await waitFor(() => asked().length === 4, 2000, 'the fifth push at the application');
+  const kick = runCli(redis, PREFIX, ['rooms', 'kick', 'hall', 'ned']);
+  assert.equal(kick.code, 0, kick.out);
+  await a.next((x) => x[3] === 'phx_close' && x[0] === 'j6');
+  assert.deepEqual((await a.reply('p5', 3000))[4], unmatched);
   await sleep(100);
   const neds = watcher.frames.filter((x) => x[3] === 'new_msg' && x[4].user?.id === 'ned').map((x) => x[4].body);
-  assert.deepEqual(neds, ['after'], 'nothing of a left channel was broadcast');
+  assert.deepEqual(neds, ['after'], 'nothing of a left, replaced or kicked channel was broadcast');
 });
 
 test('the example application\'s events hook: each event logged once (a retried batch, or one after a restart, adds nothing); bad signature 401, not JSON 400', async () => {
