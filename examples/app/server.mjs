@@ -147,7 +147,8 @@ export function createApp(cfg) {
       return send(res, 200, answer);
     },
     'POST /hooks/events': (res, batch) => {
-      if (!Array.isArray(batch?.events) || !batch.events.every((e) => typeof e?.id === 'string')) {
+      const idOk = (e) => typeof e?.id === 'string' || typeof e?.id === 'number';
+      if (!Array.isArray(batch?.events) || !batch.events.every(idOk)) {
         return send(res, 400, { error: 'expected {"events":[{"id",...}]}' });
       }
       let added = 0;
@@ -178,8 +179,11 @@ export function createApp(cfg) {
     req.on('data', (c) => {
       size += c.length;
       if (size > MAX_REQUEST_BYTES) {
-        send(res, 413, { error: 'request too large' });
-        req.destroy();
+        if (!res.headersSent) {
+          res.setHeader('connection', 'close');
+          res.on('finish', () => req.destroy());
+          send(res, 413, { error: 'request too large' });
+        }
         return;
       }
       chunks.push(c);
