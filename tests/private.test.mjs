@@ -87,6 +87,20 @@ test('private room: anonymous → "Not signed in", no claim or another room → 
   assert.equal(noClaim.closeInfo, null);
 });
 
+test('`gateway token --rooms` mints the rooms claim: its token enters the listed private room', async () => {
+  const minted = cli(['token', 'cli-user', '--rooms', 'vip,x']);
+  assert.equal(minted.code, 0, minted.out);
+  const jwt = minted.out.trim();
+  const payload = JSON.parse(Buffer.from(jwt.split('.')[1], 'base64url').toString());
+  assert.deepEqual(payload.rooms, ['vip', 'x']);
+  const plain = cli(['token', 'cli-user2']);
+  assert.equal(JSON.parse(Buffer.from(plain.out.trim().split('.')[1], 'base64url').toString()).rooms, undefined);
+  const ws = await rawConnect(wsUrl(g1, { token: jwt }));
+  assert.equal((await ws.join('rooms:vip', '1'))[4].status, 'ok');
+  const without = await rawConnect(wsUrl(g1, { token: plain.out.trim() }));
+  assert.equal(reasonOf(await without.join('rooms:vip', '1')), 'Not allowed');
+});
+
 test('the token that signs the join in decides: guardian_token over the connection token', async () => {
   assert.equal(cli(['rooms', 'create', 'gt-room', '--private']).code, 0);
   // anonymous connection, a guardian_token that lists the room

@@ -60,6 +60,9 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// Private rooms the bearer may join (the `rooms` claim), comma separated; `*` = all.
+        #[arg(long, value_delimiter = ',')]
+        rooms: Vec<String>,
     },
     /// Act on a user's connections on every node.
     Users {
@@ -224,6 +227,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             sub,
             username,
             ttl,
+            rooms,
         } => {
             let sub = user
                 .or(sub)
@@ -232,7 +236,10 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
                 "no auth.hs256_secret configured: set GATEWAY_AUTH_HS256_SECRET to the gateway's \
                  secret (`gateway dev` prints the line to use with it)",
             )?;
-            println!("{}", dev_token(&secret, &sub, username.as_deref(), ttl)?);
+            println!(
+                "{}",
+                dev_token(&secret, &sub, username.as_deref(), ttl, &rooms)?
+            );
             Ok(())
         }
         Command::Nodes => {
@@ -385,14 +392,23 @@ async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dev_token(secret: &str, sub: &str, username: Option<&str>, ttl: u64) -> anyhow::Result<String> {
+fn dev_token(
+    secret: &str,
+    sub: &str,
+    username: Option<&str>,
+    ttl: u64,
+    rooms: &[String],
+) -> anyhow::Result<String> {
     let now = jsonwebtoken::get_current_timestamp();
-    let claims = serde_json::json!({
+    let mut claims = serde_json::json!({
         "sub": sub,
         "username": username.unwrap_or(sub),
         "iat": now,
         "exp": now + ttl,
     });
+    if !rooms.is_empty() {
+        claims["rooms"] = serde_json::json!(rooms);
+    }
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
@@ -427,7 +443,7 @@ async fn dev(mut cfg: Config, listen_told: bool) -> anyhow::Result<()> {
     let secret = cfg.hs256_secret()?.unwrap_or_default();
     let mut tokens = Vec::new();
     for (sub, name) in DEMO_USERS {
-        tokens.push((name, dev_token(&secret, sub, Some(name), 24 * 3600)?));
+        tokens.push((name, dev_token(&secret, sub, Some(name), 24 * 3600, &[])?));
     }
     let r = serve(cfg, Some(tokens)).await;
     if let Some(mut c) = child {
