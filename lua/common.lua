@@ -89,7 +89,7 @@ end
 --     counts the scripts keep per node) went 0 -> >0 / >0 -> 0 across the call.
 -- The reply's edges part: {} (none), or {seq, at_ms, type1, user1, username1, type2, ...} with
 -- user '' on room_* edges; seq is the one this call's change was published with.
-local m_delta, m_order, m_occupied = {}, {}, false
+local m_delta, m_order, m_occupied, m_has, m_total = {}, {}, false, false, nil
 
 -- The user id and username of a meta JSON (nil for an unreadable one).
 local function meta_user(meta)
@@ -126,6 +126,7 @@ end
 local function members_begin()
   local conns = redis.call('HLEN', K_PRESENCE)
   local has = redis.call('EXISTS', K_MEMBERS) == 1
+  m_has = has or conns > 0
   if conns > 0 and not has then
     local n = {}
     for _, meta in ipairs(redis.call('HVALS', K_PRESENCE)) do
@@ -149,6 +150,8 @@ end
 -- O(users) when it does; when it does not (a mixed-version cluster, a lost write), every user's
 -- count is set to the truth and the differences are reported like any change.
 local function members_check()
+  -- no members hash and no connection (members_begin saw both): nothing can disagree
+  if not m_has and #m_order == 0 then return end
   local sum, have = 0, {}
   local flat = redis.call('HGETALL', K_MEMBERS)
   for i = 1, #flat, 2 do
@@ -206,7 +209,8 @@ local function members_finish()
     end
   end
   local conns = redis.call('HLEN', K_PRESENCE)
-  if conns == 0 and redis.call('EXISTS', K_MEMBERS) == 1 then
+  -- (a room that had no members hash and no member change this call has none now: no EXISTS)
+  if conns == 0 and (m_has or #m_order > 0) and redis.call('EXISTS', K_MEMBERS) == 1 then
     -- no connection left, yet counts remain (drift): those users are gone as well
     local flat = redis.call('HGETALL', K_MEMBERS)
     for i = 1, #flat, 2 do
@@ -218,7 +222,11 @@ local function members_finish()
     end
     redis.call('DEL', K_MEMBERS)
   end
-  local now_occupied = conns > 0 or anon_total() > 0
+  local now_occupied = conns > 0
+  if not now_occupied then
+    m_total = anon_total()
+    now_occupied = m_total > 0
+  end
   local edges = {}
   local function edge(t, u, name)
     edges[#edges + 1] = t
@@ -230,6 +238,12 @@ local function members_finish()
   for _, u in ipairs(removed) do edge('member_removed', u, m_delta[u][2]) end
   if m_occupied and not now_occupied then edge('room_vacated', '', '') end
   return edges
+end
+
+-- The anonymous total after members_finish, read again only if members_finish did not need it
+-- (the scripts change no anonymous count after members_finish).
+local function total_after()
+  return m_total or anon_total()
 end
 
 -- The edges part of a reply (see above).

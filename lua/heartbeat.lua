@@ -31,7 +31,7 @@ if anon and set_anon(node, anon) then changed = true end
 local edges = members_finish()
 if #edges > 0 then changed = true end
 touch(key_ttl)
-local total = anon_total()
+local total = total_after()
 local seq = 0
 if changed then
   seq = next_seq(key_ttl)

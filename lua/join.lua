@@ -47,7 +47,7 @@ else
 end
 local edges = members_finish()
 local seq = next_seq(key_ttl)
-local total = anon_total()
+local total = total_after()
 publish(seq, total, joins, leaves)
 touch(key_ttl)
 local reply = { 1, seq, total, {}, lost, had and 1 or 0, edges_reply(seq, now, edges) }

@@ -55,7 +55,7 @@ end
 local edges = members_finish()
 if #edges > 0 then changed = true end
 touch(key_ttl)
-local total = anon_total()
+local total = total_after()
 if not changed then return { 0, total, lost, 1, had, {} } end
 local seq = next_seq(key_ttl)
 publish(seq, total, {}, leaves)

@@ -153,7 +153,9 @@ pub struct EventsHook {
 
 impl std::fmt::Debug for EventsHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventsHook").field("uri", &self.uri).finish()
+        f.debug_struct("EventsHook")
+            .field("uri", &self.uri)
+            .finish()
     }
 }
 
@@ -230,11 +232,9 @@ impl EventsHook {
             }
         }
         if dropped > 0 {
-            self.metrics.hook_events(hook_event_result::DROPPED, dropped);
-            tracing::warn!(
-                dropped,
-                "events hook queue full: dropped the oldest events"
-            );
+            self.metrics
+                .hook_events(hook_event_result::DROPPED, dropped);
+            tracing::warn!(dropped, "events hook queue full: dropped the oldest events");
         }
         self.wake.notify_one();
     }
@@ -304,7 +304,12 @@ impl EventsHook {
                 );
                 return;
             }
-            tracing::debug!(events = batch.len(), outcome, ?delay, "events hook: retrying");
+            tracing::debug!(
+                events = batch.len(),
+                outcome,
+                ?delay,
+                "events hook: retrying"
+            );
             tokio::time::sleep(delay).await;
             self.metrics
                 .hook_events(hook_event_result::RETRIED, batch.len());

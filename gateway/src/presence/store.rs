@@ -139,7 +139,9 @@ impl Store {
         };
         match edges_at(keys.room_id(), v, i) {
             Ok(events) => hook.report(&events),
-            Err(e) => tracing::warn!(room = keys.room_id(), error = %e, "unreadable events in a script reply"),
+            Err(e) => {
+                tracing::warn!(room = keys.room_id(), error = %e, "unreadable events in a script reply")
+            }
         }
     }
 
@@ -489,7 +491,9 @@ fn edges_at(room: &str, v: &[redis::Value], i: usize) -> Result<Vec<Event>, Stor
     let at_ms = int_at(flat, 1)?;
     let text = |x: &redis::Value| match x {
         redis::Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
-        other => Err(StoreError::Reply(format!("expected a string, got {other:?}"))),
+        other => Err(StoreError::Reply(format!(
+            "expected a string, got {other:?}"
+        ))),
     };
     let rest = flat.get(2..).unwrap_or_default();
     if rest.len() % 3 != 0 {
@@ -501,9 +505,7 @@ fn edges_at(room: &str, v: &[redis::Value], i: usize) -> Result<Vec<Event>, Stor
         let kind = EventKind::parse(&kind)
             .ok_or_else(|| StoreError::Reply(format!("unknown event type {kind:?}")))?;
         let user = match kind {
-            EventKind::MemberAdded | EventKind::MemberRemoved => {
-                Some((text(&e[1])?, text(&e[2])?))
-            }
+            EventKind::MemberAdded | EventKind::MemberRemoved => Some((text(&e[1])?, text(&e[2])?)),
             EventKind::RoomOccupied | EventKind::RoomVacated => None,
         };
         out.push(Event {

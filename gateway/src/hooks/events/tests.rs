@@ -54,11 +54,7 @@ async fn the_queue_is_bounded_and_drops_the_oldest() {
     let hook = EventsHook::new(
         "http://127.0.0.1:9/".parse().unwrap(),
         b"k".to_vec(),
-        (
-            Duration::from_millis(100),
-            10,
-            Duration::from_millis(10),
-        ),
+        (Duration::from_millis(100), 10, Duration::from_millis(10)),
         Duration::ZERO,
         metrics.clone(),
     );
@@ -71,8 +67,7 @@ async fn the_queue_is_bounded_and_drops_the_oldest() {
         .collect();
     hook.report(&many);
     assert_eq!(hook.queued(), QUEUE_MAX);
-    let first: serde_json::Value =
-        serde_json::from_slice(&lock(&hook.queue).events[0]).unwrap();
+    let first: serde_json::Value = serde_json::from_slice(&lock(&hook.queue).events[0]).unwrap();
     assert_eq!(first["seq"], 5, "the oldest five went");
     let text = String::from_utf8(metrics.render().1).unwrap();
     assert!(
