@@ -540,3 +540,6 @@ fn metas_at(v: &[redis::Value], i: usize) -> Result<HashMap<String, Meta>, Store
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;
