@@ -9,6 +9,8 @@
 --   KEYS[4] <p>:room:{R}:nodes      ZSET  node id -> lease expiry (ms, Redis clock)
 --   KEYS[5] <p>:room:{R}:seq        STRING presence change counter
 --   KEYS[6] <p>:room:{R}:events     channel for room events and presence changes
+--   KEYS[7] <p>:room:{R}:members    HASH  user id -> that user's connections in KEYS[2] (the events
+--                                         hook's member edges; kept in step by every script)
 --
 -- A node's presence fields and anonymous count are live only while its lease in KEYS[4] is; every
 -- script sweeps the entries of nodes without one (see sweep). Nothing is written to a room whose
@@ -18,8 +20,8 @@
 --   {"seq":S,"anon":<anonymous total>,"joins":{"<conn>":<meta>,...},"leaves":["<conn>",...]}
 -- seq grows by exactly one per published change, so a gap tells a node it missed something.
 
-local K_ROOM, K_PRESENCE, K_ANON, K_NODES, K_SEQ, K_EVENTS =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local K_ROOM, K_PRESENCE, K_ANON, K_NODES, K_SEQ, K_EVENTS, K_MEMBERS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 
 -- Lease times come from Redis's clock, never from a gateway's.
 local function now_ms()
@@ -77,6 +79,181 @@ local function leases(now)
   return live, lapsed, first, #flat > 0
 end
 
+-- The events hook (DESIGN §12). A script call reports the edges its own change caused, in its
+-- reply, so the change and the fact that it is to be reported are one atomic step: exactly one
+-- node (the caller) learns of each edge, whichever node's sockets it concerns.
+--   member_added / member_removed: a user's count in K_MEMBERS went 0 -> >0 / >0 -> 0. Every
+--     script adds up its changes per user (count_conn) and applies them at the end with one
+--     HINCRBY per user (members_begin / members_finish).
+--   room_occupied / room_vacated: the room's viewers (signed-in connections + the live anonymous
+--     counts the scripts keep per node) went 0 -> >0 / >0 -> 0 across the call.
+-- The reply's edges part: {} (none), or {seq, at_ms, type1, user1, username1, type2, ...} with
+-- user '' on room_* edges; seq is the one this call's change was published with.
+local m_delta, m_order, m_occupied, m_has, m_total = {}, {}, false, false, nil
+
+-- The user id and username of a meta JSON (nil for an unreadable one).
+local function meta_user(meta)
+  if not meta then return nil end
+  local ok, m = pcall(cjson.decode, meta)
+  if not ok or type(m) ~= 'table' or type(m.user_id) ~= 'string' then return nil end
+  return m.user_id, type(m.username) == 'string' and m.username or ''
+end
+
+-- One connection of the user of `meta` came (d = 1) or went (d = -1) in this call.
+local function count_conn(meta, d)
+  local u, name = meta_user(meta)
+  if not u then return end
+  local e = m_delta[u]
+  if not e then
+    e = { 0, name }
+    m_delta[u] = e
+    m_order[#m_order + 1] = u
+  end
+  e[1] = e[1] + d
+  if d > 0 or e[2] == '' then e[2] = name end
+end
+
+-- Whether the room has a viewer: a signed-in connection or a live anonymous count.
+local function occupied()
+  return redis.call('HLEN', K_PRESENCE) > 0 or anon_total() > 0
+end
+
+-- Call first in a script that may change presence. Notes whether the room was occupied, and
+-- heals a members hash that drifted from the presence hash in a way seen at no cost here:
+--   - presence without a members hash (evicted or deleted on its own): rebuilt from the metas,
+--     without edges (those users were reported when they came);
+--   - a members hash without presence: its users are gone, reported as member_removed.
+local function members_begin()
+  local conns = redis.call('HLEN', K_PRESENCE)
+  local has = redis.call('EXISTS', K_MEMBERS) == 1
+  m_has = has or conns > 0
+  if conns > 0 and not has then
+    local n = {}
+    for _, meta in ipairs(redis.call('HVALS', K_PRESENCE)) do
+      local u = meta_user(meta)
+      if u then n[u] = (n[u] or 0) + 1 end
+    end
+    for u, c in pairs(n) do redis.call('HSET', K_MEMBERS, u, c) end
+  elseif conns == 0 and has then
+    local flat = redis.call('HGETALL', K_MEMBERS)
+    for i = 1, #flat, 2 do
+      local u = flat[i]
+      m_delta[u] = { -(tonumber(flat[i + 1]) or 0), '' }
+      m_order[#m_order + 1] = u
+    end
+  end
+  m_occupied = conns > 0 or anon_total() > 0
+end
+
+-- The full check, for the heartbeat's scan (about once per room per interval across all nodes):
+-- the members hash must hold, per user, the number of that user's fields in the presence hash.
+-- O(users) when it does; when it does not (a mixed-version cluster, a lost write), every user's
+-- count is set to the truth and the differences are reported like any change.
+local function members_check()
+  -- no members hash and no connection (members_begin saw both): nothing can disagree
+  if not m_has and #m_order == 0 then return end
+  local sum, have = 0, {}
+  local flat = redis.call('HGETALL', K_MEMBERS)
+  for i = 1, #flat, 2 do
+    local c = tonumber(flat[i + 1]) or 0
+    have[flat[i]] = c
+    sum = sum + c
+  end
+  for _, e in pairs(m_delta) do sum = sum + e[1] end
+  if sum == redis.call('HLEN', K_PRESENCE) then return end
+  local truth, names = {}, {}
+  for _, meta in ipairs(redis.call('HVALS', K_PRESENCE)) do
+    local u, name = meta_user(meta)
+    if u then
+      truth[u] = (truth[u] or 0) + 1
+      names[u] = name
+    end
+  end
+  local function fix(u, d)
+    local e = m_delta[u]
+    if not e then
+      e = { 0, names[u] or '' }
+      m_delta[u] = e
+      m_order[#m_order + 1] = u
+    end
+    e[1] = e[1] + d
+  end
+  for u, c in pairs(have) do
+    local pending = m_delta[u] and m_delta[u][1] or 0
+    local want = truth[u] or 0
+    if c + pending ~= want then fix(u, want - c - pending) end
+  end
+  for u, c in pairs(truth) do
+    if have[u] == nil then
+      local pending = m_delta[u] and m_delta[u][1] or 0
+      if pending ~= c then fix(u, c - pending) end
+    end
+  end
+end
+
+-- Applies this call's per-user changes to the members hash (one HINCRBY per changed user) and
+-- returns the edges they and the viewer count caused: {type, user, username, ...} ({} if none).
+local function members_finish()
+  local added, removed = {}, {}
+  for _, u in ipairs(m_order) do
+    local e = m_delta[u]
+    if e[1] ~= 0 then
+      local after = redis.call('HINCRBY', K_MEMBERS, u, e[1])
+      local before = after - e[1]
+      if after <= 0 then redis.call('HDEL', K_MEMBERS, u) end
+      if before <= 0 and after > 0 then
+        added[#added + 1] = u
+      elseif before > 0 and after <= 0 then
+        removed[#removed + 1] = u
+      end
+    end
+  end
+  local conns = redis.call('HLEN', K_PRESENCE)
+  -- (a room that had no members hash and no member change this call has none now: no EXISTS)
+  if conns == 0 and (m_has or #m_order > 0) and redis.call('EXISTS', K_MEMBERS) == 1 then
+    -- no connection left, yet counts remain (drift): those users are gone as well
+    local flat = redis.call('HGETALL', K_MEMBERS)
+    for i = 1, #flat, 2 do
+      local u = flat[i]
+      if (tonumber(flat[i + 1]) or 0) > 0 then
+        if not m_delta[u] then m_delta[u] = { 0, '' } end
+        removed[#removed + 1] = u
+      end
+    end
+    redis.call('DEL', K_MEMBERS)
+  end
+  local now_occupied = conns > 0
+  if not now_occupied then
+    m_total = anon_total()
+    now_occupied = m_total > 0
+  end
+  local edges = {}
+  local function edge(t, u, name)
+    edges[#edges + 1] = t
+    edges[#edges + 1] = u
+    edges[#edges + 1] = name
+  end
+  if now_occupied and not m_occupied then edge('room_occupied', '', '') end
+  for _, u in ipairs(added) do edge('member_added', u, m_delta[u][2]) end
+  for _, u in ipairs(removed) do edge('member_removed', u, m_delta[u][2]) end
+  if m_occupied and not now_occupied then edge('room_vacated', '', '') end
+  return edges
+end
+
+-- The anonymous total after members_finish, read again only if members_finish did not need it
+-- (the scripts change no anonymous count after members_finish).
+local function total_after()
+  return m_total or anon_total()
+end
+
+-- The edges part of a reply (see above).
+local function edges_reply(seq, now, edges)
+  if #edges == 0 then return {} end
+  local r = { seq, now }
+  for _, x in ipairs(edges) do r[#r + 1] = x end
+  return r
+end
+
 -- Removes the entries of every node without a live lease: its lease lapsed, or it has none at all
 -- (the lease set was evicted or expired, a lease went while a field stayed behind). Such entries
 -- are dead: they would otherwise be counted and listed forever.
@@ -90,8 +267,9 @@ end
 --     scan per room per heartbeat interval across all nodes, not one per node).
 -- Liveness is decided before the caller renews its own lease: a caller without a live lease finds
 -- its own entries swept like anyone's and re-asserts them with sync.
--- Returns the connection ids removed, whether anything changed, and the set of nodes whose lease
--- or entries were removed (a caller finding itself there lost its entries).
+-- Returns the connection ids removed, whether anything changed, the set of nodes whose lease
+-- or entries were removed (a caller finding itself there lost its entries), and whether the
+-- presence hash was scanned. Each removed connection counts against its user (see count_conn).
 local function sweep(now, caller, scan)
   local live, lapsed, first, has_leases = leases(now)
   local dead = {}
@@ -109,19 +287,22 @@ local function sweep(now, caller, scan)
     end
   end
   local left = {}
+  local scanned = false
   if next(dead) ~= nil or not has_leases or scan == 'all' or (caller and not live[caller])
       or (scan == 'first' and caller == first) then
+    scanned = true
     for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
       local node = string.match(f, '^(.*)%.[^.]*$')
       if node and not live[node] then
         dead[node] = true
+        count_conn(redis.call('HGET', K_PRESENCE, f), -1)
         redis.call('HDEL', K_PRESENCE, f)
         left[#left + 1] = f
         changed = true
       end
     end
   end
-  return left, changed, dead
+  return left, changed, dead, scanned
 end
 
 -- Renews the caller's lease; returns true if it still had one (false: new, lapsed or swept).
@@ -138,6 +319,7 @@ local function touch(key_ttl_ms)
   redis.call('PEXPIRE', K_ANON, key_ttl_ms)
   redis.call('PEXPIRE', K_NODES, key_ttl_ms)
   redis.call('PEXPIRE', K_SEQ, key_ttl_ms)
+  redis.call('PEXPIRE', K_MEMBERS, key_ttl_ms)
 end
 
 -- Whether the room exists: its record is the room.
@@ -149,11 +331,20 @@ end
 -- nothing (no lease, no field, no TTL, no seq, no publish: the room's channels are closed) but
 -- removes what the calling node still holds there, its presence fields '<node>.*' (and conn, if
 -- given), its anonymous count and its lease, so nothing of the deleted room lingers.
+-- Its users' counts in the members hash go down with them (no event: the room is gone).
 local function drop_own(node, conn)
-  if conn and conn ~= '' then redis.call('HDEL', K_PRESENCE, conn) end
+  local function drop(f)
+    local meta = redis.call('HGET', K_PRESENCE, f)
+    if meta then
+      redis.call('HDEL', K_PRESENCE, f)
+      local u = meta_user(meta)
+      if u and redis.call('HINCRBY', K_MEMBERS, u, -1) <= 0 then redis.call('HDEL', K_MEMBERS, u) end
+    end
+  end
+  if conn and conn ~= '' then drop(conn) end
   local prefix = node .. '.'
   for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
-    if string.sub(f, 1, #prefix) == prefix then redis.call('HDEL', K_PRESENCE, f) end
+    if string.sub(f, 1, #prefix) == prefix then drop(f) end
   end
   redis.call('HDEL', K_ANON, node)
   redis.call('ZREM', K_NODES, node)

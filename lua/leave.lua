@@ -4,7 +4,7 @@
 -- presence key's TTL refreshed) either way.
 -- A room whose record is gone gets nothing written: the connection and the node's other leftovers
 -- there are removed.
--- KEYS: the six room keys, see common.lua
+-- KEYS: the seven room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
 -- ARGV[3] key ttl ms
@@ -13,7 +13,7 @@
 -- ARGV[6] '1' when the node is leaving the room altogether: its lease is dropped too, but only if
 --         it holds nothing in the room any more (a concurrent join of the same node keeps it)
 -- Reply: {seq of the published change or 0 if nothing changed, anonymous total, lost, exists (1),
---         had} where had = 1 when the caller's lease existed before this call (see join.lua)
+--         had, edges} where edges are the events hook's edges this call caused (common.lua) and had = 1 when the caller's lease existed before this call (see join.lua)
 --        lost = 1 when this call found the caller without a live lease (lapsed, or gone while it
 --        still had entries) and swept its entries: the caller re-asserts them with sync.
 --        {0, 0, 0, 0} when the room does not exist (deleted).
@@ -23,12 +23,16 @@ if not room_exists() then
   drop_own(node, conn)
   return { 0, 0, 0, 0 }
 end
+members_begin()
 local now = now_ms()
 local leaves, changed, swept = sweep(now, node)
 local lost = swept[node] and 1 or 0
 local had = renew(node, now, lease) and 1 or 0
 if conn ~= '' then
-  if redis.call('HDEL', K_PRESENCE, conn) == 1 then
+  local meta = redis.call('HGET', K_PRESENCE, conn)
+  if meta then
+    redis.call('HDEL', K_PRESENCE, conn)
+    count_conn(meta, -1)
     leaves[#leaves + 1] = conn
     changed = true
   end
@@ -48,9 +52,11 @@ if ARGV[6] == '1' and (redis.call('HGET', K_ANON, node) or '0') == '0' then
     redis.call('ZREM', K_NODES, node)
   end
 end
+local edges = members_finish()
+if #edges > 0 then changed = true end
 touch(key_ttl)
-local total = anon_total()
-if not changed then return { 0, total, lost, 1, had } end
+local total = total_after()
+if not changed then return { 0, total, lost, 1, had, {} } end
 local seq = next_seq(key_ttl)
 publish(seq, total, {}, leaves)
-return { seq, total, lost, 1, had }
+return { seq, total, lost, 1, had, edges_reply(seq, now, edges) }

@@ -3,7 +3,7 @@
 -- release = 1 at shutdown (then the local truth is empty and the lease is dropped too).
 -- The lease is renewed (or released) and every presence key's TTL refreshed even when nothing
 -- changed. A room whose record is gone gets nothing written: the node's leftovers there are removed.
--- KEYS: the six room keys, see common.lua
+-- KEYS: the seven room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
 -- ARGV[3] key ttl ms
@@ -11,7 +11,8 @@
 -- ARGV[5] '1' to release the lease (clean exit), '0' to renew it. A released node holds nothing:
 --         its anonymous count goes whatever ARGV[4] says, and ARGV[6..] must be empty
 -- ARGV[6..] conn1, meta1, conn2, meta2, ... : the node's signed-in connections in the room
--- Reply: {seq of the published change or 0, anonymous total, exists (1)}
+-- Reply: {seq of the published change or 0, anonymous total, exists (1), edges}
+--        (edges: the events hook's edges this call caused, see common.lua)
 --        {0, 0, 0} when the room does not exist (deleted).
 
 local node, lease, key_ttl, anon, release =
@@ -21,6 +22,7 @@ if not room_exists() then
   return { 0, 0, 0 }
 end
 if release then anon = 0 end
+members_begin()
 local now = now_ms()
 local leaves, changed = sweep(now, node)
 local want = {}
@@ -28,6 +30,7 @@ for i = 6, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
 local prefix = node .. '.'
 for _, f in ipairs(redis.call('HKEYS', K_PRESENCE)) do
   if string.sub(f, 1, #prefix) == prefix and want[f] == nil then
+    count_conn(redis.call('HGET', K_PRESENCE, f), -1)
     redis.call('HDEL', K_PRESENCE, f)
     leaves[#leaves + 1] = f
     changed = true
@@ -36,7 +39,10 @@ end
 local joins = {}
 for i = 6, #ARGV, 2 do
   local conn, meta = ARGV[i], ARGV[i + 1]
-  if redis.call('HGET', K_PRESENCE, conn) ~= meta then
+  local old = redis.call('HGET', K_PRESENCE, conn)
+  if old ~= meta then
+    if old then count_conn(old, -1) end
+    count_conn(meta, 1)
     redis.call('HSET', K_PRESENCE, conn, meta)
     joins[#joins + 1] = conn
     joins[#joins + 1] = meta
@@ -49,9 +55,11 @@ if release then
 else
   renew(node, now, lease)
 end
+local edges = members_finish()
+if #edges > 0 then changed = true end
 touch(key_ttl)
-local total = anon_total()
-if not changed then return { 0, total, 1 } end
+local total = total_after()
+if not changed then return { 0, total, 1, {} } end
 local seq = next_seq(key_ttl)
 publish(seq, total, joins, leaves)
-return { seq, total, 1 }
+return { seq, total, 1, edges_reply(seq, now, edges) }

@@ -3,7 +3,8 @@
 // anonymous count alone" heartbeat, release-if-idle, that a snapshot of a missing room writes
 // nothing, that a deleted room is never written back, that entries without a live lease are swept
 // even when the lease set itself is gone, and that every renewed lease keeps a TTL; and publish.lua:
-// its reply (the stream id, nil without a room record) and the frame it publishes.
+// its reply (the stream id, nil without a room record) and the frame it publishes; and the events
+// hook's side of the scripts: the members hash, the edges each call reports, drift healing.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -20,14 +21,14 @@ const common = fs.readFileSync(path.join(LUA, 'common.lua'), 'utf8');
 const script = (name) => common + fs.readFileSync(path.join(LUA, `${name}.lua`), 'utf8');
 const keys = (room) => {
   const b = `lt:room:{${room}}`;
-  return [b, `${b}:presence`, `${b}:anon`, `${b}:nodes`, `${b}:seq`, `${b}:events`];
+  return [b, `${b}:presence`, `${b}:anon`, `${b}:nodes`, `${b}:seq`, `${b}:events`, `${b}:members`];
 };
-const run = (name, room, ...argv) => redis.lines('EVAL', script(name), '6', ...keys(room), ...argv);
-// What `gateway rooms delete` removes (gateway/src/catalog.rs): the record, presence, anon and
-// nodes keys; the seq counter is left to expire by itself.
+const run = (name, room, ...argv) => redis.lines('EVAL', script(name), '7', ...keys(room), ...argv);
+// What `gateway rooms delete` removes (gateway/src/catalog.rs): the record, presence, anon,
+// nodes and members keys; the seq counter is left to expire by itself.
 const adminDelete = (room) => {
   const k = keys(room);
-  redis.cli('DEL', k[0], k[1], k[2], k[3]);
+  redis.cli('DEL', k[0], k[1], k[2], k[3], k[6]);
 };
 // The presence envelopes published on a room's channel, collected by a redis-cli SUBSCRIBE.
 async function subscribe(room) {
@@ -51,6 +52,21 @@ async function subscribe(room) {
 const calls = (cmd) => {
   const m = redis.cli('INFO', 'commandstats').match(new RegExp(`^cmdstat_${cmd}:calls=(\\d+)`, 'm'));
   return m ? Number(m[1]) : 0;
+};
+// A script's whole reply as JSON (the script wrapped in a function whose result is encoded), for
+// the nested edges part: [seq, at, type, user, username, ...] or {} (cjson's empty table).
+const runJ = (name, room, ...argv) => JSON.parse(redis.cli('EVAL',
+  `return cjson.encode((function()\n${script(name)}\nend)())`, '7', ...keys(room), ...argv));
+// The edges of a reply part as [type, user] pairs (username checked separately).
+const edgeList = (e) => {
+  if (!Array.isArray(e)) return [];
+  const out = [];
+  for (let i = 2; i < e.length; i += 3) out.push(e[i + 1] ? `${e[i]}:${e[i + 1]}` : e[i]);
+  return out;
+};
+const members = (room) => {
+  const flat = redis.lines('HGETALL', keys(room)[6]).filter((x) => x !== '');
+  return Object.fromEntries(flat.flatMap((v, i) => (i % 2 === 0 ? [[v, flat[i + 1]]] : [])));
 };
 const meta = (user) => JSON.stringify({ user_id: user, username: `n-${user}`, online_at: 1, node: 'x' });
 
@@ -141,7 +157,7 @@ test('a released node keeps no anonymous count, even when sync was told to leave
   const r = run('sync', 'r5', 'A', '60000', '60000', '', '1');
   assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '', 'a count without a lease is not live');
   assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
-  assert.deepEqual(r.slice(1), ['1', '1']);
+  assert.deepEqual(r.slice(1, 3), ['1', '1']);
   assert.ok(Number(r[0]) > 0, 'the change is published');
 });
 
@@ -233,7 +249,7 @@ test('when the lease set is lost (eviction), every entry without a live lease is
     const snap = run('snapshot', R, '120000');
     assert.equal(snap[1], s[0]);
     assert.equal(snap[2], '2');
-    assert.deepEqual(snap.slice(3).filter((_, i) => i % 2 === 0), ['b.1']);
+    assert.deepEqual(snap.slice(3).filter((c) => c !== '').filter((_, i) => i % 2 === 0), ['b.1']);
     // a is dead: its heartbeat, if it ever comes back, finds no lease
     assert.equal(run('heartbeat', R, 'a', '60000', '120000', '3')[0], '0');
   } finally {
@@ -305,7 +321,7 @@ test('presence fields without a lease are swept by the smallest live node\'s hea
     // a snapshot always checks every field
     redis.cli('HSET', k[1], 'z.1', meta('u9'));
     const snap = run('snapshot', R, '120000');
-    assert.deepEqual(snap.slice(3).filter((_, i) => i % 2 === 0).sort(), ['b.1', 'c.1']);
+    assert.deepEqual(snap.slice(3).filter((c) => c !== '').filter((_, i) => i % 2 === 0).sort(), ['b.1', 'c.1']);
     const env2 = await sub.next(2);
     assert.equal(String(env2.seq), snap[1]);
     assert.deepEqual(env2.leaves, ['z.1']);
@@ -366,4 +382,96 @@ test('publish.lua: replies with the stream id, publishes the frame carrying it; 
   } finally {
     proc.kill();
   }
+});
+
+test('events: the members hash counts each user\'s connections; each script reports its own edges once', () => {
+  const R = 'ev1';
+  const [room] = keys(R);
+  redis.cli('HSET', room, 'name', R);
+  const j1 = runJ('join', R, 'A', '60000', '120000', 'A.1', meta('u1'), '0');
+  assert.equal(j1[6][0], j1[1], 'the edges carry the seq of the change');
+  assert.ok(j1[6][1] > 1.6e12, 'and the Redis time in ms');
+  assert.deepEqual(edgeList(j1[6]), ['room_occupied', 'member_added:u1']);
+  assert.equal(j1[6][7], 'n-u1', 'member edges carry the username');
+  assert.deepEqual(members(R), { u1: '1' });
+  assert.ok(Number(redis.cli('PTTL', keys(R)[6])) > 0, 'the members hash expires like the other presence keys');
+  // a second tab on another node, and a retry of that join: no edge, one count each
+  assert.deepEqual(edgeList(runJ('join', R, 'B', '60000', '120000', 'B.1', meta('u1'), '0')[6]), []);
+  assert.deepEqual(edgeList(runJ('join', R, 'B', '60000', '120000', 'B.1', meta('u1'), '0')[6]), []);
+  assert.deepEqual(members(R), { u1: '2' });
+  // anonymous viewers come and go through the per-node counts, without a members change
+  assert.deepEqual(edgeList(runJ('join', R, 'C', '60000', '120000', '', '2', '0')[6]), []);
+  assert.deepEqual(edgeList(runJ('leave', R, 'A', '60000', '120000', 'A.1', '0', '0')[5]), []);
+  const l = runJ('leave', R, 'B', '60000', '120000', 'B.1', '0', '0');
+  assert.deepEqual(edgeList(l[5]), ['member_removed:u1'], 'the last tab reports the user gone');
+  assert.equal(l[5][0], l[0]);
+  assert.equal(redis.cli('EXISTS', keys(R)[6]), '0', 'a user at zero leaves the hash');
+  // a retried leave changes nothing and reports nothing
+  assert.deepEqual(runJ('leave', R, 'B', '60000', '120000', 'B.1', '0', '0')[5], {});
+  assert.deepEqual(edgeList(runJ('leave', R, 'C', '60000', '120000', '', '2', '0')[5]), ['room_vacated']);
+  // anonymous viewers alone occupy the room too; a sync that releases everything vacates it
+  assert.deepEqual(edgeList(runJ('join', R, 'C', '60000', '120000', '', '1', '0')[6]), ['room_occupied']);
+  assert.deepEqual(edgeList(runJ('sync', R, 'C', '60000', '120000', '5', '0', 'C.1', meta('u2'))[3]), ['member_added:u2']);
+  assert.deepEqual(edgeList(runJ('sync', R, 'C', '60000', '120000', '0', '1')[3]), ['member_removed:u2', 'room_vacated']);
+  // a connection written again for another user moves from one to the other
+  runJ('join', R, 'A', '60000', '120000', 'A.7', meta('u3'), '0');
+  assert.deepEqual(edgeList(runJ('join', R, 'A', '60000', '120000', 'A.7', meta('u4'), '0')[6]), ['member_added:u4', 'member_removed:u3']);
+  assert.deepEqual(members(R), { u4: '1' });
+});
+
+test('events: a lapsed node\'s users are reported once, by the script that swept them', async () => {
+  const R = 'ev2';
+  const [room] = keys(R);
+  redis.cli('HSET', room, 'name', R);
+  runJ('join', R, 'X', '200', '120000', 'X.1', meta('u1'), '0');
+  runJ('join', R, 'X', '200', '120000', 'X.2', meta('u2'), '0');
+  runJ('join', R, 'Y', '60000', '120000', 'Y.1', meta('u2'), '0');
+  await sleep(300);
+  // Y's heartbeat finds X's lease lapsed: u1 is gone, u2 still has Y's tab
+  const hb = runJ('heartbeat', R, 'Y', '60000', '120000', '0');
+  assert.deepEqual(edgeList(hb[4]), ['member_removed:u1']);
+  assert.equal(hb[4][0], hb[1]);
+  assert.deepEqual(members(R), { u2: '1' });
+  // nobody reports it again
+  assert.deepEqual(runJ('heartbeat', R, 'Y', '60000', '120000', '0')[4], {});
+  assert.deepEqual(runJ('snapshot', R, '120000')[4], {});
+  assert.deepEqual(edgeList(runJ('leave', R, 'Y', '60000', '120000', 'Y.1', '0', '0')[5]), ['member_removed:u2', 'room_vacated']);
+});
+
+test('events: a members hash that drifted from presence is healed (lost: rebuilt silently; wrong: fixed by the first node\'s heartbeat, with edges)', () => {
+  const R = 'ev3';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  runJ('join', R, 'A', '60000', '120000', 'A.1', meta('u1'), '0');
+  runJ('join', R, 'A', '60000', '120000', 'A.2', meta('u2'), '0');
+  // the hash is lost (evicted) while presence survives: the next call rebuilds it, no edge
+  redis.cli('DEL', k[6]);
+  assert.deepEqual(edgeList(runJ('join', R, 'A', '60000', '120000', 'A.3', meta('u1'), '0')[6]), []);
+  assert.deepEqual(members(R), { u1: '2', u2: '1' });
+  // counts go wrong (a node of an older version, a lost write): the smallest live node's
+  // heartbeat scan sets them to the truth and reports the differences
+  redis.cli('HSET', k[6], 'u1', '5', 'ghost', '1');
+  redis.cli('HDEL', k[6], 'u2');
+  const hb = runJ('heartbeat', R, 'A', '60000', '120000', '0');
+  assert.deepEqual(edgeList(hb[4]).sort(), ['member_added:u2', 'member_removed:ghost']);
+  assert.deepEqual(members(R), { u1: '2', u2: '1' });
+  assert.deepEqual(runJ('heartbeat', R, 'A', '60000', '120000', '0')[4], {}, 'healed: nothing more');
+  // a count left behind with no connection at all is reported gone with the last viewer
+  redis.cli('HSET', k[6], 'stale', '1');
+  runJ('leave', R, 'A', '60000', '120000', 'A.1', '0', '0');
+  runJ('leave', R, 'A', '60000', '120000', 'A.3', '0', '0');
+  const last = runJ('leave', R, 'A', '60000', '120000', 'A.2', '0', '0');
+  assert.deepEqual(edgeList(last[5]), ['member_removed:u2', 'member_removed:stale', 'room_vacated']);
+  assert.equal(redis.cli('EXISTS', k[6]), '0');
+});
+
+test('events: a deleted room reports nothing; a node\'s leftovers there leave the members hash too', () => {
+  const R = 'ev4';
+  const k = keys(R);
+  redis.cli('HSET', k[0], 'name', R);
+  runJ('join', R, 'A', '60000', '120000', 'A.1', meta('u1'), '0');
+  runJ('join', R, 'B', '60000', '120000', 'B.1', meta('u2'), '0');
+  redis.cli('DEL', k[0]);
+  assert.deepEqual(runJ('heartbeat', R, 'A', '60000', '120000', '0'), [0, 0, 0, 0]);
+  assert.deepEqual(members(R), { u2: '1' }, 'A\'s user left the hash with A\'s field');
 });

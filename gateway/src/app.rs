@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::auth::{AuthError, Identity, Verifier};
 use crate::config::Config;
 use crate::fanout::Hub;
-use crate::hooks::PublishHook;
+use crate::hooks::{EventsHook, PublishHook};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::presence::{Lease, Store};
@@ -28,6 +28,8 @@ pub struct Gateway {
     pub verifier: Arc<Verifier>,
     /// `hooks.publish_url`, when set.
     pub publish_hook: Option<Arc<PublishHook>>,
+    /// `hooks.events_url`, when set: its sender starts with the node ([`App::start`]).
+    pub events_hook: Option<Arc<EventsHook>>,
     app: OnceLock<Arc<App>>,
 }
 
@@ -46,11 +48,13 @@ impl Gateway {
         }
         let metrics = Metrics::new();
         let publish_hook = PublishHook::from_config(&cfg, metrics.clone())?.map(Arc::new);
+        let events_hook = EventsHook::from_config(&cfg, metrics.clone())?.map(Arc::new);
         Ok(Arc::new(Self {
             cfg: Arc::new(cfg),
             metrics,
             verifier: Arc::new(verifier),
             publish_hook,
+            events_hook,
             app: OnceLock::new(),
         }))
     }
@@ -82,6 +86,8 @@ pub struct App {
     pub policy: PushPolicy,
     /// The application's say on pushes (`hooks.publish_url`), when set.
     pub publish_hook: Option<Arc<PublishHook>>,
+    /// Where the presence scripts' edges go (`hooks.events_url`), when set.
+    pub events_hook: Option<Arc<EventsHook>>,
     pub hub: Arc<Hub>,
     pub metrics: Metrics,
     /// Token deadlines of open sockets and channels (one list, one task).
@@ -260,7 +266,8 @@ impl App {
             lease,
             cfg.redis.command_timeout(),
             metrics.clone(),
-        );
+        )
+        .with_events(gw.events_hook.clone());
         let node: Arc<str> = Arc::from(node);
         let hub = Hub::new(
             cfg.clone(),
@@ -279,6 +286,7 @@ impl App {
                 &cfg.rooms.anonymous_events,
             ),
             publish_hook: gw.publish_hook.clone(),
+            events_hook: gw.events_hook.clone(),
             cfg,
             node,
             keys,
@@ -304,6 +312,9 @@ impl App {
             tokio::spawn(run_control(self.clone(), orders));
         }
         tokio::spawn(self.hub.clone().run_heartbeat());
+        if let Some(hook) = &self.events_hook {
+            tokio::spawn(hook.clone().run());
+        }
         tokio::spawn(self.expiries.clone().run(self.hub.clone()));
         let task = tokio::spawn(node_record(self.clone()));
         *lock(&self.node_record.task) = Some(task);

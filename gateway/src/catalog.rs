@@ -176,6 +176,7 @@ impl Catalog {
             .arg(&k.anon)
             .arg(&k.nodes)
             .arg(&k.seq)
+            .arg(&k.members)
             .arg(&k.history)
             .query_async(&mut c)
             .await?;

@@ -8,6 +8,8 @@
 //!
 //! Knows nothing of sockets or of the order of a socket's pushes (that is the session's
 //! `pushes` queue); its requests go through the shared pooled [`HttpClient`].
+//!
+//! The events hook (presence edges, batched and retried) is [`events`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +27,9 @@ use crate::config::{Config, ConfigError};
 use crate::httpclient::{self, HttpClient, HttpError};
 use crate::metrics::{Metrics, hook_kind, hook_outcome};
 use crate::rooms::RoomId;
+
+pub mod events;
+pub use events::EventsHook;
 
 /// Largest answer read: a replacement body is at most `rooms.max_body_bytes` (4 KiB by default)
 /// and may be escaped up to 6× in JSON; anything far beyond is not an answer we can use.

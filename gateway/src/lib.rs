@@ -18,7 +18,7 @@
 //! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
 //! | [`auth`] | JWT → `Identity` |
 //! | [`jwks`] | an identity provider's key set (`auth.jwks_url`): fetch, refresh, lookup by `kid` |
-//! | [`hooks`] | the publish hook: a push posted, signed, to the application, its answer a verdict |
+//! | [`hooks`] | the publish hook: a push posted, signed, to the application, its answer a verdict; `hooks/events.rs`: the events hook, presence edges batched, signed, retried |
 //! | [`httpclient`] | the pooled outbound HTTP/1.1 client (HTTPS against the system's roots) |
 //! | [`rooms`] | room ids, topics, who may push what |
 //! | [`fanout`] | rooms with local members, the pub/sub connection, coalesced presence frames, kicks and disconnects as they arrive |

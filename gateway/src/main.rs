@@ -628,6 +628,10 @@ async fn drain(
         futures_util::future::join(app.hub.release_all(), app.remove_node_record()),
     )
     .await;
+    // the release's member_removed / room_vacated events, and whatever else is queued
+    if let Some(hook) = &app.events_hook {
+        hook.flush(deadline).await;
+    }
     tracing::info!(
         after_ms = started.elapsed().as_millis() as u64,
         "presence and node record released; closing sockets"

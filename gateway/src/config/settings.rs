@@ -230,6 +230,16 @@ pub struct HooksConfig {
     /// Hook requests in flight on this node at most; one more is a failure (`overloaded`), so a
     /// slow application cannot make the node hold unbounded requests.
     pub max_in_flight: usize,
+    /// The events hook: presence edges (`member_added`, `member_removed`, `room_occupied`,
+    /// `room_vacated`) are posted here in batches `{"events":[...]}`, signed. Unset: off.
+    pub events_url: Option<String>,
+    /// Events per request at most.
+    pub events_batch: usize,
+    /// How long the first queued event waits for more before its batch is sent, ms.
+    pub events_interval_ms: u64,
+    /// How long a batch that failed (non-2xx, timeout) is retried, the same events with the same
+    /// ids, before it is dropped and counted, s. 0: never retried.
+    pub events_retry_s: u64,
 }
 
 /// Shortest hook secret: an HMAC-SHA256 key as long as the hash output (256 bits).
@@ -265,6 +275,10 @@ impl Default for HooksConfig {
             secret_file: None,
             timeout_ms: 2_000,
             max_in_flight: 1_024,
+            events_url: None,
+            events_batch: 100,
+            events_interval_ms: 200,
+            events_retry_s: 60,
         }
     }
 }
@@ -272,6 +286,12 @@ impl Default for HooksConfig {
 impl HooksConfig {
     pub fn timeout(&self) -> Duration {
         ms(self.timeout_ms)
+    }
+    pub fn events_interval(&self) -> Duration {
+        ms(self.events_interval_ms)
+    }
+    pub fn events_retry(&self) -> Duration {
+        Duration::from_secs(self.events_retry_s)
     }
 }
 

@@ -300,17 +300,32 @@ impl Config {
         if let Some(s) = &h.secret {
             check_hook_secret(s, "hooks.secret")?;
         }
+        if let Some(url) = &h.events_url {
+            check_hook_url(url, "hooks.events_url")?;
+            if h.secret.is_none() && h.secret_file.is_none() {
+                return Err(bad(
+                    "hooks.secret",
+                    "required with hooks.events_url (GATEWAY_HOOKS_SECRET or hooks.secret_file): \
+                     the application checks every request's x-gateway-signature with it",
+                ));
+            }
+            if !(1..=10_000).contains(&h.events_batch) {
+                return Err(bad("hooks.events_batch", "from 1 to 10000"));
+            }
+            if !(1..=60_000).contains(&h.events_interval_ms) {
+                return Err(bad("hooks.events_interval_ms", "from 1 to 60000"));
+            }
+            if h.events_retry_s > 86_400 {
+                return Err(bad("hooks.events_retry_s", "from 0 to 86400"));
+            }
+            if !(10..=60_000).contains(&h.timeout_ms) {
+                return Err(bad("hooks.timeout_ms", "from 10 to 60000"));
+            }
+        }
         let Some(url) = &h.publish_url else {
             return Ok(());
         };
-        let ok = (url.starts_with("https://") || url.starts_with("http://"))
-            && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some());
-        if !ok {
-            return Err(bad(
-                "hooks.publish_url",
-                format!("{url:?}: use an absolute http:// or https:// URL"),
-            ));
-        }
+        check_hook_url(url, "hooks.publish_url")?;
         if h.secret.is_none() && h.secret_file.is_none() {
             return Err(bad(
                 "hooks.secret",
@@ -334,6 +349,19 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A hook URL: an absolute http:// or https:// URL with a host.
+fn check_hook_url(url: &str, key: &'static str) -> Result<(), ConfigError> {
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && url.parse::<hyper::Uri>().is_ok_and(|u| u.host().is_some());
+    if ok {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        key,
+        message: format!("{url:?}: use an absolute http:// or https:// URL"),
+    })
 }
 
 /// A listener address: `host:port` with an IPv4 address, `[IPv6]` or a host name (`localhost`),

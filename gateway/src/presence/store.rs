@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::hooks::events::{Event, EventKind, EventsHook};
 use crate::metrics::script;
 use crate::redis::keys::RoomKeys;
 use crate::redis::scripts::Scripts;
@@ -99,6 +100,9 @@ pub struct Store {
     lease: Arc<Lease>,
     timeout: std::time::Duration,
     metrics: crate::metrics::Metrics,
+    /// Where the edges the scripts report go (`hooks.events_url`); `None`: the hook is off and
+    /// the edges are ignored (the scripts keep the members hash either way).
+    events: Option<Arc<EventsHook>>,
 }
 
 type Flat = Vec<redis::Value>;
@@ -117,6 +121,27 @@ impl Store {
             lease: Arc::new(lease),
             timeout,
             metrics,
+            events: None,
+        }
+    }
+
+    /// Reports the events hook's edges of every script call to `hook`.
+    pub fn with_events(mut self, hook: Option<Arc<EventsHook>>) -> Self {
+        self.events = hook;
+        self
+    }
+
+    /// Hands the edges part of a script's reply (index `i` of `v`) to the events hook. An
+    /// unreadable part is logged, never an error of the call: the change itself was made.
+    fn report(&self, keys: &RoomKeys, v: &[redis::Value], i: usize) {
+        let Some(hook) = &self.events else {
+            return;
+        };
+        match edges_at(keys.room_id(), v, i) {
+            Ok(events) => hook.report(&events),
+            Err(e) => {
+                tracing::warn!(room = keys.room_id(), error = %e, "unreadable events in a script reply")
+            }
         }
     }
 
@@ -201,6 +226,7 @@ impl Store {
             2 => return Ok(JoinReply::Banned),
             _ => {}
         }
+        self.report(keys, &v, 6);
         let seq = int_at(&v, 1)?;
         let anon = int_at(&v, 2)?;
         let snapshot = if want_snapshot {
@@ -239,6 +265,7 @@ impl Store {
             .arg(count)
             .arg(if release_if_idle { "1" } else { "0" });
         let v: Flat = self.run(script::LEAVE, inv).await?;
+        self.report(keys, &v, 5);
         Ok(LeaveReply {
             seq: int_at(&v, 0)?,
             anon: int_at(&v, 1)?,
@@ -257,6 +284,7 @@ impl Store {
         if int_at(&v, 0)? == 0 {
             return Ok(None);
         }
+        self.report(keys, &v, 4);
         Ok(Some(Snapshot {
             seq: int_at(&v, 1)?,
             anon: int_at(&v, 2)?,
@@ -284,6 +312,7 @@ impl Store {
             inv.arg(c).arg(m);
         }
         let v: Flat = self.run(script::SYNC, inv).await?;
+        self.report(keys, &v, 3);
         Ok(SyncReply {
             seq: int_at(&v, 0)?,
             anon: int_at(&v, 1)?,
@@ -395,6 +424,7 @@ impl Store {
                         out.insert(i, Err(e.into()));
                     }
                     Ok(v) => {
+                        self.report(&rooms[i].0, &v, 4);
                         out.insert(
                             i,
                             (|| {
@@ -441,6 +471,54 @@ fn flag_at(v: &[redis::Value], i: usize) -> Result<bool, StoreError> {
     Ok(int_at(v, i)? == 1)
 }
 
+/// The edges part of a script reply (see lua/common.lua): `{}` or `{seq, at, type, user,
+/// username, ...}` with user `''` on `room_*` edges. Absent (a script from before the events
+/// hook) is no edges.
+fn edges_at(room: &str, v: &[redis::Value], i: usize) -> Result<Vec<Event>, StoreError> {
+    let flat = match v.get(i) {
+        None => return Ok(Vec::new()),
+        Some(redis::Value::Array(flat)) => flat,
+        Some(other) => {
+            return Err(StoreError::Reply(format!(
+                "expected the events array at {i}, got {other:?}"
+            )));
+        }
+    };
+    if flat.is_empty() {
+        return Ok(Vec::new());
+    }
+    let seq = int_at(flat, 0)?;
+    let at_ms = int_at(flat, 1)?;
+    let text = |x: &redis::Value| match x {
+        redis::Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        other => Err(StoreError::Reply(format!(
+            "expected a string, got {other:?}"
+        ))),
+    };
+    let rest = flat.get(2..).unwrap_or_default();
+    if rest.len() % 3 != 0 {
+        return Err(StoreError::Reply("events not in threes".into()));
+    }
+    let mut out = Vec::with_capacity(rest.len() / 3);
+    for e in rest.chunks(3) {
+        let kind = text(&e[0])?;
+        let kind = EventKind::parse(&kind)
+            .ok_or_else(|| StoreError::Reply(format!("unknown event type {kind:?}")))?;
+        let user = match kind {
+            EventKind::MemberAdded | EventKind::MemberRemoved => Some((text(&e[1])?, text(&e[2])?)),
+            EventKind::RoomOccupied | EventKind::RoomVacated => None,
+        };
+        out.push(Event {
+            kind,
+            room: room.to_string(),
+            user,
+            seq,
+            at_ms,
+        });
+    }
+    Ok(out)
+}
+
 fn metas_at(v: &[redis::Value], i: usize) -> Result<HashMap<String, Meta>, StoreError> {
     let Some(redis::Value::Array(flat)) = v.get(i) else {
         return Err(StoreError::Reply(format!("expected an array at {i}")));
@@ -462,3 +540,6 @@ fn metas_at(v: &[redis::Value], i: usize) -> Result<HashMap<String, Meta>, Store
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,6 +9,7 @@
 //! | `<p>:room:{R}:anon` | HASH | node id → that node's anonymous viewers |
 //! | `<p>:room:{R}:nodes` | ZSET | node id → lease expiry (ms, Redis clock) |
 //! | `<p>:room:{R}:seq` | STRING | presence change counter |
+//! | `<p>:room:{R}:members` | HASH | user id → that user's signed-in connections in R (events hook edges) |
 //! | `<p>:room:{R}:events` | channel | room events and presence changes |
 //! | `<p>:room:{R}:history` | STREAM | the room's recent broadcasts (`MAXLEN ~ rooms.history_len`) |
 //! | `<p>:room:{R}:ban:<sub>` | STRING (TTL) | user `sub` may not join R until it expires (kick with `ban_s`) |
@@ -35,13 +36,15 @@ pub struct RoomKeys {
     pub nodes: String,
     pub seq: String,
     pub events: String,
+    /// User id → that user's connections in `presence` (the events hook's member edges).
+    pub members: String,
     /// The history stream (not one of the presence scripts' keys).
     pub history: String,
 }
 
 impl RoomKeys {
-    /// KEYS[1..6] of every presence script.
-    pub fn all(&self) -> [&str; 6] {
+    /// KEYS[1..7] of every presence script.
+    pub fn all(&self) -> [&str; 7] {
         [
             &self.room,
             &self.presence,
@@ -49,7 +52,14 @@ impl RoomKeys {
             &self.nodes,
             &self.seq,
             &self.events,
+            &self.members,
         ]
+    }
+
+    /// The room id inside the hash tag of these keys.
+    pub fn room_id(&self) -> &str {
+        let tag = self.room.rsplit_once('{').map_or("", |(_, t)| t);
+        tag.strip_suffix('}').unwrap_or(tag)
     }
 }
 
@@ -76,6 +86,7 @@ impl Keys {
             nodes: format!("{base}:nodes"),
             seq: format!("{base}:seq"),
             events: format!("{base}:events"),
+            members: format!("{base}:members"),
             history: format!("{base}:history"),
             room: base,
         }
@@ -157,6 +168,8 @@ mod tests {
         assert_eq!(rk.seq, "gw:room:{lobby}:seq");
         assert_eq!(rk.events, "gw:room:{lobby}:events");
         assert_eq!(rk.history, "gw:room:{lobby}:history");
+        assert_eq!(rk.members, "gw:room:{lobby}:members");
+        assert_eq!(rk.room_id(), "lobby");
         assert_eq!(k.events(&r), rk.events);
         assert_eq!(k.node("n1"), "gw:node:n1");
         assert_eq!(k.probe("n1"), "gw:node:n1:probe");

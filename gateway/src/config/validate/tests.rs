@@ -68,6 +68,50 @@ fn hooks_need_a_url_a_long_secret_and_sane_bounds() {
 }
 
 #[test]
+fn the_events_hook_needs_a_url_a_secret_and_sane_batches() {
+    let e = |pairs: &[(&str, &str)]| {
+        Config::from_toml_and_env("", "t", &env(pairs))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let secret = "s".repeat(32);
+    let url = ("GATEWAY_HOOKS_EVENTS_URL", "http://app.internal/events");
+    let sec = ("GATEWAY_HOOKS_SECRET", secret.as_str());
+    assert!(e(&[url]).contains("hooks.secret"), "{}", e(&[url]));
+    assert!(e(&[("GATEWAY_HOOKS_EVENTS_URL", "app/events"), sec]).contains("hooks.events_url"));
+    for (key, bad) in [
+        ("GATEWAY_HOOKS_EVENTS_BATCH", "0"),
+        ("GATEWAY_HOOKS_EVENTS_INTERVAL_MS", "0"),
+        ("GATEWAY_HOOKS_EVENTS_RETRY_S", "100000"),
+        ("GATEWAY_HOOKS_TIMEOUT_MS", "5"),
+    ] {
+        let want = key
+            .trim_start_matches("GATEWAY_HOOKS_")
+            .to_ascii_lowercase();
+        assert!(e(&[url, sec, (key, bad)]).contains(&want), "{key}={bad}");
+    }
+    let c = Config::from_toml_and_env(
+        "",
+        "t",
+        &env(&[url, sec, ("GATEWAY_HOOKS_EVENTS_RETRY_S", "0")]),
+    )
+    .expect("valid events hook");
+    assert_eq!(c.hooks.events_retry(), std::time::Duration::ZERO);
+    // off by default, with the documented defaults
+    let d = Config::default();
+    assert_eq!(d.hooks.events_url, None);
+    assert_eq!(
+        (
+            d.hooks.events_batch,
+            d.hooks.events_interval_ms,
+            d.hooks.events_retry_s
+        ),
+        (100, 200, 60)
+    );
+}
+
+#[test]
 fn tls_and_sentinel_settings_are_checked_at_start() {
     let e = |toml: &str| {
         Config::from_toml_and_env(toml, "t", &[])
