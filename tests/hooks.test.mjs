@@ -1,5 +1,6 @@
 // The publish hook (DESIGN §12), end to end: real redis, real gateways, raw sockets where exact
 // frames and their order matter, the real phoenix client for the long ordering run.
+// The last test puts the example application behind both hooks (publish and events) of two gateways.
 // Two applications: the example application (examples/app/server.mjs) where its behaviour is
 // what is tested (it verifies the signature, stores messages, refuses blocked words, trims and
 // acks); an in-test node http server where a test must control the answer. The in-test server
@@ -532,5 +533,41 @@ test('the example application\'s events hook: each event logged once (a retried 
   } finally {
     await again?.stop();
     await app.stop();
+  }
+});
+
+test('the example application behind both hooks of two gateways: a user with tabs on both is logged as one member_added and one member_removed, the room occupied and vacated around them, its message stored', async () => {
+  const env = {
+    ...hookEnv(`${example.url}/hooks/publish`),
+    GATEWAY_HOOKS_EVENTS_URL: `${example.url}/hooks/events`,
+    GATEWAY_HOOKS_EVENTS_INTERVAL_MS: '50',
+  };
+  const g1 = await startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'example-both-1', env });
+  const g2 = await startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'example-both-2', env });
+  try {
+    createRoom(redis, PREFIX, 'market');
+    const viewer = await joined(g1, undefined, ['rooms:market']);
+    const tab1 = await joined(g1, 'zoe', ['rooms:market']);
+    const tab2 = await joined(g2, 'zoe', ['rooms:market']);
+    tab2.send(['j0', 'm1', 'rooms:market', 'new_msg', { body: 'two tabs, one member' }]);
+    assert.equal((await tab2.reply('m1'))[4].status, 'ok');
+    const types = async () => (await example.events('market')).sort((a, b) => a.seq - b.seq)
+      .map((e) => (e.user ? `${e.type}:${e.user.id}` : e.type));
+    await waitFor(async () => (await types()).length >= 2, 5000, 'the occupied and added events');
+    tab1.close();
+    await sleep(300);
+    assert.deepEqual(await types(), ['room_occupied', 'member_added:zoe'], 'one tab left: zoe is still a member');
+    tab2.close();
+    await waitFor(async () => (await types()).length >= 3, 5000, 'member_removed');
+    viewer.close();
+    await waitFor(async () => (await types()).length >= 4, 5000, 'room_vacated');
+    await sleep(300);
+    assert.deepEqual(await types(), ['room_occupied', 'member_added:zoe', 'member_removed:zoe', 'room_vacated']);
+    const events = await example.events('market');
+    assert.equal(new Set(events.map((e) => e.id)).size, events.length, 'ids are unique');
+    assert.deepEqual((await example.messages('market')).map((m) => m.body), ['two tabs, one member']);
+    assert.equal(example.stderr(), '');
+  } finally {
+    await Promise.all([g1.stop(), g2.stop()]);
   }
 });
