@@ -93,21 +93,35 @@ impl Redis {
         }
     }
 
-    /// `PING`: the server, or in a cluster any master (each shard's reachability is the
-    /// subscriber's per-shard probe's business; a plain `PING` there would need every node,
-    /// replicas included).
+    /// `PING`: the server, or in a cluster the first master of the last-read map to answer (each
+    /// shard's reachability is the subscriber's per-shard probe's business; a plain `PING` there
+    /// would need every node, replicas included).
     pub async fn ping(&self) -> RedisResult<()> {
         match &self.inner {
             Inner::Standalone(c) => redis::cmd("PING").query_async(&mut c.clone()).await,
             Inner::Sentinel(_) => redis::cmd("PING").query_async(&mut self.clone()).await,
-            Inner::Cluster(c) => c
-                .clone()
-                .route_command(
-                    redis::cmd("PING"),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
-                )
-                .await
-                .map(|_| ()),
+            Inner::Cluster(c) => {
+                // every master at once, the first answer wins: a random one could be the master
+                // that just died, and would make every node unready for a shard most do not need
+                let route = |host, port| {
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port })
+                };
+                let mut pings: Vec<_> = self
+                    .shards()
+                    .into_iter()
+                    .map(|s| route(s.host, s.port))
+                    .collect();
+                if pings.is_empty() {
+                    pings.push(RoutingInfo::SingleNode(
+                        SingleNodeRoutingInfo::RandomPrimary,
+                    ));
+                }
+                let pings = pings.into_iter().map(|r| {
+                    let mut c = c.clone();
+                    Box::pin(async move { c.route_command(redis::cmd("PING"), r).await })
+                });
+                futures_util::future::select_ok(pings).await.map(|_| ())
+            }
         }
     }
 
