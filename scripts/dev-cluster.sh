@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Try cluster mode locally: a Redis Cluster of 3 masters and 3 replicas (in memory, on free ports),
 # and two gateways against it (`gateway dev`: room `lobby`, demo tokens, the demo page). Ctrl-C
-# (or SIGTERM) stops everything and removes the cluster's files.
+# (or SIGTERM) stops everything and removes the cluster's files. The nodes run with
+# cluster-require-full-coverage no, as docs/scaling.md recommends: a failing shard does not stop
+# the healthy ones.
 #
 #   scripts/dev-cluster.sh [--gateways N] [--port P] [--no-build]
 #
@@ -19,7 +21,7 @@ while [ $# -gt 0 ]; do
     --gateways) gateways="${2:?--gateways needs a number}"; shift 2 ;;
     --port) port="${2:?--port needs a number}"; shift 2 ;;
     --no-build) build=0; shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,7 +65,8 @@ for i in 1 2 3 4 5 6; do
   p="$(free_port)"; [ -n "$p" ] || exit 1; ports+=("$p")
   mkdir -p "$dir/$p"
   redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf \
-    --cluster-node-timeout 2000 --save "" --appendonly no --dir "$dir/$p" >"$dir/$p/redis.log" 2>&1 &
+    --cluster-node-timeout 2000 --cluster-require-full-coverage no \
+    --save "" --appendonly no --dir "$dir/$p" >"$dir/$p/redis.log" 2>&1 &
   pids+=("$!")
 done
 for p in "${ports[@]}"; do
