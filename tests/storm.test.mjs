@@ -29,6 +29,9 @@ const FAST = { GATEWAY_PRESENCE_TTL_MS: String(TTL), GATEWAY_PRESENCE_HEARTBEAT_
 // a backlog below somaxconn on one gateway, the default on the others: both must show in `ss`
 const SMALL_BACKLOG = 1000;
 const SOMAXCONN = Number(fs.readFileSync('/proc/sys/net/core/somaxconn', 'utf8').trim());
+// to measure the storm with admission control: STORM_MAX_PENDING_UPGRADES=<n> (default off)
+const PENDING = process.env.STORM_MAX_PENDING_UPGRADES
+  ? { GATEWAY_SERVER_MAX_PENDING_UPGRADES: process.env.STORM_MAX_PENDING_UPGRADES } : {};
 
 let redis; let rc;
 const gws = [];
@@ -41,7 +44,7 @@ before(async () => {
     redisPort: redis.port,
     prefix: PREFIX,
     name,
-    env: { ...FAST, ...(i === 2 ? { GATEWAY_SERVER_LISTEN_BACKLOG: String(SMALL_BACKLOG) } : {}) },
+    env: { ...FAST, ...PENDING, ...(i === 2 ? { GATEWAY_SERVER_LISTEN_BACKLOG: String(SMALL_BACKLOG) } : {}) },
   }))));
 });
 after(async () => {
@@ -59,17 +62,25 @@ function listenBacklog(addr) {
   return Number(line.trim().split(/\s+/)[2]);
 }
 
-/** The gateway a (re)connecting socket reaches: live gateways in turn, the dead one left out. */
+/** The next live gateway in turn (the dead one left out), as a load balancer would pick. */
 let turn = 0;
-function balanced(url) {
+function balanced() {
   const live = gws.filter((g) => !g.exitInfo);
-  const g = live[turn++ % live.length];
-  return url.replace(/\/\/[^/]+\//, `//${g.publicAddr}/`);
+  return live[turn++ % live.length];
 }
-class BalancedWebSocket extends WebSocket {
-  constructor(url, protocols) {
-    super(balanced(url), protocols, { perMessageDeflate: false });
-  }
+/**
+ * phoenix.js's transport for viewer `v`: its first attempt goes to its own gateway, every later
+ * one (a reconnect, or a retry after a 503) to the next live gateway; `v.at` is the gateway of
+ * the latest attempt, the one the socket is connected to once open.
+ */
+function transportFor(v) {
+  return class extends WebSocket {
+    constructor(url, protocols) {
+      const g = v.at ? balanced() : gws[v.gw];
+      v.at = g;
+      super(url.replace(/\/\/[^/]+\//, `//${g.publicAddr}/`), protocols, { perMessageDeflate: false });
+    }
+  };
 }
 
 function percentile(xs, p) {
@@ -133,7 +144,7 @@ test('admission: past server.max_pending_upgrades an upgrade is answered 503 wit
   }
 });
 
-test('storm: a SIGKILLed gateway\'s 1,000 viewers are back on the survivors, presence complete, no join refused', { timeout: 120000 }, async (t) => {
+test('storm: a SIGKILLed gateway\'s ~1,000 viewers are back on the survivors, presence complete, no join refused', { timeout: 120000 }, async (t) => {
   // the listeners' accept queues are what the settings say (capped by somaxconn)
   assert.equal(listenBacklog(gws[0].publicAddr), Math.min(4096, SOMAXCONN), 'default backlog 4096 (or somaxconn)');
   assert.equal(listenBacklog(gws[2].publicAddr), Math.min(SMALL_BACKLOG, SOMAXCONN), 'server.listen_backlog is used');
@@ -154,16 +165,10 @@ test('storm: a SIGKILLed gateway\'s 1,000 viewers are back on the survivors, pre
     const token = v.signed ? hs256({ ...claims(`u${v.i}`), exp }) : undefined;
     const first = gws[v.gw];
     const socket = new Socket(`ws://${first.publicAddr}/socket`, {
-      transport: BalancedWebSocket, params: token ? { token } : {}, timeout: 10000,
+      transport: transportFor(v), params: token ? { token } : {}, timeout: 10000,
     });
-    // the first connection goes to the viewer's own gateway; reconnects are balanced
-    socket.transport = class extends WebSocket {
-      constructor(url, protocols) {
-        super(url, protocols, { perMessageDeflate: false });
-        socket.transport = BalancedWebSocket;
-      }
-    };
     sockets.push(socket);
+    v.socket = socket;
     socket.connect();
     const ch = socket.channel(`rooms:${v.room}`, {});
     v.channel = ch;
@@ -202,7 +207,7 @@ test('storm: a SIGKILLed gateway\'s 1,000 viewers are back on the survivors, pre
     .catch((e) => { throw new Error(`${e.message}; ${complete.last}`); });
 
   const victim = gws[0];
-  const hit = viewers.filter((v) => v.gw === 0);
+  const hit = viewers.filter((v) => v.at === victim);
   const survivors = gws.slice(1);
   const readings = (g) => Promise.all([
     histogram(g, 'gateway_upgrade_seconds', 'phase="accept"'),
@@ -219,7 +224,12 @@ test('storm: a SIGKILLed gateway\'s 1,000 viewers are back on the survivors, pre
   await victim.exited;
   const bound = TTL + HB + 3000;
   await waitFor(() => hit.every((v) => v.oks.some((at) => at > killedAt)), 30000,
-    `every viewer of the killed gateway rejoined (now ${hit.filter((v) => v.oks.some((at) => at > killedAt)).length}/${hit.length})`, 50);
+    `every viewer of the killed gateway rejoined (now ${hit.filter((v) => v.oks.some((at) => at > killedAt)).length}/${hit.length})`, 50)
+    .catch(async (e) => {
+      const shed = await Promise.all(survivors.map(async (g) => /^gateway_upgrades_shed_total (\d+)$/m.exec(await (await fetch(`${g.adminUrl}/metrics`)).text())[1]));
+      const v = hit[0];
+      throw new Error(`${e.message}; shed by the survivors: ${shed}; a viewer: socket ${v.socket.connectionState()}, channel ${v.channel.state}, oks ${v.oks.length}, errors ${JSON.stringify(v.errors)}`);
+    });
   const backMs = hit.map((v) => v.oks.find((at) => at > killedAt) - killedAt);
   await waitFor(async () => (await complete()) === ROOMS, bound + 10000,
     'every room complete in Redis on live nodes', 100)
@@ -257,6 +267,8 @@ test('storm: a SIGKILLed gateway\'s 1,000 viewers are back on the survivors, pre
     upgrade_from_accept_s: { mean: +(merged.sum / merged.count).toFixed(4), p50_le: bucketQuantile(merged, 0.5), p99_le: bucketQuantile(merged, 0.99) },
     upgrade_from_request_s: { mean: +(own.sum / Math.max(1, own.count)).toFixed(4), p50_le: bucketQuantile(own, 0.5), p99_le: bucketQuantile(own, 0.99) },
     join_script_s: { calls: joinScripts.count, mean: +(joinScripts.sum / Math.max(1, joinScripts.count)).toFixed(4), p99_le: bucketQuantile(joinScripts, 0.99) },
+    max_pending_upgrades: Number(PENDING.GATEWAY_SERVER_MAX_PENDING_UPGRADES || 0),
+    upgrades_shed: (await Promise.all(survivors.map(async (g) => Number(/^gateway_upgrades_shed_total (\d+)$/m.exec(await (await fetch(`${g.adminUrl}/metrics`)).text())[1])))).reduce((a, b) => a + b, 0),
     client_cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
     client_event_loop_lag_ms: { p99: +(lag.percentile(99) / 1e6).toFixed(1), max: +(lag.max / 1e6).toFixed(1) },
   };
