@@ -50,30 +50,43 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# a port p with p and its cluster bus port p + 10000 free
+# a port p with p and its cluster bus port p + 10000 free, both below the kernel's ephemeral range
+# (where outgoing connections take their ports) when it starts at 32768 or above
+eph_low="$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+if [ "$eph_low" -ge 32768 ]; then span=$((eph_low - 10000 - 20000)); else span=30000; fi
 free_port() {
   local p
   for _ in $(seq 200); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((20000 + RANDOM % span))
     if ! in_use "$p" && ! in_use $((p + 10000)) && [[ " ${ports[*]:-} " != *" $p "* ]]; then echo "$p"; return; fi
   done
-  echo "error: no free port pair for a cluster node" >&2; exit 1
+  echo "error: no free port pair for a cluster node" >&2
+}
+
+# starts one node on a free port; a port taken meanwhile (the node exits) is retried on another
+start_node() {
+  local p pid
+  for _ in 1 2 3 4 5; do
+    p="$(free_port)"; [ -n "$p" ] || exit 1
+    mkdir -p "$dir/$p"
+    redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf \
+      --cluster-node-timeout 2000 --cluster-require-full-coverage no \
+      --save "" --appendonly no --dir "$dir/$p" >"$dir/$p/redis.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do
+      [ "$(redis-cli -p "$p" PING 2>/dev/null)" = PONG ] && { ports+=("$p"); pids+=("$pid"); return; }
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    tail -2 "$dir/$p/redis.log" >&2
+    kill "$pid" 2>/dev/null || true
+    echo "dev-cluster: redis-server on $p did not come up; trying another port" >&2
+  done
+  echo "error: could not start a cluster node" >&2; exit 1
 }
 
 ports=()
-for i in 1 2 3 4 5 6; do
-  p="$(free_port)"; [ -n "$p" ] || exit 1; ports+=("$p")
-  mkdir -p "$dir/$p"
-  redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf \
-    --cluster-node-timeout 2000 --cluster-require-full-coverage no \
-    --save "" --appendonly no --dir "$dir/$p" >"$dir/$p/redis.log" 2>&1 &
-  pids+=("$!")
-done
-for p in "${ports[@]}"; do
-  up=0
-  for _ in $(seq 100); do [ "$(redis-cli -p "$p" PING 2>/dev/null)" = PONG ] && { up=1; break; }; sleep 0.1; done
-  [ "$up" = 1 ] || { tail -5 "$dir/$p/redis.log" >&2; echo "error: redis-server on $p did not answer" >&2; exit 1; }
-done
+for i in 1 2 3 4 5 6; do start_node; done
 nodes=(); for p in "${ports[@]}"; do nodes+=("127.0.0.1:$p"); done
 redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 \
   || { cat "$dir/create.log" >&2; echo "error: redis-cli --cluster create failed" >&2; exit 1; }
