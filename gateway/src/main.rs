@@ -494,13 +494,9 @@ async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow:
     let node = new_node_id();
     let gw = Gateway::new(cfg)?;
     // bind before connecting to Redis: a port conflict is reported at once
-    let public = gateway::http::bind(
-        &gw.cfg.server.listen,
-        gw.cfg.server.listen_backlog,
-        "public",
-    )
-    .await
-    .with_context(|| format!("cannot listen on {}", gw.cfg.server.listen))?;
+    let public = gateway::server::bind_public(&gw.cfg.server)
+        .await
+        .with_context(|| format!("cannot listen on {}", gw.cfg.server.listen))?;
     let admin = TcpListener::bind(&gw.cfg.admin.listen)
         .await
         .with_context(|| format!("cannot listen on {}", gw.cfg.admin.listen))?;

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::app::{App, Gateway};
 use crate::auth::{AuthError, Identity};
+use crate::config::ServerConfig;
 use crate::http::{Body, accept_loop, http1, text, upgraded_tcp};
 
 /// Upgrades in progress (`server.max_pending_upgrades`): a place is taken when an upgrade
@@ -45,6 +46,11 @@ impl Pending {
 /// Seconds a client refused by `server.max_pending_upgrades` is told to wait (`Retry-After`);
 /// phoenix.js ignores the header and retries on its own backoff (10 ms … 5 s).
 const RETRY_AFTER_S: &str = "1";
+
+/// Binds the public listener with `server.listen_backlog` (capped by `net.core.somaxconn`).
+pub async fn bind_public(cfg: &ServerConfig) -> std::io::Result<TcpListener> {
+    crate::http::bind(&cfg.listen, cfg.listen_backlog, "public").await
+}
 
 /// The public listener: `/socket/websocket` upgrades, and the demo page.
 /// Until the node is assembled (Redis reached), every request gets 503. Each connection is
