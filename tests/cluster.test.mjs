@@ -347,3 +347,82 @@ test('failover: kill the master of a room, three times; presence and messages re
   const med = (k) => timings.map((x) => x[k]).sort((a, b) => a - b)[1];
   t.diagnostic(`median of 3: promoted ${med('promoted')} ms, presence in Redis ${med('redisDone')} ms, all views + messages ${med('allDone')} ms after the kill (${med('afterPromotion')} ms after the promotion)`);
 });
+
+test('readiness per shard: a master\'s failover makes only the gateways with rooms on it unready', { timeout: 90000 }, async (t) => {
+  const masters = cluster.masters();
+  const victimPort = masters[0].port;
+  const otherPort = masters[1].port;
+  // gw3 serves one room, on another shard than the victim; gw1 serves a room on the victim
+  const gw3 = await startGateway({ redisPort: cluster.ports[0], prefix: PREFIX, env: { ...ENV, ...cluster.env }, name: 'cl-gw3' });
+  try {
+    const onVictim = cluster.roomOn(PREFIX, victimPort, 'rv');
+    const elsewhere = cluster.roomOn(PREFIX, otherPort, 're');
+    createRoom(onVictim);
+    createRoom(elsewhere);
+    const a = await signedIn(gw1, `rooms:${onVictim}`, '31', 'ria');
+    const b = await signedIn(gw3, `rooms:${elsewhere}`, '32', 'rex');
+    for (const g of [gw1, gw3]) {
+      await waitFor(async () => (await fetch(`${g.adminUrl}/health/ready`)).status === 200, 10000, `${g.name} ready before`);
+    }
+    const seen = { gw1: [], gw3: [] };
+    let polling = true;
+    // gw3's room (a healthy shard) keeps pushing all through: every push answered, its latency kept
+    const pushes = [];
+    const pusher = (async () => {
+      for (let i = 0; polling; i++) {
+        const at = Date.now();
+        const r = await push(b.channel, 'new_msg', { body: `ps-${i}` }).catch(() => ({ status: 'timeout' }));
+        pushes.push({ ms: Date.now() - at, status: r.status });
+        await sleep(50);
+      }
+    })();
+    const poll = (async () => {
+      while (polling) {
+        for (const [name, g] of [['gw1', gw1], ['gw3', gw3]]) {
+          const r = await fetch(`${g.adminUrl}/health/ready`).then(async (x) => ({ status: x.status, body: await x.text() })).catch((e) => ({ status: 0, body: String(e) }));
+          seen[name].push(r);
+        }
+        await sleep(100);
+      }
+    })();
+    try {
+      const t0 = Date.now();
+      await cluster.kill(victimPort);
+      const slot = cluster.slotOf(roomKeys(PREFIX, onVictim).record);
+      await waitFor(() => seen.gw1.some((r) => r.status === 503), 15000, 'gw1 (a room on the lost shard) unready');
+      const unreadyAt = Date.now() - t0;
+      await waitFor(() => {
+        const m = cluster.masters().find((x) => x.slots.some(([lo, hi]) => lo <= slot && slot <= hi));
+        return m && m.port !== victimPort;
+      }, 20000, 'a replica to take over', 100);
+      await waitFor(async () => (await fetch(`${gw1.adminUrl}/health/ready`)).status === 200, 15000, 'gw1 ready again after the failover');
+      const readyAt = Date.now() - t0;
+      await sleep(500);
+      polling = false;
+      await poll;
+      await pusher;
+      const bad3 = seen.gw3.filter((r) => r.status !== 200);
+      assert.deepEqual(bad3.slice(0, 3), [], `gw3 (no room on the lost shard) stayed ready: ${bad3.length} of ${seen.gw3.length} polls were not 200`);
+      const why = seen.gw1.find((r) => r.status === 503).body;
+      const ranges = masters[0].slots.map(([lo, hi]) => `${lo}-${hi}`).join(',');
+      assert.match(why, new RegExp(`shard 127\\.0\\.0\\.1:\\d+ \\(slots ${ranges}\\) is unreachable and serves \\d+ room`), 'the reason names the shard and its slots');
+      t.diagnostic(`gw1 unready ${unreadyAt} ms after the kill, ready again at ${readyAt} ms; gw3 200 in all ${seen.gw3.length} polls; reason: ${why.trim()}`);
+      const ms = pushes.map((x) => x.ms).sort((x, y) => x - y);
+      t.diagnostic(`pushes in a room on a healthy shard during the failover: ${pushes.length}, not ok ${pushes.filter((x) => x.status !== 'ok').length}, p50 ${ms[Math.floor(ms.length / 2)]} ms, p99 ${ms[Math.floor(ms.length * 0.99)]} ms, max ${ms[ms.length - 1]} ms`);
+      assert.equal(pushes.filter((x) => x.status !== 'ok').length, 0, 'every push in the healthy shard\'s room answered ok');
+      assert.ok(ms[ms.length - 1] < 2000, `every push on the healthy shard answered within the command deadline (max ${ms[ms.length - 1]} ms)`);
+    } finally {
+      polling = false;
+      await poll;
+      await pusher;
+      a.socket.disconnect();
+      b.socket.disconnect();
+    }
+    // the killed node comes back as a replica, like the failover test leaves it
+    await cluster.restart(victimPort);
+    await cluster.waitOk();
+    await waitFor(() => cluster.masters().length === 3 && cluster.masters().every((m) => m.replicas.length === 1), 20000, 'every master has a replica again', 200);
+  } finally {
+    await gw3.stop();
+  }
+});

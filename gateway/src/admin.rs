@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text (`gateway_ready` evaluated as `/health/ready` would be) |
 //! | `GET /health/live` | 200 while the process runs |
-//! | `GET /health/ready` | 200 when the JWKS (if any) is loaded, Redis answers, pub/sub is up and the node is not draining; else 503 with the reason |
+//! | `GET /health/ready` | 200 when the JWKS (if any) is loaded, Redis answers, pub/sub is up and the node is not draining; else 503 with the reason. On a cluster, a lost shard counts only on nodes with rooms on it |
 //! | `GET /api/rooms` | room records |
 //! | `POST /api/rooms` `{"id","name"?,"access"?}` | create a room (201, 409 if it exists); `access` `public` (default) or `private` |
 //! | `GET /api/rooms/<id>` | record + presence (users, anonymous count per node, leases) |
@@ -15,6 +15,7 @@
 //! | `POST /api/rooms/<id>/kick` `{"user","ban_s"?}` | close the user's channels in the room on every node; `{"kicked":K}` (404: no such room) |
 //! | `POST /api/users/<sub>/disconnect` `{"ban_s"?}` | close the user's sockets on every node with 4003; `{"closed":K}` |
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -67,29 +68,62 @@ fn error(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 /// Readiness: the JWKS (if any) has been fetched once, Redis has been reached and answers a PING
-/// within the deadline, pub/sub is up, not draining.
-pub async fn ready(gw: &Gateway) -> Result<(), &'static str> {
+/// within the deadline, pub/sub is up, not draining. On Redis Cluster a shard whose probe is lost
+/// makes the node unready only when one of its rooms with local members sits on that shard: the
+/// other nodes keep taking traffic through another shard's failover.
+pub async fn ready(gw: &Gateway) -> Result<(), Cow<'static, str>> {
     if !gw.verifier.is_ready() {
-        return Err("signing keys not loaded yet (auth.jwks_url)");
+        return Err("signing keys not loaded yet (auth.jwks_url)".into());
     }
     let Some(app) = gw.app() else {
-        return Err("starting: redis not reachable yet");
+        return Err("starting: redis not reachable yet".into());
     };
     if app.is_draining() {
-        return Err("draining");
-    }
-    if !app.hub.pubsub_up() {
-        return Err(
-            "pub/sub down: a Redis shard the node needs is unreachable, or a room lost its subscription",
-        );
+        return Err("draining".into());
     }
     let redis = app.hub.store().redis();
+    if redis.is_cluster() {
+        shards_ready(app).await?;
+    } else if !app.hub.pubsub_up() {
+        return Err("pub/sub down: Redis is unreachable, or a room lost its subscription".into());
+    }
     match tokio::time::timeout(app.cfg.redis.command_timeout(), redis.ping()).await {
         Ok(Ok(())) => Ok(()),
         _ => {
             app.metrics.redis_error(crate::metrics::redis_op::PING);
-            Err("redis not reachable")
+            Err("redis not reachable".into())
         }
+    }
+}
+
+/// Cluster readiness of pub/sub: the subscriber is connected, no room lost its channel to a slot
+/// move, some shard answers its probe, and no shard holding a room of this node is lost. While a
+/// probe is lost the slot map is read again first (bounded), so the answer names the master of
+/// the moment, not one a past failover replaced.
+async fn shards_ready(app: &App) -> Result<(), Cow<'static, str>> {
+    if !app.hub.pubsub_connected() {
+        return Err(
+            "pub/sub down: the subscriber is not connected, or a room lost its subscription".into(),
+        );
+    }
+    let (lost, probes) = app.hub.lost_probes();
+    if probes > 0 && lost.len() == probes {
+        return Err("pub/sub down: no Redis shard answers its probe".into());
+    }
+    if lost.is_empty() {
+        return Ok(());
+    }
+    let redis = app.hub.store().redis();
+    let _ = tokio::time::timeout(app.cfg.redis.command_timeout() / 2, redis.refresh_shards()).await;
+    let shards = redis.shards();
+    let needed =
+        crate::redis::cluster::shards_needed_down(&shards, &lost, &app.hub.room_channels());
+    match needed.first() {
+        None => Ok(()),
+        Some((addr, rooms)) => Err(format!(
+            "pub/sub down: Redis shard {addr} is unreachable and serves {rooms} room(s) of this node"
+        )
+        .into()),
     }
 }
 

@@ -511,7 +511,7 @@ async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow:
     let node = new_node_id();
     let gw = Gateway::new(cfg)?;
     // bind before connecting to Redis: a port conflict is reported at once
-    let public = TcpListener::bind(&gw.cfg.server.listen)
+    let public = gateway::server::bind_public(&gw.cfg.server)
         .await
         .with_context(|| format!("cannot listen on {}", gw.cfg.server.listen))?;
     let admin = TcpListener::bind(&gw.cfg.admin.listen)

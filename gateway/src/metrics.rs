@@ -169,6 +169,15 @@ pub mod pubsub_event {
     ];
 }
 
+/// Label values of `gateway_upgrade_seconds{phase}`: where the time of an upgrade is counted from.
+pub mod upgrade_phase {
+    /// From the connection's accept (the client's wait to send its request included).
+    pub const ACCEPT: &str = "accept";
+    /// From the request's arrival: the gateway's own share.
+    pub const REQUEST: &str = "request";
+    pub const ALL: [&str; 2] = [ACCEPT, REQUEST];
+}
+
 /// Label values of `gateway_closes_total{code}`: the close codes the gateway sends or sees, each
 /// as its number, and `other`. [`close_label`] maps a code into this set.
 pub mod close_code {
@@ -200,6 +209,8 @@ struct Inner {
     hook_seconds: HistogramVec,
     hook_events: IntCounterVec,
     ready: IntGauge,
+    upgrade_seconds: HistogramVec,
+    upgrades_shed: IntCounter,
 }
 
 /// Cheap to clone; every component holds one.
@@ -334,6 +345,22 @@ impl Metrics {
             "1 when /health/ready would answer 200 (Redis answers, pub/sub up, not draining), \
              else 0; evaluated at each scrape",
         ));
+        let upgrade_seconds = must(HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_upgrade_seconds",
+                "Completed WebSocket upgrades: time to the 101 sent from the connection's accept \
+                 (phase=accept: includes the client's wait to send its request) or from the \
+                 request's arrival (phase=request: the gateway's own work, token and ban checks)",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["phase"],
+        ));
+        let upgrades_shed = must(IntCounter::new(
+            "gateway_upgrades_shed_total",
+            "Upgrade requests answered 503 because server.max_pending_upgrades were in progress",
+        ));
         let build = must(IntGaugeVec::new(
             Opts::new("gateway_build_info", "Build information"),
             &["version"],
@@ -358,6 +385,8 @@ impl Metrics {
         reg(Box::new(hook_seconds.clone()));
         reg(Box::new(hook_events.clone()));
         reg(Box::new(ready.clone()));
+        reg(Box::new(upgrade_seconds.clone()));
+        reg(Box::new(upgrades_shed.clone()));
         reg(Box::new(build));
         #[cfg(target_os = "linux")]
         reg(Box::new(
@@ -381,6 +410,7 @@ impl Metrics {
         }
         init(&hook_seconds, &hook_kind::ALL);
         init(&hook_events, &hook_event_result::ALL);
+        init(&upgrade_seconds, &upgrade_phase::ALL);
         Metrics(Arc::new(Inner {
             registry,
             connections,
@@ -402,6 +432,8 @@ impl Metrics {
             hook_seconds,
             hook_events,
             ready,
+            upgrade_seconds,
+            upgrades_shed,
         }))
     }
 
@@ -483,6 +515,19 @@ impl Metrics {
     }
     /// The readiness `/metrics` just evaluated, so an alert can see a node that is up but not
     /// ready (a scrape of a dead node fails instead: Prometheus' `up`).
+    /// A completed upgrade: `accept` and `request` seconds since its connection was accepted
+    /// and since its request arrived.
+    pub fn upgrade_seconds(&self, accept: f64, request: f64) {
+        let h = &self.0.upgrade_seconds;
+        h.with_label_values(&[upgrade_phase::ACCEPT])
+            .observe(accept);
+        h.with_label_values(&[upgrade_phase::REQUEST])
+            .observe(request);
+    }
+    /// An upgrade refused by `server.max_pending_upgrades`.
+    pub fn upgrade_shed(&self) {
+        self.0.upgrades_shed.inc();
+    }
     pub fn ready(&self, ready: bool) {
         self.0.ready.set(i64::from(ready));
     }

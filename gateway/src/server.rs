@@ -11,28 +11,64 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 
 use crate::app::{App, Gateway};
 use crate::auth::{AuthError, Identity};
+use crate::config::ServerConfig;
 use crate::http::{Body, accept_loop, http1, text, upgraded_tcp};
 
+/// Upgrades in progress (`server.max_pending_upgrades`): a place is taken when an upgrade
+/// request is read and given back once its 101 is sent (or it is refused), so a reconnect storm
+/// is answered 503 + `Retry-After` at once instead of queueing token checks and Redis reads.
+#[derive(Clone)]
+struct Pending(Option<Arc<Semaphore>>);
+
+impl Pending {
+    fn new(max: usize) -> Self {
+        Self((max > 0).then(|| Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS)))))
+    }
+
+    /// `Err(())` when the limit is reached; `Ok(None)` when there is no limit.
+    fn enter(&self) -> Result<Option<OwnedSemaphorePermit>, ()> {
+        match &self.0 {
+            None => Ok(None),
+            Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| ()),
+        }
+    }
+}
+
+/// Seconds a client refused by `server.max_pending_upgrades` is told to wait (`Retry-After`);
+/// phoenix.js ignores the header and retries on its own backoff (10 ms … 5 s).
+const RETRY_AFTER_S: &str = "1";
+
+/// Binds the public listener with `server.listen_backlog` (capped by `net.core.somaxconn`).
+pub async fn bind_public(cfg: &ServerConfig) -> std::io::Result<TcpListener> {
+    crate::http::bind(&cfg.listen, cfg.listen_backlog, "public").await
+}
+
 /// The public listener: `/socket/websocket` upgrades, and the demo page.
-/// Until the node is assembled (Redis reached), every request gets 503.
+/// Until the node is assembled (Redis reached), every request gets 503. Each connection is
+/// served on its own task: the accept loop never waits for a handshake.
 pub async fn serve_public(gw: Arc<Gateway>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    let pending = Pending::new(gw.cfg.server.max_pending_upgrades);
     accept_loop(listener, stop, "public", |tcp, peer| {
+        let accepted = Instant::now();
         let _ = tcp.set_nodelay(true);
         let gw = gw.clone();
+        let pending = pending.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let app = gw.app().cloned();
+                let pending = pending.clone();
                 async move {
                     Ok::<_, Infallible>(match app {
-                        Some(app) => handle(app, req, peer).await,
+                        Some(app) => handle(app, req, peer, accepted, pending).await,
                         None => text(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "starting: Redis not reachable yet\n",
@@ -106,7 +142,14 @@ fn subprotocol_token(req: &Request<Incoming>) -> (Option<String>, bool) {
 
 /// Every refusal is plain HTTP with a short `text/plain` reason (`unsupported vsn: use 2.0.0`,
 /// `origin not allowed`, `token expired`, …), so a developer sees why in the browser's network tab.
-async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn handle(
+    app: Arc<App>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    accepted: Instant,
+    pending: Pending,
+) -> Response<Body> {
+    let arrived = Instant::now();
     if req.uri().path() != "/socket/websocket" {
         return crate::demo::public_page(&app, &req);
     }
@@ -131,6 +174,17 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> 
     if app.is_draining() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
+    // before any work: a storm beyond the limit costs one short answer per request
+    let Ok(upgrading) = pending.enter() else {
+        app.metrics.upgrade_shed();
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many upgrades in progress\n",
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+        return r;
+    };
     // taken before the 101 and held by the socket's task until its session ends, so concurrent
     // upgrades cannot exceed the limit; every early return below gives it back
     let Some(permit) = app.admit() else {
@@ -165,8 +219,14 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> 
     let task = async move {
         // this socket's place under server.max_connections, until its session ends
         let _permit = permit;
-        match fut.await {
+        let upgraded = fut.await;
+        drop(upgrading);
+        match upgraded {
             Ok(ws) => {
+                app.metrics.upgrade_seconds(
+                    accepted.elapsed().as_secs_f64(),
+                    arrived.elapsed().as_secs_f64(),
+                );
                 let fut = Box::pin(run_upgraded(
                     app,
                     ws.into_inner(),
@@ -218,5 +278,18 @@ mod tests {
         assert_eq!(param(&p, "vsn"), Some("2.0.0"));
         assert_eq!(param(&p, "nested[a]"), Some("1"));
         assert_eq!(param(&p, "missing"), None);
+    }
+
+    #[test]
+    fn pending_upgrades_are_bounded_and_given_back() {
+        let off = Pending::new(0);
+        assert!(matches!(off.enter(), Ok(None)));
+        let two = Pending::new(2);
+        let a = two.enter().expect("first");
+        let b = two.enter().expect("second");
+        assert!(a.is_some() && b.is_some());
+        assert!(two.enter().is_err(), "a third upgrade is refused");
+        drop(a);
+        assert!(two.enter().is_ok(), "a finished upgrade frees its place");
     }
 }

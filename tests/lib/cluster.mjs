@@ -42,7 +42,7 @@ async function freeClusterPort(taken) {
   throw new Error('no free port pair for a cluster node');
 }
 
-export async function startCluster({ nodeTimeoutMs = 2000, tls } = {}) {
+export async function startCluster({ nodeTimeoutMs = 2000, tls, serverArgs = [] } = {}) {
   requireTool('redis-server');
   requireTool('redis-cli');
   const cliTls = tlsCliArgs(tls);
@@ -57,7 +57,7 @@ export async function startCluster({ nodeTimeoutMs = 2000, tls } = {}) {
       '--bind', '127.0.0.1', '--protected-mode', 'no',
       '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf',
       '--cluster-node-timeout', String(nodeTimeoutMs),
-      '--save', '', '--appendonly', 'no', '--dir', n.dir,
+      '--save', '', '--appendonly', 'no', '--dir', n.dir, ...serverArgs,
     ], { stdio: ['ignore', 'pipe', 'pipe'] });
     procs.add(proc);
     n.proc = proc;

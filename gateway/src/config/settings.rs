@@ -25,6 +25,14 @@ pub struct Config {
 pub struct ServerConfig {
     /// Public WebSocket listener (`/socket/websocket`).
     pub listen: String,
+    /// The public listener's accept queue (`listen(2)` backlog), capped by the kernel's
+    /// `net.core.somaxconn`. A reconnect storm (a killed gateway's viewers arriving at once)
+    /// overflows a short queue: the kernel drops the SYNs and clients come back only after SYN
+    /// retransmits (1 s, 3 s, 7 s).
+    pub listen_backlog: u32,
+    /// WebSocket upgrades in progress at most (request read, token checked, 101 not yet sent);
+    /// one more gets 503 with `Retry-After` before any work. 0 = no limit.
+    pub max_pending_upgrades: usize,
     /// Runtime worker threads; 0 = one per core. Several gateways on one host: give each
     /// cores / gateways (two processes with a thread per core each, on the same cores, spend
     /// their CPU switching between threads: BENCHMARKS.md).
@@ -308,6 +316,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:4000".into(),
+            listen_backlog: 4096,
+            max_pending_upgrades: 0,
             worker_threads: 0,
             max_frame_bytes: 64 * 1024,
             outbound_queue: 256,

@@ -187,6 +187,9 @@ impl Config {
         if self.server.max_frame_bytes < 1024 {
             return Err(bad("server.max_frame_bytes", "at least 1024"));
         }
+        if self.server.listen_backlog == 0 || self.server.listen_backlog > i32::MAX as u32 {
+            return Err(bad("server.listen_backlog", "between 1 and 2147483647"));
+        }
         if self.server.outbound_queue < 4 {
             return Err(bad("server.outbound_queue", "at least 4"));
         }

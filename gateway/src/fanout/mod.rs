@@ -472,6 +472,31 @@ impl Hub {
             && self.channels_dropped.load(Ordering::Relaxed) == 0
     }
 
+    /// Whether the subscriber is connected and no channel a slot move took away is still
+    /// waiting to be re-subscribed; unlike [`Hub::pubsub_up`], a shard whose probe is lost does
+    /// not count here (cluster readiness asks [`Hub::lost_probes`] which shards the node needs).
+    pub fn pubsub_connected(&self) -> bool {
+        self.pubsub_up.load(Ordering::Relaxed) && self.channels_dropped.load(Ordering::Relaxed) == 0
+    }
+
+    /// The probe channels whose last probe did not come back (one per unreachable shard), and
+    /// how many probes there are.
+    pub fn lost_probes(&self) -> (Vec<String>, usize) {
+        let probes = lock(&self.probes);
+        let lost = probes.iter().filter(|p| p.lost).map(|p| p.channel.clone());
+        (lost.collect(), probes.len())
+    }
+
+    /// The event channels of the rooms with local members now (each names its room's slot).
+    pub fn room_channels(&self) -> Vec<String> {
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+        rooms
+            .iter()
+            .filter(|r| !lock(&r.state).members.is_empty())
+            .map(|r| self.keys.events(&r.id))
+            .collect()
+    }
+
     pub fn room_count(&self) -> usize {
         lock(&self.rooms).len()
     }

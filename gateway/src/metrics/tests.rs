@@ -5,7 +5,7 @@ use super::*;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Every labelled family and the closed set of its one label.
-const CLOSED_SETS: [(&str, &str, &[&str]); 13] = [
+const CLOSED_SETS: [(&str, &str, &[&str]); 14] = [
     ("gateway_connections", "kind", &conn_kind::ALL),
     ("gateway_joins_total", "result", &join_result::ALL),
     ("gateway_pushes_total", "result", &push_result::ALL),
@@ -35,6 +35,7 @@ const CLOSED_SETS: [(&str, &str, &[&str]); 13] = [
     ("gateway_hook_requests_total", "hook", &hook_kind::ALL),
     ("gateway_hook_requests_total", "outcome", &hook_outcome::ALL),
     ("gateway_hook_duration_seconds", "hook", &hook_kind::ALL),
+    ("gateway_upgrade_seconds", "phase", &upgrade_phase::ALL),
     (
         "gateway_hook_events_total",
         "result",
@@ -147,6 +148,7 @@ fn every_label_constant_is_in_its_set() {
         ("hook_kind", &hook_kind::ALL[..]),
         ("hook_outcome", &hook_outcome::ALL[..]),
         ("hook_event_result", &hook_event_result::ALL[..]),
+        ("upgrade_phase", &upgrade_phase::ALL[..]),
     ]
     .into_iter()
     .collect();

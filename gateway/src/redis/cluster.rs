@@ -1,6 +1,7 @@
 //! Redis Cluster arithmetic the client library does not expose: the slot of a key (CRC16 of its
 //! hash tag) and the slot map read with `CLUSTER SLOTS`, so that work can be grouped per master
-//! (one heartbeat pipeline per shard) and each master can be scanned (cluster-wide listings).
+//! (one heartbeat pipeline per shard), each master can be scanned (cluster-wide listings), and
+//! readiness can tell a lost shard the node needs from one it does not.
 
 use redis::Value;
 
@@ -57,6 +58,12 @@ impl Shard {
     pub fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+
+    /// Its slot ranges, `0-5460,10923-16383`: what stays the same through a failover.
+    pub fn ranges(&self) -> String {
+        let r: Vec<String> = self.slots.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+        r.join(",")
+    }
 }
 
 /// Parses a `CLUSTER SLOTS` reply into one [`Shard`] per master (sorted by address).
@@ -108,6 +115,34 @@ pub fn tag_on(shard: &Shard, base: &str) -> Option<String> {
         .find(|t| shard.owns(slot(t.as_bytes())))
 }
 
+/// The masters (by address) that are down and serve at least one of the node's rooms: a master
+/// is down when the probe channel the node keeps on it (`lost_probes`) did not come back. Each
+/// entry is `("<master> (slots <ranges>)", rooms of the node on it)`. A lost probe whose slot is in no known shard
+/// counts as serving every room (the map is stale; be safe). Rooms on healthy shards are never
+/// counted, so a node whose rooms all sit elsewhere stays ready through another shard's outage.
+pub fn shards_needed_down(
+    shards: &[Shard],
+    lost_probes: &[String],
+    room_channels: &[String],
+) -> Vec<(String, usize)> {
+    let room_slots: Vec<u16> = room_channels.iter().map(|c| slot(c.as_bytes())).collect();
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for probe in lost_probes {
+        let ps = slot(probe.as_bytes());
+        let (addr, n) = match shards.iter().find(|s| s.owns(ps)) {
+            Some(s) => (
+                format!("{} (slots {})", s.addr(), s.ranges()),
+                room_slots.iter().filter(|&&r| s.owns(r)).count(),
+            ),
+            None => (format!("of slot {ps}"), room_slots.len()),
+        };
+        if n > 0 && !out.iter().any(|(a, _)| *a == addr) {
+            out.push((addr, n));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +184,36 @@ mod tests {
             assert!(s.owns(slot(t.as_bytes())));
         }
         assert_eq!(parse_slots(&Value::Int(1)), None);
+    }
+
+    #[test]
+    fn only_shards_holding_the_nodes_rooms_count_as_needed() {
+        let shard = |port: u16, a: u16, b: u16| Shard {
+            host: "127.0.0.1".into(),
+            port,
+            slots: vec![(a, b)],
+        };
+        let shards = vec![
+            shard(7000, 0, 5460),
+            shard(7001, 5461, 10922),
+            shard(7002, 10923, 16383),
+        ];
+        let probe_on = |s: &Shard| format!("gw:node:n:probe:{{{}}}", tag_on(s, "p").expect("tag"));
+        let room_on = |s: &Shard| format!("gw:room:{{{}}}:events", tag_on(s, "room").expect("tag"));
+        let lost = vec![probe_on(&shards[0])];
+        // no room on the lost shard: not needed
+        let rooms = vec![room_on(&shards[1]), room_on(&shards[2])];
+        assert!(shards_needed_down(&shards, &lost, &rooms).is_empty());
+        // a room there: needed, named by its master
+        let rooms = vec![room_on(&shards[0]), room_on(&shards[1])];
+        assert_eq!(
+            shards_needed_down(&shards, &lost, &rooms),
+            vec![("127.0.0.1:7000 (slots 0-5460)".to_string(), 1)]
+        );
+        // nothing lost: nothing needed
+        assert!(shards_needed_down(&shards, &[], &rooms).is_empty());
+        // an unknown slot map (empty): every room may be on it
+        assert_eq!(shards_needed_down(&[], &lost, &rooms)[0].1, 2);
+        assert!(shards_needed_down(&[], &lost, &[]).is_empty());
     }
 }

@@ -93,21 +93,35 @@ impl Redis {
         }
     }
 
-    /// `PING`: the server, or in a cluster any master (each shard's reachability is the
-    /// subscriber's per-shard probe's business; a plain `PING` there would need every node,
-    /// replicas included).
+    /// `PING`: the server, or in a cluster the first master of the last-read map to answer (each
+    /// shard's reachability is the subscriber's per-shard probe's business; a plain `PING` there
+    /// would need every node, replicas included).
     pub async fn ping(&self) -> RedisResult<()> {
         match &self.inner {
             Inner::Standalone(c) => redis::cmd("PING").query_async(&mut c.clone()).await,
             Inner::Sentinel(_) => redis::cmd("PING").query_async(&mut self.clone()).await,
-            Inner::Cluster(c) => c
-                .clone()
-                .route_command(
-                    redis::cmd("PING"),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
-                )
-                .await
-                .map(|_| ()),
+            Inner::Cluster(c) => {
+                // every master at once, the first answer wins: a random one could be the master
+                // that just died, and would make every node unready for a shard most do not need
+                let route = |host, port| {
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port })
+                };
+                let mut pings: Vec<_> = self
+                    .shards()
+                    .into_iter()
+                    .map(|s| route(s.host, s.port))
+                    .collect();
+                if pings.is_empty() {
+                    pings.push(RoutingInfo::SingleNode(
+                        SingleNodeRoutingInfo::RandomPrimary,
+                    ));
+                }
+                let pings = pings.into_iter().map(|r| {
+                    let mut c = c.clone();
+                    Box::pin(async move { c.route_command(redis::cmd("PING"), r).await })
+                });
+                futures_util::future::select_ok(pings).await.map(|_| ())
+            }
         }
     }
 
@@ -316,13 +330,25 @@ pub(crate) async fn scan_cluster(
 
 /// The cluster client settings shared by the hot connection, the pool and the subscriber: every
 /// seed URL with its credentials, and the TLS files when the seeds are `rediss://`.
+/// Retries of a cluster request answered `CLUSTERDOWN`/`TRYAGAIN` (or routed to a node being
+/// replaced), and the bounds of the pause before each (redis-rs draws it between the minimum and
+/// 10 ms × 2^retry, capped by the maximum). redis-rs's own minimum is 1,280 ms: with it, a
+/// request to a *healthy* master that met the cluster's short `CLUSTERDOWN` window during
+/// another shard's failover waited 1.28 s (measured: 1,282–1,286 ms in every failover). With
+/// 50–250 ms pauses it goes through within a pause of the window's end, and ten of them
+/// (0.5–1.8 s together) still fit in the command deadline.
+const CLUSTER_RETRIES: u32 = 10;
+const CLUSTER_RETRY_MIN_MS: u64 = 50;
+const CLUSTER_RETRY_MAX_MS: u64 = 250;
+
 pub(crate) fn cluster_builder(cfg: &RedisConfig) -> RedisResult<ClusterClientBuilder> {
     let dial = Dial::new(cfg)?;
     let mut b = ClusterClientBuilder::new(cfg.urls())
         .connection_timeout(cfg.connect_timeout())
         .response_timeout(cfg.command_timeout())
-        .retries(3)
-        .max_retry_wait(500);
+        .retries(CLUSTER_RETRIES)
+        .min_retry_wait(CLUSTER_RETRY_MIN_MS)
+        .max_retry_wait(CLUSTER_RETRY_MAX_MS);
     if cfg.uses_tls()
         && let Some(certs) = dial.certificates()
     {
