@@ -45,6 +45,7 @@ mod join_latency;
 mod joins;
 mod measure;
 mod redis_broadcast;
+mod shards;
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +92,8 @@ enum Scenario {
     /// (history off), as `lua/publish.lua` (history on), and as `XADD` + `PUBLISH` pipelined
     /// or in `MULTI` (no script: the least a per-broadcast append costs). Prints JSON lines.
     RedisBroadcast(redis_broadcast::RedisBroadcast),
+    /// Shards add capacity: many rooms `<room>-N`, a steady mix, per-master Redis CPU and commands.
+    Shards(shards::Shards),
 }
 
 #[tokio::main]
@@ -123,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::JoinLatency(c) => join_latency::run(&cli.gateways, &topic, c).await?,
         Scenario::Churn(c) => churn::run(&cli.gateways, &topic, c).await?,
         Scenario::RedisBroadcast(c) => redis_broadcast::run(c).await?,
+        Scenario::Shards(c) => shards::run(&cli.gateways, &cli.room, c).await?,
     }
     Ok(())
 }
