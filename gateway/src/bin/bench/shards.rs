@@ -60,6 +60,16 @@ pub struct Shards {
     prefix: String,
 }
 
+/// `presence.heartbeat_interval_ms` as `scripts/bench.sh` leaves it (the default, 5 s): the
+/// heartbeats each master should see are its rooms × gateways per interval.
+const HEARTBEAT_S: f64 = 5.0;
+/// Joins under way at most during a window: at 120 joins/s that is 2 s of joins waiting for replies
+/// before the pacer holds back (a saturated machine, not the bench, is then the limit).
+const JOINS_IN_FLIGHT: usize = 256;
+/// Pushes queued per publisher: a room gets ~7 per second at 2,000 msg/s over 300 rooms, so a full
+/// queue means its socket is stuck, and further pushes are counted as dropped, not queued.
+const PUBLISH_QUEUE: usize = 256;
+
 /// Frames the members have received: `new_msg` deliveries, and every text frame.
 #[derive(Default)]
 struct Seen {
@@ -298,7 +308,7 @@ pub async fn run(gateways: &[String], room: &str, c: Shards) -> anyhow::Result<(
     let mut pub_tx = Vec::with_capacity(rooms);
     let mut pub_members = Vec::with_capacity(rooms);
     for (r, ws) in publishers {
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
         pub_members.push(spawn_member(ws, crowd.topic(r), seen.clone(), Some(rx)));
         pub_tx.push(tx);
     }
@@ -329,6 +339,7 @@ pub async fn run(gateways: &[String], room: &str, c: Shards) -> anyhow::Result<(
         c.signed_churn,
         c.anon_churn
     );
+    // the fill's anonymous batches, snapshots and presence diffs settle before the first window
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let mut windows: Vec<(u32, u64)> = Vec::new();
@@ -345,6 +356,7 @@ pub async fn run(gateways: &[String], room: &str, c: Shards) -> anyhow::Result<(
         );
         let (mut sent, mut dropped) = (0u64, 0u64);
         let (mut aj, mut sj, mut al, mut sl) = (0u64, 0u64, 0u64, 0u64);
+        // every 5 ms: at 2,000 msg/s that is 10 pushes per look, smooth enough for 20 s windows
         let mut pace = tokio::time::interval(Duration::from_millis(5));
         pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let t0 = Instant::now();
@@ -363,11 +375,11 @@ pub async fn run(gateways: &[String], room: &str, c: Shards) -> anyhow::Result<(
                         next_room += 1;
                     }
                     // joins are started on schedule; the oldest of each kind leaves as many
-                    while aj < (c.anon_churn as f64 * s) as u64 && crowd.joining.len() < 256 {
+                    while aj < (c.anon_churn as f64 * s) as u64 && crowd.joining.len() < JOINS_IN_FLIGHT {
                         crowd.start_churn(false)?;
                         aj += 1;
                     }
-                    while sj < (c.signed_churn as f64 * s) as u64 && crowd.joining.len() < 256 {
+                    while sj < (c.signed_churn as f64 * s) as u64 && crowd.joining.len() < JOINS_IN_FLIGHT {
                         crowd.start_churn(true)?;
                         sj += 1;
                     }
@@ -403,7 +415,7 @@ pub async fn run(gateways: &[String], room: &str, c: Shards) -> anyhow::Result<(
             calls.sort_by(|x, y| y.1.total_cmp(&x.1));
             let total: f64 = calls.iter().map(|x| x.1).sum();
             let usec: f64 = calls.iter().map(|x| x.2).sum();
-            let hb = rooms_on[i] as f64 * gateways.len() as f64 * dt / 5.0;
+            let hb = rooms_on[i] as f64 * gateways.len() as f64 * dt / HEARTBEAT_S;
             per_master.push(serde_json::json!({
                 "master": c.masters[i], "rooms": rooms_on[i], "cpu_s": cpu,
                 "cpu_pct": cpu * 100.0 / dt,
