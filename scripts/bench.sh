@@ -27,6 +27,17 @@
 #                                    # CHURN_SECONDS (60); a sample every CHURN_SAMPLE (5) s of the
 #                                    # gateways' CPU and RSS, Redis's commands/s and CPU, the sockets;
 #                                    # min/median/max of each and whether it stayed flat; a JSON line
+#   scripts/bench.sh shards          # shards add capacity: for MASTERS (1 2 3) a fresh local cluster of
+#                                    # that many masters (no replicas), two gateways, ROOMS (300) rooms,
+#                                    # VIEWERS (3000) residents (SIGNED_IN 0.2 of them signed in, one
+#                                    # publisher per room), a baseline window without messages, then
+#                                    # RATES (500 1000 2000) msg/s over all rooms for SECONDS_PER_RATE (20)
+#                                    # each (bash owns $SECONDS),
+#                                    # with SIGNED_CHURN (20) signed-in and ANON_CHURN (100) anonymous
+#                                    # joins and leaves per second throughout; per master Redis CPU per
+#                                    # message, commands/s, what the gateways send it per heartbeat
+#                                    # interval; medians of RUNS (3, master counts in alternating order),
+#                                    # the busiest master's and the total's ratio to 1 master; a JSON line
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -35,6 +46,7 @@ ulimit -n 65536 2>/dev/null || true
 cargo build --release --quiet --bins
 
 COMPARE_VIEWERS=${VIEWERS:-10000}   # compare mode's default differs from the others'
+SHARDS_VIEWERS=${VIEWERS:-3000}     # and shards mode's
 VIEWERS=${VIEWERS:-5000}
 SUBSCRIBERS=${SUBSCRIBERS:-2000}
 MESSAGES=${MESSAGES:-200}
@@ -417,6 +429,148 @@ PY
 }
 if [ "${1:-}" = scale ]; then
   scale_bench
+  exit 0
+fi
+
+# `scripts/bench.sh shards`: a cluster of $1 masters without replicas, slots split evenly by hand
+# (`redis-cli --cluster create` wants three masters at least; a 1-master cluster is still cluster
+# mode, so the comparison is like for like; a lone node knows its address only when announced);
+# sets shard_ports, shard_pids, GATEWAY_REDIS_URL.
+start_shard_cluster() {
+  local n=$1 i port urls=() lo hi
+  shard_ports=() shard_pids=()
+  for i in $(seq "$n"); do
+    port=$(free_port)
+    mkdir -p "$work/shard$i"
+    redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf \
+      --cluster-node-timeout "${SHARDS_NODE_TIMEOUT:-2000}" --cluster-announce-ip 127.0.0.1 --save "" --appendonly no --dir "$work/shard$i" \
+      >"$work/shard$i/redis.log" 2>&1 &
+    pids+=($!)
+    shard_pids+=($!)
+    shard_ports+=("$port")
+    urls+=("redis://127.0.0.1:$port")
+  done
+  for i in $(seq 0 $((n - 1))); do
+    wait_ping "${shard_ports[$i]}"
+    lo=$((16384 * i / n)) hi=$((16384 * (i + 1) / n - 1))
+    redis-cli -p "${shard_ports[$i]}" cluster addslotsrange "$lo" "$hi" >/dev/null
+    [ "$i" -eq 0 ] || redis-cli -p "${shard_ports[0]}" cluster meet 127.0.0.1 "${shard_ports[$i]}" >/dev/null
+  done
+  for _ in $(seq 200); do
+    local ok=1
+    for port in "${shard_ports[@]}"; do
+      redis-cli -p "$port" cluster info | tr -d '\r' | grep -q '^cluster_state:ok' || ok=0
+      [ "$(redis-cli -p "$port" cluster info | tr -d '\r' | sed -n 's/^cluster_known_nodes://p')" = "$n" ] || ok=0
+    done
+    [ "$ok" = 1 ] && break
+    sleep 0.1
+  done
+  export GATEWAY_REDIS_MODE=cluster GATEWAY_REDIS_URL
+  GATEWAY_REDIS_URL=$(IFS=,; echo "${urls[*]}")
+}
+stop_shard_cluster() {
+  kill "${shard_pids[@]}" 2>/dev/null || true
+  wait "${shard_pids[@]}" 2>/dev/null || true
+  rm -rf "$work"/shard[0-9]*
+}
+
+shards_bench() {
+  local masters_list=${MASTERS:-1 2 3} rooms=${ROOMS:-300} viewers=$SHARDS_VIEWERS secs=${SECONDS_PER_RATE:-20}
+  local rates=${RATES:-500 1000 2000} results="$work/shards.jsonl" order i n r args
+  : >"$results"
+  # residents live the whole run (several minutes) without Phoenix heartbeats
+  export GATEWAY_SERVER_IDLE_TIMEOUT_MS=3600000
+  echo "== shards on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}'); $RUNS run(s); masters: $masters_list; $rooms rooms, $viewers residents, 2 gateways ($GATEWAY_SERVER_WORKER_THREADS worker thread(s) each); rates $rates msg/s for $secs s each; load $(cut -d' ' -f1-3 /proc/loadavg)"
+  for i in $(seq "$RUNS"); do
+    if [ $((i % 2)) -eq 1 ]; then order=$masters_list; else order=$(echo "$masters_list" | tr ' ' '\n' | tac | xargs); fi
+    for n in $order; do
+      echo "-- run $i/$RUNS: $n master(s)"
+      start_shard_cluster "$n"
+      for r in $(seq 0 $((rooms - 1))); do
+        echo "HSET $GATEWAY_REDIS_PREFIX:room:{shards-$r} created_at $(date +%s%3N) name shards-$r access public"
+      done | redis-cli -c -p "${shard_ports[0]}" >/dev/null
+      start_gateway 1
+      start_gateway 2
+      args=()
+      for r in $(seq 0 $((n - 1))); do args+=(--master "redis://127.0.0.1:${shard_ports[$r]}" --master-pid "${shard_pids[$r]}"); done
+      # shellcheck disable=SC2086
+      target/release/bench --gateway "$gw1" --gateway "$gw2" --room shards shards --rooms "$rooms" \
+        --viewers "$viewers" --signed-in "${SIGNED_IN:-0.2}" $(printf -- '--rate %s ' $rates) --seconds "$secs" \
+        --baseline "${BASELINE_SECONDS:-10}" --signed-churn "${SIGNED_CHURN:-20}" --anon-churn "${ANON_CHURN:-100}" \
+        --secret "$secret" --pid "$gw1_pid" --pid "$gw2_pid" --prefix "$GATEWAY_REDIS_PREFIX" "${args[@]}" \
+        | grep -v '^machine' | while read -r l; do case "$l" in '{'*) echo "{\"run\":$i,${l#\{}" >>"$results";; *) echo "   $l";; esac; done
+      stop_gateways
+      stop_shard_cluster
+      sleep 1
+    done
+  done
+  python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+med = statistics.median
+masters = sorted({r["masters"] for r in rows})
+rates = sorted({r["rate"] for r in rows if r["rate"] > 0})
+runs = sorted({r["run"] for r in rows})
+def get(n, rate, run):
+    return next((r for r in rows if r["masters"] == n and r["rate"] == rate and r["run"] == run), None)
+def busiest_us(r): return r["busiest_cpu_s"] * 1e6 / max(r["sent"], 1)
+def total_us(r): return r["redis_cpu_s"] * 1e6 / max(r["sent"], 1)
+def rng(v): return f"[{min(v):.1f}–{max(v):.1f}]"
+print(f"== shards: medians of {len(runs)} run(s) [min–max]; µs = Redis CPU (INFO cpu) per message sent, all rooms")
+out = {"runs": len(runs), "rows": []}
+for rate in rates:
+    base = [busiest_us(get(1, rate, k)) for k in runs if get(1, rate, k)] if 1 in masters else None
+    base_t = [total_us(get(1, rate, k)) for k in runs if get(1, rate, k)] if 1 in masters else None
+    for n in masters:
+        rs = [get(n, rate, k) for k in runs if get(n, rate, k)]
+        if not rs: continue
+        b, t = [busiest_us(r) for r in rs], [total_us(r) for r in rs]
+        per = [[m["cpu_us_per_msg"] for m in r["per_master"]] for r in rs]
+        cmds = [[m["cmds_per_s"] for m in r["per_master"]] for r in rs]
+        ctx = [[m["ctxsw_per_s"] for m in r["per_master"]] for r in rs]
+        gw = [sum(r["gateway_cpu_s"]) / r["seconds"] * 100 for r in rs]
+        sent = [r["msgs_per_s"] for r in rs]
+        dlv = [r["delivered"] / r["seconds"] for r in rs]
+        # ratios per run (same run for both figures), then their median
+        rb = [busiest_us(r) / busiest_us(get(1, rate, r["run"])) for r in rs if get(1, rate, r["run"])]
+        rt = [total_us(r) / total_us(get(1, rate, r["run"])) for r in rs if get(1, rate, r["run"])]
+        # above the same run's baseline window (no messages): what a message adds
+        def marginal(r):
+            z = get(n, 0, r["run"])
+            return None if not z else (r["redis_cpu_s"] / r["seconds"] - z["redis_cpu_s"] / z["seconds"]) * 1e6 / max(r["msgs_per_s"], 1)
+        mg = [x for x in map(marginal, rs) if x is not None]
+        row = {"rate": rate, "masters": n, "busiest_us_per_msg": med(b), "busiest_range": [min(b), max(b)],
+               "total_marginal_us_per_msg": med(mg) if mg else None,
+               "total_us_per_msg": med(t), "total_range": [min(t), max(t)],
+               "busiest_ratio_to_1": med(rb) if rb else None, "busiest_ratio_runs": rb,
+               "busiest_ratio_of_medians": med(b) / med(base) if base else None,
+               "total_ratio_to_1": med(rt) if rt else None, "total_ratio_runs": rt,
+               "per_master_us_per_msg": [med(sorted(p)[::-1][j] for p in per) for j in range(n)],
+               "per_master_cmds_per_s": [med(sorted(c)[::-1][j] for c in cmds) for j in range(n)],
+               "per_master_ctxsw_per_s": [med(sorted(c)[::-1][j] for c in ctx) for j in range(n)],
+               "gateways_cpu_pct": med(gw), "msgs_per_s": med(sent), "delivered_per_s": med(dlv),
+               "loads": [r["load"] for r in rs]}
+        out["rows"].append(row)
+        ratio = "" if n == 1 or not rb else f"; busiest/1-master {row['busiest_ratio_to_1']:.2f} {[round(x, 2) for x in rb]}, total/1-master {row['total_ratio_to_1']:.2f} {[round(x, 2) for x in rt]}"
+        print(f"{rate:>5} msg/s, {n} master(s): busiest {med(b):.1f} µs/msg {rng(b)}, total {med(t):.1f} µs/msg {rng(t)}; per master (busiest first) "
+              + ", ".join(f"{u:.1f} µs/msg {c:.0f} cmd/s {x:.0f} wakeups/s" for u, c, x in zip(row["per_master_us_per_msg"], row["per_master_cmds_per_s"], row["per_master_ctxsw_per_s"]))
+              + (f"; above the baseline {med(mg):.1f} µs/msg in total" if mg else "")
+              + f"; gateways {med(gw):.0f} % CPU, sent {med(sent):.0f}/s, delivered {med(dlv):.0f}/s{ratio}")
+print("== per master per heartbeat interval (5 s), baseline window (no messages; churn on), per gateway: median of runs")
+for n in masters:
+    rs = [r for r in rows if r["masters"] == n and r["rate"] == 0]
+    if not rs: continue
+    for j in range(n):
+        ms = [sorted(r["per_master"], key=lambda m: -m["rooms"])[j] for r in rs]
+        names = sorted({k for m in ms for k in m["calls_per_s"]}, key=lambda k: -med([m["calls_per_s"].get(k, [0, 0])[0] for m in ms]))
+        calls = ", ".join(f"{k} {med([m['calls_per_s'].get(k, [0, 0])[0] for m in ms]) * 5 / rs[0]['gateways']:.0f}" for k in names[:8])
+        print(f"  {n} master(s), master {j + 1} wakeups (context switches) {med([m['ctxsw_per_s'] for m in ms]):.0f}/s;", end="")
+        print(f" master {j + 1} ({ms[0]['rooms']} rooms): CPU {med([m['cpu_pct'] for m in ms]):.2f} %, {med([m['cmds_per_s'] for m in ms]):.0f} cmd/s, heartbeats expected {med([m['heartbeats_expected_per_s'] for m in ms]) * 5 / rs[0]['gateways']:.0f} per gateway; calls per gateway per 5 s: {calls}")
+print(json.dumps({"shards": out, "raw": rows}))
+PY
+}
+if [ "${1:-}" = shards ]; then
+  shards_bench
   exit 0
 fi
 

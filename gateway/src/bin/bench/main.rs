@@ -17,6 +17,10 @@
 //! * `churn` — a room of N anonymous viewers over the gateways, then R joins and R leaves per
 //!   second for a while; every few seconds the gateways' CPU and RSS, Redis's commands per
 //!   second and CPU, and the open sockets, then whether they stayed flat.
+//! * `shards` — many rooms (`<room>-0` …) on a Redis Cluster, a steady mix (messages in every
+//!   room, signed-in joins and leaves, anonymous churn); per master Redis CPU per message, commands
+//!   per second, wakeups, and what the gateways send it (`scripts/bench.sh shards`, 1 / 2 / 3
+//!   masters).
 //!
 //! Every scenario prints its figures as prose and as one JSON line (`{"scenario": …}`), which
 //! `scripts/bench.sh` collects. A join waits for its `phx_reply` only (not for `presence_state`),
@@ -32,6 +36,7 @@
 //! | `client.rs` | the WebSocket client: open, send, read until, join, crowds of joined sockets |
 //! | `measure.rs` | CPU and RSS readers, Redis `INFO` counters, the paced publisher, percentiles, medians |
 //! | `idle.rs`, `joins.rs`, `fanout.rs`, `fanout_cost.rs`, `join_latency.rs`, `churn.rs`, `redis_broadcast.rs` | one scenario each |
+//! | `shards.rs` | the shards-add-capacity scenario |
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
@@ -45,6 +50,7 @@ mod join_latency;
 mod joins;
 mod measure;
 mod redis_broadcast;
+mod shards;
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +97,8 @@ enum Scenario {
     /// (history off), as `lua/publish.lua` (history on), and as `XADD` + `PUBLISH` pipelined
     /// or in `MULTI` (no script: the least a per-broadcast append costs). Prints JSON lines.
     RedisBroadcast(redis_broadcast::RedisBroadcast),
+    /// Shards add capacity: many rooms `<room>-N`, a steady mix, per-master Redis CPU and commands.
+    Shards(shards::Shards),
 }
 
 #[tokio::main]
@@ -123,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::JoinLatency(c) => join_latency::run(&cli.gateways, &topic, c).await?,
         Scenario::Churn(c) => churn::run(&cli.gateways, &topic, c).await?,
         Scenario::RedisBroadcast(c) => redis_broadcast::run(c).await?,
+        Scenario::Shards(c) => shards::run(&cli.gateways, &cli.room, c).await?,
     }
     Ok(())
 }
