@@ -27,6 +27,11 @@
 #                                    # CHURN_SECONDS (60); a sample every CHURN_SAMPLE (5) s of the
 #                                    # gateways' CPU and RSS, Redis's commands/s and CPU, the sockets;
 #                                    # min/median/max of each and whether it stayed flat; a JSON line
+#   scripts/bench.sh bigroom         # a big signed-in room: BIGROOM_USERS (10000) users, one sub each,
+#                                    # join one room over two gateways, BIGROOM_IN_FLIGHT (64) at a time;
+#                                    # joins/s, gateway CPU per join (load generator excluded), Redis CPU
+#                                    # and script calls, bytes per presence_state and per member; checks
+#                                    # every sampled member's presence; medians [ranges] of RUNS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -417,6 +422,42 @@ PY
 }
 if [ "${1:-}" = scale ]; then
   scale_bench
+  exit 0
+fi
+
+# `scripts/bench.sh bigroom`: one standalone Redis; per run two fresh gateways and a fresh room.
+if [ "${1:-}" = bigroom ]; then
+  start_standalone
+  results="$work/bigroom.jsonl"
+  : >"$results"
+  echo "== bigroom on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}'); $GATEWAY_SERVER_WORKER_THREADS worker thread(s) per gateway"
+  for i in $(seq "$RUNS"); do
+    start_gateway 1
+    start_gateway 2
+    target/release/gateway rooms create "big$i" >/dev/null
+    echo "-- run $i/$RUNS: ${BIGROOM_USERS:-10000} users; load $(cut -d' ' -f1-3 /proc/loadavg)"
+    target/release/bench --gateway "$gw1" --gateway "$gw2" --room "big$i" bigroom \
+      --users "${BIGROOM_USERS:-10000}" --in-flight "${BIGROOM_IN_FLIGHT:-64}" --secret "$secret" \
+      --pid "$gw1_pid" --pid "$gw2_pid" --redis "$GATEWAY_REDIS_URL" --user-prefix "big$i" \
+      | grep -v '^machine' | while read -r l; do case "$l" in '{'*) echo "$l" >>"$results";; *) echo "   $l";; esac; done \
+      || echo "   !! run $i failed (see above)"
+    stop_gateways
+    sleep 1
+  done
+  python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"== bigroom: medians of {len(rows)} run(s) [min–max]")
+for key, label in [("joins_per_s", "joins/s"), ("gateway_cpu_ms_per_join", "gateway CPU per join (ms)"),
+                   ("redis_cpu_s", "Redis CPU (s)"), ("script_calls", "script calls"),
+                   ("state_bytes_avg", "presence_state per joiner, avg (bytes)"),
+                   ("member_bytes_avg", "received per member after its join, avg (bytes)")]:
+    v = [r[key] for r in rows if r.get(key) is not None]
+    if v:
+        print(f"{label}: {statistics.median(v):,.3f} [{min(v):,.3f}–{max(v):,.3f}]")
+print("presence correct in every run" if rows and all(r["presence_ok"] for r in rows) else "!! presence check failed (see above)")
+print(json.dumps({"bigroom": rows}))
+PY
   exit 0
 fi
 
