@@ -53,6 +53,8 @@ struct Member {
     state_bytes: AtomicU64,
     later_bytes: AtomicU64,
     later_frames: AtomicU64,
+    /// The close code the gateway sent (0: still open).
+    closed: std::sync::atomic::AtomicU32,
     view: Option<std::sync::Mutex<BTreeMap<String, Vec<String>>>>,
 }
 
@@ -146,6 +148,14 @@ async fn join_one(
 fn keep_reading(mut ws: Ws, m: Arc<Member>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Ok(f) = ws.read_frame().await {
+            if f.opcode == OpCode::Close {
+                let code = match f.payload.get(..2) {
+                    Some(c) => u32::from(u16::from_be_bytes([c[0], c[1]])),
+                    None => 1005,
+                };
+                m.closed.store(code, Ordering::Relaxed);
+                break;
+            }
             if f.opcode != OpCode::Text {
                 continue;
             }
@@ -300,6 +310,18 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
         }
     }
     let checked_members = members.iter().filter(|m| m.view.is_some()).count();
+    // a member the gateway closed (slow consumer, idle timeout) left the room: the views are then
+    // rightly short of it, and the run is not the one asked for
+    let mut closes: BTreeMap<u32, usize> = BTreeMap::new();
+    for m in &members {
+        let c = m.closed.load(Ordering::Relaxed);
+        if c != 0 {
+            *closes.entry(c).or_default() += 1;
+        }
+    }
+    if !closes.is_empty() {
+        failures.insert(0, format!("members closed by the gateway (code: count): {closes:?}"));
+    }
     for (g, addr) in gateways.iter().enumerate() {
         let token = hs256(&secret, &format!("{user_prefix}-fresh-{g}"))?;
         let (ws, _, view, _) = join_one(addr, topic, &token, true).await?;
@@ -373,6 +395,7 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
             "state_bytes_avg": avg(&state), "state_bytes_last": state.last(),
             "member_bytes_avg": avg(&later), "member_bytes_first": later.first(),
             "frames_after_join": frames, "checked_members": checked_members,
+            "closed_by_gateway": closes.values().sum::<usize>(),
             "presence_ok": ok,
         })
     );
