@@ -8,7 +8,7 @@
 //! announced view, so a socket that joins between two flushes gets a state to which the next diff
 //! applies exactly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,6 +48,10 @@ pub struct Mirror {
     anon_announced: u64,
     /// Cached `presence_state` payload of the announced view.
     state_cache: Option<Bytes>,
+    /// The announced signed-in view, in the order `presence_state` lists it: (user, phx_ref) →
+    /// that meta serialised. Kept up to date by each flush (O(changes)), so a new
+    /// `presence_state` is one pass of copies, not a sort and a serialisation of the whole room.
+    announced: BTreeMap<(Arc<str>, Arc<str>), Bytes>,
 }
 
 impl Mirror {
@@ -110,6 +114,10 @@ impl Mirror {
             self.dirty.clear();
             self.anon_announced = snap.anon;
             self.state_cache = None;
+            self.announced = new
+                .iter()
+                .map(|(conn, m)| announced_entry(conn, m))
+                .collect();
         }
         self.users.clear();
         for m in new.values() {
@@ -203,6 +211,15 @@ impl Mirror {
         let mut leaves = Map::new();
         for (conn, before) in std::mem::take(&mut self.dirty) {
             let now = self.metas.get(&conn);
+            // the announced view becomes the current one
+            if let Some(b) = &before {
+                self.announced
+                    .remove(&(Arc::from(b.user_id.as_str()), conn.clone()));
+            }
+            if let Some(m) = now {
+                let (k, v) = announced_entry(&conn, m);
+                self.announced.insert(k, v);
+            }
             match (before, now) {
                 (None, Some(m)) => add_meta(&mut joins, &conn, m),
                 (Some(b), None) => add_meta(&mut leaves, &conn, &b),
@@ -231,35 +248,22 @@ impl Mirror {
         Some(json!({"joins": joins, "leaves": leaves}))
     }
 
-    /// The `presence_state` payload of the announced view, serialised once per flush window and
+    /// The `presence_state` payload of the announced view, built once per flush window and
     /// shared by every joiner of the window (each gets it spliced into its own frame).
     ///
-    /// Written straight to bytes: at 10,000 users the view is ~1 MB, and building it as a
-    /// `serde_json::Value` tree first (an object, an array and a string per meta) cost several
-    /// times the writing. The bytes are what that tree serialised to: keys in byte order (`""`,
-    /// the anonymous stack, first), each meta's fields in the order `online_at`, `phx_ref`,
-    /// `username`; a user's metas in `phx_ref` order.
+    /// Copied together from the announced metas serialised at their flush: at 10,000 users the
+    /// view is ~1 MB, and building it as a `serde_json::Value` tree (an object, an array and a
+    /// string per meta) and serialising that cost several milliseconds per window. The bytes are
+    /// what that tree serialised to: keys in byte order (`""`, the anonymous stack, first), each
+    /// meta's fields in the order `online_at`, `phx_ref`, `username`; a user's metas in `phx_ref`
+    /// order.
     pub fn state_payload(&mut self, cap: u64) -> Bytes {
         if let Some(b) = &self.state_cache {
             return b.clone();
         }
-        // (user, phx_ref, meta) of the announced view
-        let mut rows: Vec<(&str, &str, &Meta)> = Vec::with_capacity(self.metas.len());
-        for (conn, m) in &self.metas {
-            match self.dirty.get(conn) {
-                None => rows.push((&m.user_id, conn, m)),
-                Some(Some(before)) => rows.push((&before.user_id, conn, before)),
-                Some(None) => {} // joined after the last flush: announced by the next diff
-            }
-        }
-        for (conn, before) in &self.dirty {
-            if let (Some(b), false) = (before, self.metas.contains_key(conn)) {
-                rows.push((&b.user_id, conn, b)); // left after the last flush
-            }
-        }
-        rows.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         let n = self.anon_announced.min(cap);
-        let mut out = Vec::with_capacity(16 + rows.len() * 96 + n as usize * 18);
+        let size: usize = self.announced.values().map(|v| v.len() + 1).sum();
+        let mut out = Vec::with_capacity(16 + size + self.announced.len() * 24 + n as usize * 18);
         out.push(b'{');
         if n > 0 {
             out.extend_from_slice(b"\"\":{\"metas\":[");
@@ -274,12 +278,12 @@ impl Mirror {
             out.extend_from_slice(b"]}");
         }
         let mut user: Option<&str> = None;
-        for (u, conn, m) in rows {
+        for ((u, _), meta) in &self.announced {
             // a signed-in user with an empty id would share the anonymous key: the stack wins
             if u.is_empty() && n > 0 {
                 continue;
             }
-            if user == Some(u) {
+            if user == Some(&**u) {
                 out.push(b',');
             } else {
                 if user.is_some() {
@@ -292,7 +296,7 @@ impl Mirror {
                 out.extend_from_slice(b":{\"metas\":[");
                 user = Some(u);
             }
-            write_meta(&mut out, conn, m);
+            out.extend_from_slice(meta);
         }
         if user.is_some() {
             out.extend_from_slice(b"]}");
@@ -332,6 +336,13 @@ fn add_meta(into: &mut Map<String, Value>, conn: &str, m: &Meta) {
 fn write_str(out: &mut Vec<u8>, s: &str) {
     // writing a &str into a Vec cannot fail
     let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// One meta of the announced view, keyed for `presence_state`'s order, serialised.
+fn announced_entry(conn: &Arc<str>, m: &Meta) -> ((Arc<str>, Arc<str>), Bytes) {
+    let mut out = Vec::with_capacity(48 + conn.len() + m.username.len());
+    write_meta(&mut out, conn, m);
+    ((Arc::from(m.user_id.as_str()), conn.clone()), Bytes::from(out))
 }
 
 /// `{"online_at":…,"phx_ref":…,"username":…}`: the fields in the order a `serde_json::Map`
