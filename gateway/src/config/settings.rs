@@ -175,7 +175,7 @@ pub struct PresenceConfig {
     pub diff_interval_ms: u64,
     /// A node sends a room's `presence_diff`s to at most this many sockets per second: a room
     /// with more local members than `diff_frames_per_s × diff_interval` gets its diffs spaced
-    /// `members / diff_frames_per_s` apart instead (10,000 members at 20,000: 500 ms), so a join
+    /// `members / diff_frames_per_s` apart instead (5,000 members at 10,000: 500 ms), so a join
     /// burst in a big room costs each member a few frames a second, not twenty. 0: off.
     pub diff_frames_per_s: u64,
     /// At most one `presence_count` per room per interval on each node.
@@ -369,7 +369,7 @@ impl Default for PresenceConfig {
             ttl_ms: 15_000,
             heartbeat_interval_ms: 5_000,
             diff_interval_ms: 50,
-            diff_frames_per_s: 20_000,
+            diff_frames_per_s: 10_000,
             count_interval_ms: 1_000,
             anonymous_diff_interval_ms: 1_000,
             anonymous_list_max: 1_000,
