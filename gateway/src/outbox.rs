@@ -271,7 +271,12 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
                 }
             };
             // a peer that does not read for write_timeout is dropped: the writer never hangs
-            match Box::pin(tokio::time::timeout(write_timeout, write_rest(&mut w, &rest))).await {
+            match Box::pin(tokio::time::timeout(
+                write_timeout,
+                write_rest(&mut w, &rest),
+            ))
+            .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     out.abort();

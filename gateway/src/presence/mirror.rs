@@ -342,7 +342,10 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 fn announced_entry(conn: &Arc<str>, m: &Meta) -> ((Arc<str>, Arc<str>), Bytes) {
     let mut out = Vec::with_capacity(48 + conn.len() + m.username.len());
     write_meta(&mut out, conn, m);
-    ((Arc::from(m.user_id.as_str()), conn.clone()), Bytes::from(out))
+    (
+        (Arc::from(m.user_id.as_str()), conn.clone()),
+        Bytes::from(out),
+    )
 }
 
 /// `{"online_at":…,"phx_ref":…,"username":…}`: the fields in the order a `serde_json::Map`

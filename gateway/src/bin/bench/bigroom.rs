@@ -141,7 +141,9 @@ async fn join_one(
         }
     })
     .await
-    .with_context(|| format!("no join reply and presence_state from {addr} within {JOIN_TIMEOUT:?}"))?
+    .with_context(|| {
+        format!("no join reply and presence_state from {addr} within {JOIN_TIMEOUT:?}")
+    })?
 }
 
 /// Reads a member's socket until it closes: counts bytes, applies diffs to a sampled view.
@@ -320,7 +322,10 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
         }
     }
     if !closes.is_empty() {
-        failures.insert(0, format!("members closed by the gateway (code: count): {closes:?}"));
+        failures.insert(
+            0,
+            format!("members closed by the gateway (code: count): {closes:?}"),
+        );
     }
     for (g, addr) in gateways.iter().enumerate() {
         let token = hs256(&secret, &format!("{user_prefix}-fresh-{g}"))?;

@@ -229,9 +229,14 @@ fn state_bytes_are_what_the_value_tree_serialised_to() {
     let bytes = m.state_payload(1000);
     assert_eq!(bytes.as_ref(), state_as_tree(&m, 1000).as_slice());
     let s: Value = serde_json::from_slice(&bytes).unwrap();
-    assert!(s.get("u6").is_none() && s.get("Z").is_some() && s["a"]["metas"][0]["phx_ref"] == "n.5");
+    assert!(
+        s.get("u6").is_none() && s.get("Z").is_some() && s["a"]["metas"][0]["phx_ref"] == "n.5"
+    );
     // after the flush the new view, and an empty room is `{}`
     m.take_diff(5, 1000);
-    assert_eq!(m.state_payload(1000).as_ref(), state_as_tree(&m, 1000).as_slice());
+    assert_eq!(
+        m.state_payload(1000).as_ref(),
+        state_as_tree(&m, 1000).as_slice()
+    );
     assert_eq!(Mirror::default().state_payload(1000).as_ref(), b"{}");
 }
