@@ -217,7 +217,7 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
         .map(|i| hs256(&secret, &format!("{user_prefix}-{i}")))
         .collect::<anyhow::Result<_>>()?;
     let step = (users / sample.max(1)).max(1);
-    let sampled = |i: usize| sample > 0 && (i % step == 0 || i + 1 == users);
+    let sampled = |i: usize| sample > 0 && (i.is_multiple_of(step) || i + 1 == users);
     let members: Vec<Arc<Member>> = (0..users)
         .map(|i| {
             Arc::new(Member {
