@@ -19,7 +19,14 @@
 #                                    # p50/p99, loss); then medians [ranges] of RUNS, gateway/ceiling
 #                                    # ratios, and one JSON line. CEILING_DIR overrides where the
 #                                    # ceiling's source is (default ../shared/perf/ceiling).
+#                                    # The uWS yardstick (uWebSockets.js, one Node process, the same
+#                                    # Phoenix V2 subset) runs in the same invocation and table:
+#                                    # UWS_DIR (default ../shared/perf/uws) is copied to a scratch dir
+#                                    # and `npm ci`-ed there at bench time. SERVERS="ceiling uws gateway"
+#                                    # picks the servers (their order rotates from run to run).
 #   RUNS=1 VIEWERS=1000 SUBSCRIBERS=500 FANOUT_SECONDS=3 scripts/bench.sh compare   # a quick look
+#   SERVERS="uws gateway" RUNS=1 VIEWERS=1000 JOINS=500 SUBSCRIBERS=300 FANOUT_SECONDS=2 RATES=100 \
+#     scripts/bench.sh compare                                 # the uWS yardstick against the gateway
 #   scripts/bench.sh scale           # idle RSS per anonymous viewer at 1k / 10k (one gateway),
 #                                    # 38k (two) and 50k (three): SCALE_STEPS="viewers:gateways ..."
 #   scripts/bench.sh churn           # CHURN_VIEWERS (10000) anonymous viewers over two gateways,
@@ -38,6 +45,11 @@
 #                                    # message, commands/s, what the gateways send it per heartbeat
 #                                    # interval; medians of RUNS (3, master counts in alternating order),
 #                                    # the busiest master's and the total's ratio to 1 master; a JSON line
+#   scripts/bench.sh bigroom         # a big signed-in room: BIGROOM_USERS (10000) users, one sub each,
+#                                    # join one room over two gateways, BIGROOM_IN_FLIGHT (64) at a time;
+#                                    # joins/s, gateway CPU per join (load generator excluded), Redis CPU
+#                                    # and script calls, bytes per presence_state and per member; checks
+#                                    # every sampled member's presence; medians [ranges] of RUNS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -276,6 +288,37 @@ stop_ceiling() {
   wait "$ceiling_pid" 2>/dev/null || true
   grep -v listening "$work/ceiling.err" | sed 's/^/   [ceiling] /' || true
 }
+# The uWS yardstick: its folder (server.js, package.json, package-lock.json) is copied to a scratch
+# dir and installed there (shared/ is read-only), once per compare.
+prepare_uws() {
+  local uws_dir=${UWS_DIR:-$(dirname "$PWD")/shared/perf/uws} f
+  for f in server.js package.json package-lock.json; do
+    [ -f "$uws_dir/$f" ] || { echo "error: compare needs the uWS server, $uws_dir/$f not found (set UWS_DIR, or SERVERS without uws)" >&2; exit 1; }
+  done
+  command -v node >/dev/null || { echo "error: the uWS server needs node (or run with SERVERS without uws)" >&2; exit 1; }
+  mkdir -p "$work/uws"
+  cp "$uws_dir/server.js" "$uws_dir/package.json" "$uws_dir/package-lock.json" "$work/uws/"
+  (cd "$work/uws" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+    || { echo "error: npm ci of the uWS server failed" >&2; exit 1; }
+}
+start_uws() {
+  local port
+  port=$(free_port)
+  : >"$work/uws.err"
+  node "$work/uws/server.js" --port "$port" --host 127.0.0.1 2>"$work/uws.err" &
+  uws_pid=$!
+  pids+=($!)
+  for _ in $(seq 100); do grep -q listening "$work/uws.err" && break; sleep 0.05; done
+  grep -q listening "$work/uws.err" || { echo "error: uws did not start: $(cat "$work/uws.err")" >&2; exit 1; }
+  # one process is one world, as the ceiling
+  url1="127.0.0.1:$port" url2="127.0.0.1:$port" idle_pid=$uws_pid
+  pid_args=(--pid "$uws_pid") redis_args=()
+}
+stop_uws() {
+  kill "$uws_pid" 2>/dev/null || true
+  wait "$uws_pid" 2>/dev/null || true
+  grep -v listening "$work/uws.err" | sed 's/^/   [uws] /' || true
+}
 start_gw_pair() {
   start_gateway 1
   start_gateway 2
@@ -291,8 +334,10 @@ compare_bench() {
     echo "error: compare needs the ceiling server's source, not found at $ceiling_dir (set CEILING_DIR to its folder)" >&2
     exit 1
   fi
+  local servers=${SERVERS:-ceiling uws gateway}
   cargo build --release --quiet --manifest-path "$ceiling_dir/Cargo.toml" --target-dir target/ceiling
   ceiling_bin=target/ceiling/release/ceiling
+  [[ " $servers " != *" uws "* ]] || prepare_uws
   compare_results="$work/compare.jsonl"
   : >"$compare_results"
   # CASES / RATES run a part only, e.g. CASES=fanout RATES=100 for a quick A/B
@@ -300,13 +345,15 @@ compare_bench() {
   [[ " $CASES " == *" fanout "* ]] || RATES=""
   local viewers=$COMPARE_VIEWERS joins=${JOINS:-2000} secs=${FANOUT_SECONDS:-10} order server rate i r
   start_standalone
-  echo "== compare: gateway (2 processes, $GATEWAY_SERVER_WORKER_THREADS worker thread(s) each, standalone Redis $(redis-server --version | awk '{print $3}')) vs ceiling (1 process) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "== compare: gateway (2 processes, $GATEWAY_SERVER_WORKER_THREADS worker thread(s) each, standalone Redis $(redis-server --version | awk '{print $3}')) vs ceiling (1 process) and uws (1 Node process, uWebSockets.js) ($servers) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "== $RUNS run(s); idle $viewers viewers; joins $joins (warm room, 64 in flight); fan-out $SUBSCRIBERS subscribers at 100/s and 20/s for $secs s each"
   for i in $(seq "$RUNS"); do
-    if [ $((i % 2)) -eq 1 ]; then order="ceiling gateway"; else order="gateway ceiling"; fi
-    for server in $order; do
+    # the servers' order rotates from run to run (two servers: alternates)
+    read -r -a order <<<"$servers"
+    order=("${order[@]:$(( (i - 1) % ${#order[@]} ))}" "${order[@]:0:$(( (i - 1) % ${#order[@]} ))}")
+    for server in "${order[@]}"; do
       echo "-- run $i/$RUNS: $server: start"
-      if [ "$server" = ceiling ]; then start_ceiling; else start_gw_pair; fi
+      case $server in ceiling) start_ceiling;; uws) start_uws;; *) start_gw_pair;; esac
       if [ "$server" = gateway ]; then   # the ceiling has any room
         for r in idle joins f100 f20; do target/release/gateway rooms create "cmp$i-$r" >/dev/null; done
       fi
@@ -329,7 +376,7 @@ compare_bench() {
           --rate "$rate" --secret "$secret" "${pid_args[@]}" "${redis_args[@]}"
         sleep 2
       done
-      if [ "$server" = ceiling ]; then stop_ceiling; else stop_gateways; fi
+      case $server in ceiling) stop_ceiling;; uws) stop_uws;; *) stop_gateways;; esac
       sleep 1
     done
   done
@@ -365,15 +412,19 @@ def fmt(x):
     return "—" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
 out, table = [], []
 for case, label, f in METRICS:
-    c, g = figures("ceiling", case, f), figures("gateway", case, f)
+    c, u, g = figures("ceiling", case, f), figures("uws", case, f), figures("gateway", case, f)
     ratio = g["median"] / c["median"] if c and g and c["median"] else None
-    out.append({"metric": label, "case": case, "ceiling": c, "gateway": g, "ratio_gateway_to_ceiling": ratio})
+    ratio_u = g["median"] / u["median"] if u and g and u["median"] else None
+    out.append({"metric": label, "case": case, "ceiling": c, "uws": u, "gateway": g,
+                "ratio_gateway_to_ceiling": ratio, "ratio_gateway_to_uws": ratio_u})
     cell = lambda s: "—" if s is None else f"{fmt(s['median'])} [{fmt(s['min'])}–{fmt(s['max'])}]"
-    table.append((label, cell(c), cell(g), "—" if ratio is None else f"{ratio:.3f}"))
+    r = lambda x: "—" if x is None else f"{x:.3f}"
+    table.append((label, cell(c), cell(u), cell(g), r(ratio), r(ratio_u)))
 runs = max((r["run"] for r in rows), default=0)
-print(f"== compare: medians of {runs} run(s) [min–max]; ratio = gateway / ceiling")
-w = [max(len(t[i]) for t in table + [("metric", "ceiling", "gateway", "ratio")]) for i in range(4)]
-for t in [("metric", "ceiling median [range]", "gateway median [range]", "ratio")] + table:
+print(f"== compare: medians of {runs} run(s) [min–max]; ratios = gateway / ceiling, gateway / uws")
+head = ("metric", "ceiling median [range]", "uws median [range]", "gateway median [range]", "gw/ceiling", "gw/uws")
+w = [max(len(t[i]) for t in table + [head]) for i in range(len(head))]
+for t in [head] + table:
     print(" | ".join(x.ljust(w[i]) for i, x in enumerate(t)))
 failed = [f"{r['server']} run {r['run']} {r['case']} (exit {r['exit']})" for r in rows if r["exit"] != 0]
 if failed:
@@ -571,6 +622,45 @@ PY
 }
 if [ "${1:-}" = shards ]; then
   shards_bench
+  exit 0
+fi
+
+# `scripts/bench.sh bigroom`: one standalone Redis; per run two fresh gateways and a fresh room.
+# The bench's members send no heartbeats: the idle timeout is raised so a long burst on a busy
+# machine does not close the first joiners (4000) before the end.
+if [ "${1:-}" = bigroom ]; then
+  export GATEWAY_SERVER_IDLE_TIMEOUT_MS=${GATEWAY_SERVER_IDLE_TIMEOUT_MS:-600000}
+  start_standalone
+  results="$work/bigroom.jsonl"
+  : >"$results"
+  echo "== bigroom on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}'); $GATEWAY_SERVER_WORKER_THREADS worker thread(s) per gateway"
+  for i in $(seq "$RUNS"); do
+    start_gateway 1
+    start_gateway 2
+    target/release/gateway rooms create "big$i" >/dev/null
+    echo "-- run $i/$RUNS: ${BIGROOM_USERS:-10000} users; load $(cut -d' ' -f1-3 /proc/loadavg)"
+    target/release/bench --gateway "$gw1" --gateway "$gw2" --room "big$i" bigroom \
+      --users "${BIGROOM_USERS:-10000}" --in-flight "${BIGROOM_IN_FLIGHT:-64}" --secret "$secret" \
+      --pid "$gw1_pid" --pid "$gw2_pid" --redis "$GATEWAY_REDIS_URL" --user-prefix "big$i" \
+      | grep -v '^machine' | while read -r l; do case "$l" in '{'*) echo "$l" >>"$results";; *) echo "   $l";; esac; done \
+      || echo "   !! run $i failed (see above)"
+    stop_gateways
+    sleep 1
+  done
+  python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"== bigroom: medians of {len(rows)} run(s) [min–max]")
+for key, label in [("joins_per_s", "joins/s"), ("gateway_cpu_ms_per_join", "gateway CPU per join (ms)"),
+                   ("redis_cpu_s", "Redis CPU (s)"), ("script_calls", "script calls"),
+                   ("state_bytes_avg", "presence_state per joiner, avg (bytes)"),
+                   ("member_bytes_avg", "received per member after its join, avg (bytes)")]:
+    v = [r[key] for r in rows if r.get(key) is not None]
+    if v:
+        print(f"{label}: {statistics.median(v):,.3f} [{min(v):,.3f}–{max(v):,.3f}]")
+print("presence correct in every run" if rows and all(r["presence_ok"] for r in rows) else "!! presence check failed (see above)")
+print(json.dumps({"bigroom": rows}))
+PY
   exit 0
 fi
 

@@ -271,7 +271,12 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
                 }
             };
             // a peer that does not read for write_timeout is dropped: the writer never hangs
-            match Box::pin(tokio::time::timeout(write_timeout, w.write_all(&rest))).await {
+            match Box::pin(tokio::time::timeout(
+                write_timeout,
+                write_rest(&mut w, &rest),
+            ))
+            .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     out.abort();
@@ -320,7 +325,7 @@ enum Flushed {
     /// The kernel took every frame taken from the queue.
     All,
     /// What it did not take, to be written before anything else.
-    Rest(Vec<u8>),
+    Rest(Vec<Bytes>),
 }
 
 /// Takes up to [`BATCH`] frames from the queue and writes what the kernel takes of them without
@@ -338,11 +343,12 @@ fn flush_now(out: &Outbox, w: &OwnedWriteHalf) -> std::io::Result<Flushed> {
 }
 
 /// Writes what the kernel takes of `batch` (at most [`BATCH`] frames) without waiting; returns
-/// the bytes it did not take, copied, or None when it took them all.
+/// the bytes it did not take, or None when it took them all. The rest is the frames' own `Bytes`,
+/// sliced, not a copy: a megabyte `presence_state` the kernel took half of is not copied again.
 fn write_now<'a>(
     w: &OwnedWriteHalf,
     batch: impl Iterator<Item = &'a Out> + Clone,
-) -> std::io::Result<Option<Vec<u8>>> {
+) -> std::io::Result<Option<Vec<Bytes>>> {
     // small arrays on the stack: a delivery is usually a batch of one frame
     let mut heads = [([0u8; HEAD_MAX], 0usize); BATCH];
     for (head, m) in heads.iter_mut().zip(batch.clone()) {
@@ -350,7 +356,7 @@ fn write_now<'a>(
     }
     let mut slices = [IoSlice::new(&[]); 4 * BATCH];
     let (mut k, mut total) = (0, 0);
-    for ((head, n), m) in heads.iter().zip(batch) {
+    for ((head, n), m) in heads.iter().zip(batch.clone()) {
         for part in std::iter::once(&head[..*n]).chain(frame_parts(m).1) {
             if !part.is_empty() {
                 slices[k] = IoSlice::new(part);
@@ -367,17 +373,32 @@ fn write_now<'a>(
     if written == total {
         return Ok(None);
     }
-    let mut rest = Vec::with_capacity(total - written);
+    let mut rest = Vec::new();
     let mut skip = written;
-    for part in &slices[..k] {
-        if skip >= part.len() {
-            skip -= part.len();
-        } else {
-            rest.extend_from_slice(&part[skip..]);
-            skip = 0;
+    for ((head, n), m) in heads.iter().zip(batch) {
+        let head = Bytes::copy_from_slice(&head[..*n]);
+        let parts = match m {
+            Out::Text(b) | Out::Pong(b) => [head, b.clone(), Bytes::new(), Bytes::new()],
+            Out::Wrapped(h, b) => [head, h.clone(), b.clone(), Bytes::from_static(b"]")],
+        };
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+            } else {
+                rest.push(part.slice(skip..));
+                skip = 0;
+            }
         }
     }
     Ok(Some(rest))
+}
+
+/// Writes the pieces a non-blocking write left, in order.
+async fn write_rest(w: &mut OwnedWriteHalf, rest: &[Bytes]) -> std::io::Result<()> {
+    for part in rest {
+        w.write_all(part).await?;
+    }
+    Ok(())
 }
 
 /// A frame's header (and its length) and its payload's parts: `head ++ body ++ tail`.

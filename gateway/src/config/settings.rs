@@ -181,6 +181,11 @@ pub struct PresenceConfig {
     pub heartbeat_interval_ms: u64,
     /// At most one `presence_diff` per room per interval on each node (coalescing).
     pub diff_interval_ms: u64,
+    /// A node sends a room's `presence_diff`s to at most this many sockets per second: a room
+    /// with more local members than `diff_frames_per_s × diff_interval` gets its diffs spaced
+    /// `members / diff_frames_per_s` apart instead (5,000 members at 10,000: 500 ms), so a join
+    /// burst in a big room costs each member a few frames a second, not twenty. 0: off.
+    pub diff_frames_per_s: u64,
     /// At most one `presence_count` per room per interval on each node.
     pub count_interval_ms: u64,
     /// A `presence_diff` that only moves the anonymous `""` list (no signed-in change) waits until
@@ -394,6 +399,7 @@ impl Default for PresenceConfig {
             ttl_ms: 15_000,
             heartbeat_interval_ms: 5_000,
             diff_interval_ms: 50,
+            diff_frames_per_s: 10_000,
             count_interval_ms: 1_000,
             anonymous_diff_interval_ms: 1_000,
             anonymous_list_max: 1_000,
@@ -465,6 +471,17 @@ impl PresenceConfig {
     }
     pub fn diff_interval(&self) -> Duration {
         ms(self.diff_interval_ms)
+    }
+    /// The spacing of a room's diffs on a node with `members` local members: `diff_interval`, or
+    /// longer for a room big enough to exceed `diff_frames_per_s`.
+    pub fn diff_spacing(&self, members: usize) -> Duration {
+        let floor = self.diff_interval();
+        if self.diff_frames_per_s == 0 {
+            return floor;
+        }
+        floor.max(Duration::from_micros(
+            (members as u64).saturating_mul(1_000_000) / self.diff_frames_per_s,
+        ))
     }
     pub fn count_interval(&self) -> Duration {
         ms(self.count_interval_ms)

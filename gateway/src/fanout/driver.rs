@@ -25,7 +25,9 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                 let anon_moved = st.mirror.anon_moved(anon, cap);
                 let members_changed = st.mirror.members_changed();
                 if members_changed || anon_moved {
-                    let mut due = st.last_diff.map_or(now, |t| t + p.diff_interval());
+                    // a big room's diffs are spaced by its size (`presence.diff_frames_per_s`)
+                    let spacing = p.diff_spacing(st.members.len());
+                    let mut due = st.last_diff.map_or(now, |t| t + spacing);
                     if !members_changed {
                         let anon_due = st
                             .last_anon_diff

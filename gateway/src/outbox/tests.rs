@@ -80,6 +80,7 @@ async fn what_the_kernel_does_not_take_at_once_is_returned_in_order() {
     }
     let rest = rest.expect("40 MB to a client that does not read fill the socket");
     assert!(!rest.is_empty());
+    let rest: Vec<u8> = rest.iter().flat_map(|b| b.iter().copied()).collect();
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();

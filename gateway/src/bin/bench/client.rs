@@ -34,7 +34,8 @@ pub async fn open(addr: &str, token: Option<&str>) -> anyhow::Result<Ws> {
     let q = token.map(|t| format!("&token={t}")).unwrap_or_default();
     let req = Request::builder()
         .method("GET")
-        .uri(format!("http://{addr}/socket/websocket?vsn=2.0.0{q}"))
+        // origin-form (a path, the host in `Host`): uWebSockets answers an absolute URI with 505
+        .uri(format!("/socket/websocket?vsn=2.0.0{q}"))
         .header("Host", addr)
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")

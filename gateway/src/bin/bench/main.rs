@@ -22,6 +22,11 @@
 //!   per second, wakeups, and what the gateways send it (`scripts/bench.sh shards`, 1 / 2 / 3
 //!   masters).
 //!
+//! * `bigroom` — N signed-in users (distinct `sub`s) join one room over the gateways, 64 in
+//!   flight: joins per second, the gateways' CPU per join, Redis's CPU and script calls, the bytes
+//!   of each `presence_state` and of the diffs each member gets, then a check that sampled members
+//!   and a fresh joiner per gateway hold all N users.
+//!
 //! Every scenario prints its figures as prose and as one JSON line (`{"scenario": …}`), which
 //! `scripts/bench.sh` collects. A join waits for its `phx_reply` only (not for `presence_state`),
 //! so the scenarios also run against `ceiling` (`shared/perf/ceiling`, no presence), which
@@ -35,12 +40,13 @@
 //! | `main.rs` | the command line and the dispatch to one scenario |
 //! | `client.rs` | the WebSocket client: open, send, read until, join, crowds of joined sockets |
 //! | `measure.rs` | CPU and RSS readers, Redis `INFO` counters, the paced publisher, percentiles, medians |
-//! | `idle.rs`, `joins.rs`, `fanout.rs`, `fanout_cost.rs`, `join_latency.rs`, `churn.rs`, `redis_broadcast.rs` | one scenario each |
 //! | `shards.rs` | the shards-add-capacity scenario |
+//! | `idle.rs`, `joins.rs`, `bigroom.rs`, `fanout.rs`, `fanout_cost.rs`, `join_latency.rs`, `churn.rs`, `redis_broadcast.rs` | one scenario each |
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 
+mod bigroom;
 mod churn;
 mod client;
 mod fanout;
@@ -99,6 +105,11 @@ enum Scenario {
     RedisBroadcast(redis_broadcast::RedisBroadcast),
     /// Shards add capacity: many rooms `<room>-N`, a steady mix, per-master Redis CPU and commands.
     Shards(shards::Shards),
+    /// A big signed-in room: `--users` users (one `sub` each) join one room over the gateways,
+    /// `--in-flight` at a time; joins/s, gateway CPU per join (`--pid`), Redis CPU and script
+    /// calls (`--redis`), bytes per `presence_state` and per member, and a presence check of
+    /// sampled members and a fresh joiner per gateway. Prints a JSON line; fails if a view is wrong.
+    Bigroom(bigroom::BigRoom),
 }
 
 #[tokio::main]
@@ -132,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Churn(c) => churn::run(&cli.gateways, &topic, c).await?,
         Scenario::RedisBroadcast(c) => redis_broadcast::run(c).await?,
         Scenario::Shards(c) => shards::run(&cli.gateways, &cli.room, c).await?,
+        Scenario::Bigroom(c) => bigroom::run(&cli.gateways, &topic, c).await?,
     }
     Ok(())
 }
