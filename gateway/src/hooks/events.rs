@@ -145,7 +145,10 @@ pub fn batch_body<'a>(events: impl IntoIterator<Item = &'a Bytes>) -> Vec<u8> {
 pub trait Outbox: Send + Sync {
     /// Deletes, per outbox key (one room's), the entries of these event ids. Failures are the
     /// implementation's to log: an entry left behind is re-posted later (same id), never lost.
-    fn ack(&self, entries: Vec<(Arc<str>, Vec<String>)>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    fn ack(
+        &self,
+        entries: Vec<(Arc<str>, Vec<String>)>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
 /// One queued event: its JSON and, when it has one, its outbox entry (key, event id).
@@ -288,10 +291,10 @@ impl EventsHook {
                 });
             }
             while q.events.len() > QUEUE_MAX {
-                if let Some(old) = q.events.pop_front() {
-                    if old.outbox.is_some() {
-                        q.dropped.push(old);
-                    }
+                if let Some(old) = q.events.pop_front()
+                    && old.outbox.is_some()
+                {
+                    q.dropped.push(old);
                 }
                 dropped += 1;
             }
@@ -338,7 +341,10 @@ impl EventsHook {
                 let mut q = lock(&self.queue);
                 let n = q.events.len().min(self.batch);
                 q.busy = true;
-                (q.events.drain(..n).collect(), std::mem::take(&mut q.dropped))
+                (
+                    q.events.drain(..n).collect(),
+                    std::mem::take(&mut q.dropped),
+                )
             };
             self.deliver(&batch).await;
             // delivered or given up: either way its outbox entries go (and those of the events a

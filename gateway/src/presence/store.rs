@@ -390,7 +390,10 @@ impl Store {
         idx: &[usize],
     ) -> Vec<(usize, Result<HeartbeatReply, StoreError>)> {
         // outbox entries held longer than this are re-reported by the room's scanning node
-        let stale_ms = self.events.as_ref().map_or(0, |h| h.stale_after().as_millis() as u64);
+        let stale_ms = self
+            .events
+            .as_ref()
+            .map_or(0, |h| h.stale_after().as_millis() as u64);
         let pipe = |idx: &[usize]| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();

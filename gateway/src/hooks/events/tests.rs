@@ -67,7 +67,8 @@ async fn the_queue_is_bounded_and_drops_the_oldest() {
         .collect();
     hook.report(&many, None);
     assert_eq!(hook.queued(), QUEUE_MAX);
-    let first: serde_json::Value = serde_json::from_slice(&lock(&hook.queue).events[0].json).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_slice(&lock(&hook.queue).events[0].json).unwrap();
     assert_eq!(first["seq"], 5, "the oldest five went");
     let text = String::from_utf8(metrics.render().1).unwrap();
     assert!(
@@ -93,5 +94,8 @@ fn acknowledgements_group_ids_by_outbox_key_in_order() {
     assert_eq!(&*got[0].0, "gw:room:{a}:unacked");
     assert_eq!(got[0].1, ["a:1:room_occupied", "a:2:room_vacated"]);
     assert_eq!(got[1].1, ["b:5:member_added:u1"]);
-    assert!(ack_entries(&items[2..3]).is_empty(), "no outbox, nothing to delete");
+    assert!(
+        ack_entries(&items[2..3]).is_empty(),
+        "no outbox, nothing to delete"
+    );
 }

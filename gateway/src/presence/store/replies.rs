@@ -96,7 +96,6 @@ pub(super) fn metas_at(v: &[redis::Value], i: usize) -> Result<HashMap<String, M
     Ok(out)
 }
 
-
 /// The takeover part of a script reply (see lua/common.lua): `{}` or `{id, at, username, ...}`,
 /// the outbox entries of dead nodes (or stale ones) this call took over, to be posted again with
 /// their original ids. Absent (a script from before the outbox) is none.
