@@ -259,6 +259,9 @@ end
 -- it rewrites the owner part to the caller and returns them (ob_taken) to be posted again with
 -- their original ids. Off (no flag): nothing is read or written here.
 local ob_on, ob_node, ob_stale, ob_taken = false, nil, nil, {}
+-- Whether touch refreshes the outbox's TTL: only calls that wrote to it, and heartbeats (which
+-- keep it alive while the room is), so a call without an edge costs the outbox nothing.
+local ob_touch = false
 
 -- Call first: flag '1' (and KEYS[8] given) turns the outbox on for caller `node`; stale: ms or nil.
 local function outbox_setup(node, flag, stale)
@@ -286,6 +289,7 @@ local function outbox_write(seq, now, edges)
     args[#args + 1] = head .. edges[i + 2]
   end
   redis.call('HSET', K_UNACKED, unpack(args))
+  ob_touch = true
 end
 
 -- Takes over the outbox entries of owners not in `live` (and, with ob_stale, entries older than
@@ -302,6 +306,7 @@ local function outbox_takeover(now, live)
       ob_taken[#ob_taken + 1] = id
       ob_taken[#ob_taken + 1] = at
       ob_taken[#ob_taken + 1] = name
+      ob_touch = true
     end
   end
 end
@@ -391,7 +396,7 @@ local function touch(key_ttl_ms)
   redis.call('PEXPIRE', K_NODES, key_ttl_ms)
   redis.call('PEXPIRE', K_SEQ, key_ttl_ms)
   redis.call('PEXPIRE', K_MEMBERS, key_ttl_ms)
-  if ob_on then redis.call('PEXPIRE', K_UNACKED, key_ttl_ms) end
+  if ob_on and ob_touch then redis.call('PEXPIRE', K_UNACKED, key_ttl_ms) end
 end
 
 -- Whether the room exists: its record is the room.

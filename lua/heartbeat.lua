@@ -27,6 +27,7 @@ if not room_exists() then
   return { 0, 0, 0, 0 }
 end
 outbox_setup(node, ARGV[5], ARGV[6])
+ob_touch = true -- the heartbeat keeps the room's outbox alive with its other keys
 members_begin()
 local now = now_ms()
 local leaves, changed, _, scanned = sweep(now, node, 'first')
