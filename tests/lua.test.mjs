@@ -513,6 +513,16 @@ test('outbox: a script\'s edges are written to the unacked hash in the same call
   const s = rawO('sync', R, 'B', '60000', '120000', '0', '0', '1', 'B.1', meta('u2'));
   assert.deepEqual(Object.keys(unacked(R)).sort(), [`${R}:${s[0]}:member_added:u2`, `${R}:${s[0]}:room_occupied`]);
   redis.cli('DEL', k[7]);
+  // a call without an edge (a second tab) leaves the outbox alone; a heartbeat refreshes its TTL
+  runO('join', R, 'B', '60000', '120000', 'B.9', meta('u2'), '0', '1');
+  redis.cli('HSET', k[7], 'x', 'B|1|1|');
+  redis.cli('CONFIG', 'RESETSTAT');
+  runO('join', R, 'B', '60000', '120000', 'B.10', meta('u2'), '0', '1');
+  assert.equal(calls('pexpire'), 5, 'the five other presence keys only');
+  assert.equal(redis.cli('PTTL', k[7]), '-1');
+  runO('heartbeat', R, 'B', '60000', '120000', '', '1');
+  assert.ok(Number(redis.cli('PTTL', k[7])) > 0, 'the heartbeat keeps the outbox alive');
+  redis.cli('DEL', k[7]);
   // without the flag (a node without an events hook): nothing is written, not even a TTL
   redis.cli('CONFIG', 'RESETSTAT');
   runO('join', R, 'B', '60000', '120000', 'B.2', meta('u3'), '0', '');
