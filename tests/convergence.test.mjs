@@ -10,6 +10,8 @@
 // room is occupied (a signed-in connection or an anonymous viewer). Any divergence fails, the
 // SIGKILLed node's included: events it had reported but not yet posted wait in the room's outbox
 // in Redis, and the survivor whose sweep finds the node dead posts them (same ids) after the TTL.
+// Right before the SIGKILL a user's only tab leaves on the doomed node, so every seed has at least
+// one such event (its member_removed).
 //
 //   CONVERGENCE_SEED=<n>     replay one seed (the seed is printed at the start of every run)
 //   CONVERGENCE_SEEDS=<N>    longer mode: N schedules, seeds CONVERGENCE_SEED (or a random base)
@@ -600,7 +602,26 @@ async function runSchedule(t, seed) {
       }
     }
 
+    /** A user whose only tab leaves on `gw` right before its SIGKILL: the member_removed of that
+     * leave is still queued on `gw` (batches wait up to 50 ms), so only the room's outbox in Redis
+     * can bring it to the application — through the survivor that sweeps `gw`. Outside the model
+     * (no truth to keep: the user is gone either way); a refused join just skips it. */
+    async function doomedLeave(gw) {
+      const room = ROOMS[0];
+      const sub = `doomed-${gw.name}`;
+      const raw = await rawConnect(wsUrl(gw.g, { token: tokenFor(sub) }));
+      raw.send(['d1', 'd1', TOPICS[0], 'phx_join', {}]);
+      const rep = await raw.reply('d1', 8000).catch(() => null);
+      if (rep?.[4]?.status !== 'ok') return `doomed join refused ${JSON.stringify(rep?.[4])}`;
+      const added = () => hook.batches.some((b) => b.some((e) => e.room === room && e.type === 'member_added' && e.user?.id === sub));
+      for (let i = 0; i < 100 && !added(); i++) await sleep(20);
+      raw.send(['d1', 'd2', TOPICS[0], 'phx_leave', {}]);
+      await raw.reply('d2', 5000).catch(() => null);
+      return `${sub} joined and left ${TOPICS[0]} on ${gw.name} (member_added received: ${added()})`;
+    }
+
     async function killGateway(gw) {
+      const doomed = await doomedLeave(gw);
       const victims = [...w.conns.values()].filter((c) => c.gw === gw.idx);
       const lights = [...w.lights.values()].filter((l) => l.gw === gw.idx);
       for (const c of victims) { c.closing = true; w.conns.delete(c.id); }
@@ -609,7 +630,7 @@ async function runSchedule(t, seed) {
       w.killed.push(gw.node);
       await gw.g.kill();
       for (const c of victims) if (c.socket) c.socket.disconnect(); // no reconnects
-      return `SIGKILLed ${gw.name} (node ${gw.node}): ${victims.length} sockets and ${lights.length} anonymous viewers gone`;
+      return `SIGKILLed ${gw.name} (node ${gw.node}) right after ${doomed}: ${victims.length} sockets and ${lights.length} anonymous viewers gone`;
     }
 
     async function step(label, op) {
