@@ -11,6 +11,8 @@
 --   KEYS[6] <p>:room:{R}:events     channel for room events and presence changes
 --   KEYS[7] <p>:room:{R}:members    HASH  user id -> that user's connections in KEYS[2] (the events
 --                                         hook's member edges; kept in step by every script)
+--   KEYS[8] <p>:room:{R}:unacked    HASH  the events hook's outbox: event id ->
+--                                         '<owner node>|<since ms>|<at ms>|<username>' (see outbox)
 --
 -- A node's presence fields and anonymous count are live only while its lease in KEYS[4] is; every
 -- script sweeps the entries of nodes without one (see sweep). Nothing is written to a room whose
@@ -20,8 +22,8 @@
 --   {"seq":S,"anon":<anonymous total>,"joins":{"<conn>":<meta>,...},"leaves":["<conn>",...]}
 -- seq grows by exactly one per published change, so a gap tells a node it missed something.
 
-local K_ROOM, K_PRESENCE, K_ANON, K_NODES, K_SEQ, K_EVENTS, K_MEMBERS =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local K_ROOM, K_PRESENCE, K_ANON, K_NODES, K_SEQ, K_EVENTS, K_MEMBERS, K_UNACKED =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
 -- Lease times come from Redis's clock, never from a gateway's.
 local function now_ms()
@@ -246,9 +248,78 @@ local function total_after()
   return m_total or anon_total()
 end
 
--- The edges part of a reply (see above).
+-- The events hook's outbox (DESIGN §12). With the hook on (the caller passes the flag, and
+-- KEYS[8]), every edge a call reports is also written to K_UNACKED in the same call, field = the
+-- event id '<room>:<seq>:<type>[:<user>]', value = '<owner>|<since>|<at>|<username>': the node
+-- that is to post it, since when it is (Redis ms), the change's time, the username. The owner
+-- deletes the field once the application acknowledged the event (or its retries ran out).
+-- Takeover: a call whose sweep found a dead node (rare) reads the whole outbox and takes over the
+-- entries of every owner without a live lease, and (ob_stale, the heartbeat's scan) every entry
+-- held longer than ob_stale by anyone (a node whose script reply or acknowledgement was lost):
+-- it rewrites the owner part to the caller and returns them (ob_taken) to be posted again with
+-- their original ids. Off (no flag): nothing is read or written here.
+local ob_on, ob_node, ob_stale, ob_taken = false, nil, nil, {}
+-- Whether touch refreshes the outbox's TTL: only calls that wrote to it, and heartbeats (which
+-- keep it alive while the room is), so a call without an edge costs the outbox nothing.
+local ob_touch = false
+
+-- Call first: flag '1' (and KEYS[8] given) turns the outbox on for caller `node`; stale: ms or nil.
+local function outbox_setup(node, flag, stale)
+  ob_on = K_UNACKED ~= nil and flag == '1' and node ~= nil and node ~= ''
+  ob_node = node
+  ob_stale = tonumber(stale or '')
+  if ob_stale and ob_stale <= 0 then ob_stale = nil end
+end
+
+-- The room id inside K_ROOM's hash tag.
+local function room_id()
+  return string.match(K_ROOM, '{([^{}]*)}$') or ''
+end
+
+-- Writes the edges of one change (published with seq at time now) to the outbox: one HSET.
+local function outbox_write(seq, now, edges)
+  if not ob_on or #edges == 0 then return end
+  local base = room_id() .. ':' .. int(seq) .. ':'
+  local head = ob_node .. '|' .. int(now) .. '|' .. int(now) .. '|'
+  local args = {}
+  for i = 1, #edges, 3 do
+    local id = base .. edges[i]
+    if edges[i + 1] ~= '' then id = id .. ':' .. edges[i + 1] end
+    args[#args + 1] = id
+    args[#args + 1] = head .. edges[i + 2]
+  end
+  redis.call('HSET', K_UNACKED, unpack(args))
+  ob_touch = true
+end
+
+-- Takes over the outbox entries of owners not in `live` (and, with ob_stale, entries older than
+-- it), see above. O(entries); called only when a dead node was found or on the heartbeat's scan.
+local function outbox_takeover(now, live)
+  if not ob_on then return end
+  local flat = redis.call('HGETALL', K_UNACKED)
+  for i = 1, #flat, 2 do
+    local id, v = flat[i], flat[i + 1]
+    local owner, since, at, name = string.match(v, '^([^|]*)|(%d+)|(%d+)|(.*)$')
+    if owner and ((owner ~= ob_node and not live[owner])
+        or (ob_stale and tonumber(since) + ob_stale < now)) then
+      redis.call('HSET', K_UNACKED, id, ob_node .. '|' .. int(now) .. '|' .. at .. '|' .. name)
+      ob_taken[#ob_taken + 1] = id
+      ob_taken[#ob_taken + 1] = at
+      ob_taken[#ob_taken + 1] = name
+      ob_touch = true
+    end
+  end
+end
+
+-- The takeover part of a reply: {} or {id1, at1, username1, id2, ...}.
+local function taken_reply()
+  return ob_taken
+end
+
+-- The edges part of a reply (see above); with the outbox on, the edges are written to it too.
 local function edges_reply(seq, now, edges)
   if #edges == 0 then return {} end
+  outbox_write(seq, now, edges)
   local r = { seq, now }
   for _, x in ipairs(edges) do r[#r + 1] = x end
   return r
@@ -267,6 +338,8 @@ end
 --     scan per room per heartbeat interval across all nodes, not one per node).
 -- Liveness is decided before the caller renews its own lease: a caller without a live lease finds
 -- its own entries swept like anyone's and re-asserts them with sync.
+-- With the outbox on, a dead node found (or the heartbeat's scan, for stale entries) also takes
+-- over outbox entries (outbox_takeover).
 -- Returns the connection ids removed, whether anything changed, the set of nodes whose lease
 -- or entries were removed (a caller finding itself there lost its entries), and whether the
 -- presence hash was scanned. Each removed connection counts against its user (see count_conn).
@@ -302,6 +375,9 @@ local function sweep(now, caller, scan)
       end
     end
   end
+  if next(dead) ~= nil or (ob_stale and scan == 'first' and caller == first) then
+    outbox_takeover(now, live)
+  end
   return left, changed, dead, scanned
 end
 
@@ -320,6 +396,7 @@ local function touch(key_ttl_ms)
   redis.call('PEXPIRE', K_NODES, key_ttl_ms)
   redis.call('PEXPIRE', K_SEQ, key_ttl_ms)
   redis.call('PEXPIRE', K_MEMBERS, key_ttl_ms)
+  if ob_on and ob_touch then redis.call('PEXPIRE', K_UNACKED, key_ttl_ms) end
 end
 
 -- Whether the room exists: its record is the room.

@@ -4,7 +4,7 @@
 -- presence key's TTL refreshed) either way.
 -- A room whose record is gone gets nothing written: the connection and the node's other leftovers
 -- there are removed.
--- KEYS: the seven room keys, see common.lua
+-- KEYS: the eight room keys, see common.lua
 -- ARGV[1] node id
 -- ARGV[2] lease ms
 -- ARGV[3] key ttl ms
@@ -12,8 +12,9 @@
 -- ARGV[5] number of anonymous viewers leaving (anonymous)
 -- ARGV[6] '1' when the node is leaving the room altogether: its lease is dropped too, but only if
 --         it holds nothing in the room any more (a concurrent join of the same node keeps it)
+-- ARGV[7] '1' when the node has an events hook: edges go to the outbox KEYS[8] (common.lua)
 -- Reply: {seq of the published change or 0 if nothing changed, anonymous total, lost, exists (1),
---         had, edges} where edges are the events hook's edges this call caused (common.lua) and had = 1 when the caller's lease existed before this call (see join.lua)
+--         had, edges, taken} where taken are the outbox entries taken over (common.lua), edges are the events hook's edges this call caused (common.lua) and had = 1 when the caller's lease existed before this call (see join.lua)
 --        lost = 1 when this call found the caller without a live lease (lapsed, or gone while it
 --        still had entries) and swept its entries: the caller re-asserts them with sync.
 --        {0, 0, 0, 0} when the room does not exist (deleted).
@@ -23,6 +24,7 @@ if not room_exists() then
   drop_own(node, conn)
   return { 0, 0, 0, 0 }
 end
+outbox_setup(node, ARGV[7])
 members_begin()
 local now = now_ms()
 local leaves, changed, swept = sweep(now, node)
@@ -54,9 +56,13 @@ if ARGV[6] == '1' and (redis.call('HGET', K_ANON, node) or '0') == '0' then
 end
 local edges = members_finish()
 if #edges > 0 then changed = true end
-touch(key_ttl)
 local total = total_after()
-if not changed then return { 0, total, lost, 1, had, {} } end
+if not changed then
+  touch(key_ttl)
+  return { 0, total, lost, 1, had, {}, taken_reply() }
+end
 local seq = next_seq(key_ttl)
 publish(seq, total, {}, leaves)
-return { seq, total, lost, 1, had, edges_reply(seq, now, edges) }
+local reported = edges_reply(seq, now, edges) -- (writes the outbox: before touch)
+touch(key_ttl)
+return { seq, total, lost, 1, had, reported, taken_reply() }

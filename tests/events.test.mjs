@@ -2,7 +2,9 @@
 // each reported exactly once across nodes by the node whose script call made the change. A node
 // http server plays the application: it checks every request's x-gateway-signature, records the
 // batches, and can be told to answer 500 to the next requests of one room. Real redis, three real
-// gateways (a fourth SIGKILLed, a fifth drained with SIGTERM), raw sockets.
+// gateways (a fourth SIGKILLed, a fifth SIGKILLed while its own application is down — its events
+// reach the application through the room's outbox and a survivor — a sixth drained with SIGTERM),
+// raw sockets.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
@@ -160,6 +162,44 @@ test('a SIGKILLed node\'s users are reported once, by a survivor, after the TTL;
   watcher.close();
   await until('room_vacated', () => app.events('crash').at(-1)?.type === 'room_vacated');
   assert.deepEqual(app.events('crash').slice(4).map(short), ['member_removed:carol', 'room_vacated']);
+});
+
+test('a node SIGKILLed before it could post its events: a survivor posts them after the TTL, with their original ids, once; acknowledged events leave the outbox', { timeout: 40000 }, async () => {
+  // the doomed node's events hook is an application that is down (500 to everything): its
+  // events are surely unsent when it dies, and only the room's outbox in Redis still has them
+  const down = await application();
+  down.fail('doom', 1000);
+  const K = await startGateway({ redisPort: redis.port, prefix: PREFIX, name: 'evdoom', env: { ...env(), GATEWAY_HOOKS_EVENTS_URL: down.url } });
+  extra.push(K);
+  try {
+    const topic = room('doom');
+    await member(K, topic, 'hank', 'Hank');
+    const watcher = await anonymous(A, topic);
+    await until('the doomed node tried to post', () => down.copies('doom').length >= 2);
+    const sent = down.copies('doom');
+    assert.deepEqual(sent.map(short), ['room_occupied', 'member_added:hank']);
+    assert.equal(app.copies('doom').length, 0, 'nothing reached the application');
+    assert.equal(Number(redis.cli('HLEN', `${PREFIX}:room:{doom}:unacked`)), 2, 'both wait in the outbox');
+    const killed = Date.now();
+    await K.kill();
+    await until('hank removed', () => app.events('doom').some((e) => short(e) === 'member_removed:hank'), TTL + 4 * HB + 4000);
+    assert.ok(Date.now() - killed >= TTL - 200, 'after the lease lapsed');
+    await until('the taken-over events', () => app.events('doom').length === 3);
+    const evs = app.events('doom');
+    assert.deepEqual(evs.map(short), ['room_occupied', 'member_added:hank', 'member_removed:hank']);
+    for (const e of sent) {
+      const got = evs.find((x) => x.id === e.id);
+      assert.ok(got, `${e.id} posted by a survivor with its original id`);
+      assert.deepEqual(got, e, 'byte for byte the event the dead node had');
+    }
+    watcher.close();
+    await until('room_vacated', () => app.events('doom').at(-1)?.type === 'room_vacated');
+    await sleep(3 * HB);
+    assert.equal(app.copies('doom').length, 4, 'each once');
+    await until('the outbox empties (acknowledged)', () => redis.cli('HLEN', `${PREFIX}:room:{doom}:unacked`) === '0');
+  } finally {
+    await down.stop();
+  }
 });
 
 test('the application answering 500 twice still gets every event: the same batch, same ids, retried; counters show it', { timeout: 30000 }, async () => {

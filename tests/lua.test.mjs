@@ -140,10 +140,10 @@ test('sync replaces a node\'s entries in one step and can release everything', (
   redis.cli('HSET', room, 'name', 'r4');
   run('join', 'r4', 'A', '60000', '60000', 'A.1', meta('u1'), '0');
   run('join', 'r4', 'A', '60000', '60000', 'A.2', meta('u2'), '0');
-  run('sync', 'r4', 'A', '60000', '60000', '7', '0', 'A.2', meta('u2'), 'A.3', meta('u3'));
+  run('sync', 'r4', 'A', '60000', '60000', '7', '0', '', 'A.2', meta('u2'), 'A.3', meta('u3'));
   assert.deepEqual(redis.lines('HKEYS', `${room}:presence`).sort(), ['A.2', 'A.3']);
   assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '7');
-  run('sync', 'r4', 'A', '60000', '60000', '0', '1');
+  run('sync', 'r4', 'A', '60000', '60000', '0', '1', '');
   assert.deepEqual(redis.lines('HKEYS', `${room}:presence`), []);
   assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '');
   assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
@@ -154,7 +154,7 @@ test('a released node keeps no anonymous count, even when sync was told to leave
   redis.cli('HSET', room, 'name', 'r5');
   run('join', 'r5', 'A', '60000', '60000', '', '4', '0');
   run('join', 'r5', 'B', '60000', '60000', '', '1', '0');
-  const r = run('sync', 'r5', 'A', '60000', '60000', '', '1');
+  const r = run('sync', 'r5', 'A', '60000', '60000', '', '1', '');
   assert.equal(redis.cli('HGET', `${room}:anon`, 'A'), '', 'a count without a lease is not live');
   assert.equal(redis.cli('ZSCORE', `${room}:nodes`, 'A'), '');
   assert.deepEqual(r.slice(1, 3), ['1', '1']);
@@ -176,10 +176,10 @@ test('a deleted room is not written back by a node that missed the delete: heart
   const calls = [
     ['heartbeat', ['A', '60000', '120000', '3']],
     ['heartbeat', ['A', '60000', '120000', '']],
-    ['sync', ['A', '60000', '120000', '3', '0', 'A.1', meta('u1')]],
+    ['sync', ['A', '60000', '120000', '3', '0', '', 'A.1', meta('u1')]],
     ['leave', ['A', '60000', '120000', 'A.1', '0', '0']],
     ['leave', ['A', '60000', '120000', '', '3', '1']],
-    ['sync', ['A', '60000', '120000', '0', '1']],
+    ['sync', ['A', '60000', '120000', '0', '1', '']],
   ];
   const gone = { heartbeat: ['0', '0', '0', '0'], sync: ['0', '0', '0'], leave: ['0', '0', '0', '0'] };
   for (const [name, argv] of calls) {
@@ -192,7 +192,7 @@ test('a deleted room is not written back by a node that missed the delete: heart
   // once the counter has expired too, nothing of the room is left at all
   redis.cli('DEL', k[4]);
   run('heartbeat', R, 'A', '60000', '120000', '3');
-  run('sync', R, 'A', '60000', '120000', '3', '0', 'A.1', meta('u1'));
+  run('sync', R, 'A', '60000', '120000', '3', '0', '', 'A.1', meta('u1'));
   run('leave', R, 'A', '60000', '120000', 'A.1', '0', '0');
   assert.deepEqual(left(), []);
 });
@@ -215,8 +215,8 @@ test('in a deleted room, heartbeat, sync and leave remove the calling node\'s le
   assert.equal(redis.cli('PTTL', k[3]), '-1', 'no TTL refreshed');
   assert.deepEqual(hb, ['0', '0', '0', '0']);
   assert.deepEqual(run('leave', R, 'B', '60000', '120000', 'B.1', '0', '0'), ['0', '0', '0', '0']);
-  assert.deepEqual(run('sync', R, 'C', '60000', '120000', '1', '0', 'C.1', meta('u4')), ['0', '0', '0']);
-  assert.deepEqual(run('sync', R, 'D', '60000', '120000', '0', '1'), ['0', '0', '0']);
+  assert.deepEqual(run('sync', R, 'C', '60000', '120000', '1', '0', '', 'C.1', meta('u4')), ['0', '0', '0']);
+  assert.deepEqual(run('sync', R, 'D', '60000', '120000', '0', '1', ''), ['0', '0', '0']);
   assert.deepEqual(left(), [], 'nothing of the deleted room lingers');
 });
 
@@ -244,7 +244,7 @@ test('when the lease set is lost (eviction), every entry without a live lease is
     assert.equal(env.anon, 2);
     assert.deepEqual(env.leaves.sort(), ['a.1', 'b.1']);
     // b answers had = 0 with sync; a snapshot then holds b only
-    const s = run('sync', R, 'b', '60000', '120000', '2', '0', 'b.1', meta('u2'));
+    const s = run('sync', R, 'b', '60000', '120000', '2', '0', '', 'b.1', meta('u2'));
     assert.deepEqual(Object.keys((await sub.next(2)).joins), ['b.1']);
     const snap = run('snapshot', R, '120000');
     assert.equal(snap[1], s[0]);
@@ -338,7 +338,7 @@ test('every call that renews a lease leaves the lease set and the other presence
   assert.equal(run('leave', R, 'A', '60000', '120000', 'A.9', '0', '0')[0], '0', 'nothing changed');
   assert.ok(Number(redis.cli('PTTL', k[3])) > 0, `leave: PTTL of :nodes is ${redis.cli('PTTL', k[3])}`);
   redis.cli('DEL', k[3]);
-  assert.equal(run('sync', R, 'A', '60000', '120000', '', '0')[0], '0', 'nothing changed');
+  assert.equal(run('sync', R, 'A', '60000', '120000', '', '0', '')[0], '0', 'nothing changed');
   assert.ok(Number(redis.cli('PTTL', k[3])) > 0, `sync: PTTL of :nodes is ${redis.cli('PTTL', k[3])}`);
   // keys that lost their TTL get it back from the next renew, changed or not
   run('join', R, 'A', '60000', '120000', '', '2', '0');
@@ -349,7 +349,7 @@ test('every call that renews a lease leaves the lease set and the other presence
   assert.ok(Number(redis.cli('PTTL', k[3])) > 0, 'leave: :nodes has a TTL');
   redis.cli('PERSIST', k[2]);
   redis.cli('PERSIST', k[3]);
-  assert.equal(run('sync', R, 'A', '60000', '120000', '2', '0')[0], '0', 'nothing changed');
+  assert.equal(run('sync', R, 'A', '60000', '120000', '2', '0', '')[0], '0', 'nothing changed');
   assert.ok(Number(redis.cli('PTTL', k[2])) > 0, 'sync: :anon has a TTL');
   assert.ok(Number(redis.cli('PTTL', k[3])) > 0, 'sync: :nodes has a TTL');
 });
@@ -411,8 +411,8 @@ test('events: the members hash counts each user\'s connections; each script repo
   assert.deepEqual(edgeList(runJ('leave', R, 'C', '60000', '120000', '', '2', '0')[5]), ['room_vacated']);
   // anonymous viewers alone occupy the room too; a sync that releases everything vacates it
   assert.deepEqual(edgeList(runJ('join', R, 'C', '60000', '120000', '', '1', '0')[6]), ['room_occupied']);
-  assert.deepEqual(edgeList(runJ('sync', R, 'C', '60000', '120000', '5', '0', 'C.1', meta('u2'))[3]), ['member_added:u2']);
-  assert.deepEqual(edgeList(runJ('sync', R, 'C', '60000', '120000', '0', '1')[3]), ['member_removed:u2', 'room_vacated']);
+  assert.deepEqual(edgeList(runJ('sync', R, 'C', '60000', '120000', '5', '0', '', 'C.1', meta('u2'))[3]), ['member_added:u2']);
+  assert.deepEqual(edgeList(runJ('sync', R, 'C', '60000', '120000', '0', '1', '')[3]), ['member_removed:u2', 'room_vacated']);
   // a connection written again for another user moves from one to the other
   runJ('join', R, 'A', '60000', '120000', 'A.7', meta('u3'), '0');
   assert.deepEqual(edgeList(runJ('join', R, 'A', '60000', '120000', 'A.7', meta('u4'), '0')[6]), ['member_added:u4', 'member_removed:u3']);
@@ -474,4 +474,113 @@ test('events: a deleted room reports nothing; a node\'s leftovers there leave th
   redis.cli('DEL', k[0]);
   assert.deepEqual(runJ('heartbeat', R, 'A', '60000', '120000', '0'), [0, 0, 0, 0]);
   assert.deepEqual(members(R), { u2: '1' }, 'A\'s user left the hash with A\'s field');
+});
+
+// The events hook's outbox (KEYS[8], on with the ARGV flag): the same call that reports an edge
+// writes it to `<p>:room:{R}:unacked`, field = the event id, value '<owner>|<since>|<at>|<username>'.
+const keys8 = (room) => [...keys(room), `lt:room:{${room}}:unacked`];
+const runO = (name, room, ...argv) => JSON.parse(redis.cli('EVAL',
+  `return cjson.encode((function()\n${script(name)}\nend)())`, '8', ...keys8(room), ...argv));
+const unacked = (room) => {
+  const flat = redis.lines('HGETALL', keys8(room)[7]).filter((x) => x !== '');
+  return Object.fromEntries(flat.flatMap((v, i) => (i % 2 === 0 ? [[v, flat[i + 1]]] : [])));
+};
+// The same, as redis-cli's flat lines (a seq above 2^53/10 loses digits in cjson's numbers).
+const rawO = (name, room, ...argv) => redis.lines('EVAL', script(name), '8', ...keys8(room), ...argv);
+// The taken-over part of a reply as ids ({} when nothing was taken over).
+const takenIds = (t) => (Array.isArray(t) ? t.filter((_, i) => i % 3 === 0) : []);
+
+test('outbox: a script\'s edges are written to the unacked hash in the same call; an ack (HDEL) removes them; off without the flag', () => {
+  const R = 'ob1';
+  const k = keys8(R);
+  redis.cli('HSET', k[0], 'name', R);
+  const j = runO('join', R, 'A', '60000', '120000', 'A.1', meta('u1'), '0', '1');
+  const seq = Object.keys(unacked(R))[0].split(':')[1];
+  const at = j[6][1];
+  assert.deepEqual(unacked(R), {
+    [`${R}:${seq}:room_occupied`]: `A|${at}|${at}|`,
+    [`${R}:${seq}:member_added:u1`]: `A|${at}|${at}|n-u1`,
+  });
+  assert.ok(Number(redis.cli('PTTL', k[7])) > 0, 'the outbox expires like the other presence keys');
+  assert.deepEqual(j[7], {}, 'nothing taken over');
+  // the sender's ack after a 2xx: one HDEL of the batch's ids in the room
+  redis.cli('HDEL', k[7], `${R}:${seq}:room_occupied`, `${R}:${seq}:member_added:u1`);
+  assert.equal(redis.cli('EXISTS', k[7]), '0');
+  // leave and sync write theirs too
+  const l = rawO('leave', R, 'A', '60000', '120000', 'A.1', '0', '0', '1');
+  assert.deepEqual(Object.keys(unacked(R)).sort(), [`${R}:${l[0]}:member_removed:u1`, `${R}:${l[0]}:room_vacated`]);
+  redis.cli('DEL', k[7]);
+  const s = rawO('sync', R, 'B', '60000', '120000', '0', '0', '1', 'B.1', meta('u2'));
+  assert.deepEqual(Object.keys(unacked(R)).sort(), [`${R}:${s[0]}:member_added:u2`, `${R}:${s[0]}:room_occupied`]);
+  redis.cli('DEL', k[7]);
+  // a call without an edge (a second tab) leaves the outbox alone; a heartbeat refreshes its TTL
+  runO('join', R, 'B', '60000', '120000', 'B.9', meta('u2'), '0', '1');
+  redis.cli('HSET', k[7], 'x', 'B|1|1|');
+  redis.cli('CONFIG', 'RESETSTAT');
+  runO('join', R, 'B', '60000', '120000', 'B.10', meta('u2'), '0', '1');
+  assert.equal(calls('pexpire'), 5, 'the five other presence keys only');
+  assert.equal(redis.cli('PTTL', k[7]), '-1');
+  runO('heartbeat', R, 'B', '60000', '120000', '', '1');
+  assert.ok(Number(redis.cli('PTTL', k[7])) > 0, 'the heartbeat keeps the outbox alive');
+  redis.cli('DEL', k[7]);
+  // without the flag (a node without an events hook): nothing is written, not even a TTL
+  redis.cli('CONFIG', 'RESETSTAT');
+  runO('join', R, 'B', '60000', '120000', 'B.2', meta('u3'), '0', '');
+  assert.equal(redis.cli('EXISTS', k[7]), '0');
+  assert.equal(calls('hset'), 0);
+  assert.equal(calls('hgetall'), 0);
+  // a deleted room's outbox goes with it (what `gateway rooms delete` removes includes it)
+  assert.ok(fs.readFileSync(path.join(REPO_ROOT, 'gateway/src/catalog.rs'), 'utf8').includes('.arg(&k.unacked)'));
+});
+
+test('outbox: a sweep of a dead node takes over its unacked events (original ids, owner rewritten) and returns them', async () => {
+  const R = 'ob2';
+  const k = keys8(R);
+  redis.cli('HSET', k[0], 'name', R);
+  // X's join is reported (edges in the outbox), then X dies without posting or acking
+  const jx = rawO('join', R, 'X', '200', '120000', 'X.1', meta('u1'), '0', '1');
+  const jy = rawO('join', R, 'Y', '60000', '120000', 'Y.1', meta('u2'), '0', '1');
+  const xAt = unacked(R)[`${R}:${jx[1]}:room_occupied`].split('|')[2];
+  const xIds = [`${R}:${jx[1]}:room_occupied`, `${R}:${jx[1]}:member_added:u1`];
+  const yIds = [`${R}:${jy[1]}:member_added:u2`];
+  assert.deepEqual(Object.keys(unacked(R)).sort(), [...xIds, ...yIds].sort());
+  // while X's lease lives, a call by Y takes nothing and reads no outbox
+  redis.cli('CONFIG', 'RESETSTAT');
+  assert.deepEqual(runO('join', R, 'Y', '60000', '120000', '', '1', '0', '1')[7], {});
+  assert.equal(calls('hgetall'), 0, 'the common path does not read the outbox');
+  await sleep(300);
+  // Y's heartbeat sweeps X: X's user gone (a new edge, Y's) and X's unsent events taken over
+  const hb = runO('heartbeat', R, 'Y', '60000', '120000', '1', '1');
+  assert.deepEqual(edgeList(hb[4]), ['member_removed:u1']);
+  assert.deepEqual(takenIds(hb[5]).sort(), [...xIds].sort(), 'X\'s events, with their original ids');
+  const taken = hb[5];
+  assert.equal(String(taken[1]), xAt, 'with the original time');
+  assert.equal(taken[taken.indexOf(xIds[1]) + 2], 'n-u1', 'and username');
+  const now = unacked(R);
+  for (const id of xIds) assert.match(now[id], /^Y\|\d+\|/, `${id} now belongs to Y`);
+  assert.match(now[yIds[0]], /^Y\|/);
+  const removed = Object.keys(now).filter((id) => id.endsWith(':member_removed:u1'));
+  assert.equal(removed.length, 1);
+  assert.match(now[removed[0]], /^Y\|/, 'the sweep\'s own edge is in the outbox too');
+  // taken once: the next call finds no dead node and takes nothing
+  assert.deepEqual(runO('heartbeat', R, 'Y', '60000', '120000', '1', '1')[5], {});
+});
+
+test('outbox: the heartbeat scan takes over entries held past the stale age (a lost reply), its own included', async () => {
+  const R = 'ob3';
+  const k = keys8(R);
+  redis.cli('HSET', k[0], 'name', R);
+  const j = rawO('join', R, 'A', '60000', '120000', 'A.1', meta('u1'), '0', '1');
+  runO('join', R, 'B', '60000', '120000', 'B.1', meta('u2'), '0', '1');
+  // not yet stale: nothing taken
+  assert.deepEqual(runO('heartbeat', R, 'A', '60000', '120000', '0', '1', '200')[5], {});
+  await sleep(300);
+  // only the scanning node (the smallest live id, A) looks; it re-reports everything stale
+  assert.deepEqual(runO('heartbeat', R, 'B', '60000', '120000', '0', '1', '200')[5], {});
+  const hb = runO('heartbeat', R, 'A', '60000', '120000', '0', '1', '200');
+  assert.equal(takenIds(hb[5]).length, 3);
+  assert.ok(takenIds(hb[5]).includes(`${R}:${j[1]}:member_added:u1`));
+  for (const v of Object.values(unacked(R))) assert.match(v, /^A\|/);
+  // re-reported once per stale age, not on every heartbeat
+  assert.deepEqual(runO('heartbeat', R, 'A', '60000', '120000', '0', '1', '200')[5], {});
 });

@@ -53,6 +53,7 @@ test('warm room: one script call per signed-in join and per leave; anonymous joi
   t.diagnostic(`${N} signed-in joins → evalsha ${joins.evalsha || 0}, eval ${joins.eval || 0}; commandstats ${JSON.stringify(joins)}`);
   assert.equal(scriptCalls(joins), N, `script calls for ${N} warm signed-in joins: ${JSON.stringify(joins)}`);
   assert.equal(joins.hgetall || 0, 0, 'a warm join must not snapshot');
+  assert.equal(joins.hset || 0, 0, 'no events hook: no outbox write');
 
   // N leaves (half phx_leave, half closed sockets) → N script calls
   redis.cli('CONFIG', 'RESETSTAT');
@@ -102,6 +103,48 @@ test('warm room: one script call per signed-in join and per leave; anonymous joi
   const coldStats = commandCalls(redis);
   t.diagnostic(`cold-room anonymous join → ${JSON.stringify(coldStats)}`);
   assert.ok((coldStats.hgetall || 0) >= 1, 'a cold join snapshots (sanity check of the measurement)');
+});
+
+test('with an events hook: still one script call per warm signed-in join and leave; the outbox write is inside it, the acknowledgement one HDEL per batch', async (t) => {
+  const http = await import('node:http');
+  const rx = http.createServer((req, res) => { req.resume(); req.on('end', () => { res.writeHead(204); res.end(); }); });
+  await new Promise((r) => rx.listen(0, '127.0.0.1', r));
+  try {
+    const { redis, gws: [gw] } = await setup(1, {
+      ...QUIET,
+      GATEWAY_HOOKS_EVENTS_URL: `http://127.0.0.1:${rx.address().port}/events`,
+      GATEWAY_HOOKS_SECRET: 'presence-cost-events-hook-secret-0123456789',
+    });
+    const room = uid('hooked');
+    const topic = `rooms:${room}`;
+    createRoom(redis, PREFIX, room);
+    const keeper = await lightOpen(gw, { token: token('keeper') });
+    await keeper.join(topic);
+    await sleep(300);
+    const N = 10;
+    const users = await pool(N, N, (i) => lightOpen(gw, { token: token(`h${i}`) }));
+    redis.cli('CONFIG', 'RESETSTAT');
+    for (const u of users) await u.join(topic);
+    await sleep(400);
+    const joins = commandCalls(redis);
+    t.diagnostic(`${N} signed-in joins (events hook on) → commandstats ${JSON.stringify(joins)}`);
+    assert.equal(scriptCalls(joins), N, `script calls for ${N} warm signed-in joins: ${JSON.stringify(joins)}`);
+    assert.equal(joins.hset || 0, N, 'one outbox write per join (each a member_added)');
+    assert.equal(joins.hgetall || 0, 0, 'no outbox read: no dead node');
+    assert.ok((joins.hdel || 0) >= 1 && joins.hdel <= N, `acknowledged in batches: ${joins.hdel} HDEL`);
+    await waitFor(() => redis.cli('HLEN', `${PREFIX}:room:{${room}}:unacked`) === '0', 3000, 'the outbox to empty');
+    redis.cli('CONFIG', 'RESETSTAT');
+    for (const u of users) u.close();
+    await waitFor(() => redis.cli('HLEN', `${PREFIX}:room:{${room}}:presence`) === '1', 3000, 'only the keeper left');
+    await sleep(400);
+    const leaves = commandCalls(redis);
+    t.diagnostic(`${N} signed-in leaves (events hook on) → commandstats ${JSON.stringify(leaves)}`);
+    assert.equal(scriptCalls(leaves), N, `script calls for ${N} leaves: ${JSON.stringify(leaves)}`);
+    assert.equal(leaves.hset || 0, N, 'one outbox write per leave (each a member_removed)');
+    await waitFor(() => redis.cli('HLEN', `${PREFIX}:room:{${room}}:unacked`) === '0', 3000, 'the outbox to empty');
+  } finally {
+    await new Promise((r) => { rx.close(r); rx.closeAllConnections(); });
+  }
 });
 
 test('heartbeat cost per interval = rooms × nodes, independent of sockets', { timeout: 60000 }, async (t) => {

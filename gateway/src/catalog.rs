@@ -165,7 +165,8 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Deletes the record, the room's presence keys and its history; tells every node to close
+    /// Deletes the record, the room's presence keys (its events outbox too: a deleted room's
+    /// unsent events are not posted) and its history; tells every node to close
     /// the room's channels (a `{"deleted":true}` control message on the room's channel).
     pub async fn delete(&self, id: &RoomId) -> Result<(), CatalogError> {
         let mut c = self.pool.get().await?;
@@ -177,6 +178,7 @@ impl Catalog {
             .arg(&k.nodes)
             .arg(&k.seq)
             .arg(&k.members)
+            .arg(&k.unacked)
             .arg(&k.history)
             .query_async(&mut c)
             .await?;

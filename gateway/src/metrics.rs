@@ -127,7 +127,9 @@ pub mod redis_op {
     pub const NODE_RECORD: &str = "node_record";
     /// The pub/sub connection was lost or its probe did not come back.
     pub const PUBSUB: &str = "pubsub";
-    pub const ALL: [&str; 12] = [
+    /// The events hook's acknowledgement: an `HDEL` of sent events from a room's outbox.
+    pub const EVENTS_ACK: &str = "events_ack";
+    pub const ALL: [&str; 13] = [
         script::JOIN,
         script::LEAVE,
         script::HEARTBEAT,
@@ -140,6 +142,7 @@ pub mod redis_op {
         PING,
         NODE_RECORD,
         PUBSUB,
+        EVENTS_ACK,
     ];
 }
 

@@ -11,10 +11,19 @@
 //! `hooks.events_retry_s` have passed since its first attempt; then it is dropped and counted.
 //! The queue is bounded ([`QUEUE_MAX`]): past it the oldest events are dropped and counted.
 //!
-//! Knows nothing of Redis or sockets: events arrive as [`Event`]s, already decided.
+//! Delivery survives a crash of the node through the room's outbox in Redis (`<p>:room:{R}:unacked`,
+//! written by the same script call that reported the event; see lua/common.lua): an event reported
+//! with its outbox key is acknowledged there — its entry deleted through the [`Outbox`] attached
+//! by `presence::Store` — once a 2xx answered its batch, or when it was dropped. Until then a
+//! script that finds this node dead takes it over and another node posts it again, same id.
+//!
+//! Knows nothing of Redis or sockets: events arrive as [`Event`]s, already decided, and leave
+//! through the [`Outbox`] as ids.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +46,10 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// ... and the delay doubles up to this: an application back after an outage hears from every
 /// node within 10 s, without every node hammering it while it is down.
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long after the last attempt a node may still hold an unacknowledged event of its own
+/// beyond its retry window (a batch waiting in a long queue, a slow acknowledgement): past the
+/// window plus this, the heartbeat's scan re-reports it (a lost script reply or acknowledgement).
+const STALE_MARGIN: Duration = Duration::from_secs(30);
 /// The answer's body is not read (any 2xx is an acknowledgement); a little is allowed so a
 /// keep-alive connection is left clean.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -127,9 +140,40 @@ pub fn batch_body<'a>(events: impl IntoIterator<Item = &'a Bytes>) -> Vec<u8> {
     body
 }
 
+/// The events' outbox entries in Redis, deleted once they are acknowledged or dropped (the
+/// implementation is `presence::Store`'s: one `HDEL` per room).
+pub trait Outbox: Send + Sync {
+    /// Deletes, per outbox key (one room's), the entries of these event ids. Failures are the
+    /// implementation's to log: an entry left behind is re-posted later (same id), never lost.
+    fn ack(
+        &self,
+        entries: Vec<(Arc<str>, Vec<String>)>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// One queued event: its JSON and, when it has one, its outbox entry (key, event id).
+struct Queued {
+    json: Bytes,
+    outbox: Option<(Arc<str>, String)>,
+}
+
+/// The outbox entries of `items`, grouped by key in first-seen order.
+fn ack_entries<'a>(items: impl IntoIterator<Item = &'a Queued>) -> Vec<(Arc<str>, Vec<String>)> {
+    let mut out: Vec<(Arc<str>, Vec<String>)> = Vec::new();
+    for (key, id) in items.into_iter().filter_map(|q| q.outbox.as_ref()) {
+        match out.iter_mut().find(|(k, _)| k == key) {
+            Some((_, ids)) => ids.push(id.clone()),
+            None => out.push((key.clone(), vec![id.clone()])),
+        }
+    }
+    out
+}
+
 #[derive(Default)]
 struct Queue {
-    events: VecDeque<Bytes>,
+    events: VecDeque<Queued>,
+    /// Events dropped from a full queue whose outbox entries are still to be deleted.
+    dropped: Vec<Queued>,
     /// A batch is being sent (or waits to be retried).
     busy: bool,
     /// Drain: send what is queued now, without waiting for a batch to fill.
@@ -149,6 +193,8 @@ pub struct EventsHook {
     queue: Mutex<Queue>,
     /// An event was queued, or the drain began.
     wake: Notify,
+    /// Where acknowledged events' outbox entries are deleted (attached by `presence::Store`).
+    outbox: OnceLock<Arc<dyn Outbox>>,
 }
 
 impl std::fmt::Debug for EventsHook {
@@ -211,23 +257,45 @@ impl EventsHook {
             metrics,
             queue: Mutex::default(),
             wake: Notify::new(),
+            outbox: OnceLock::new(),
         }
     }
 
-    /// Queues `events` (in order) for sending; never waits. Over [`QUEUE_MAX`], the oldest
-    /// queued events are dropped and counted.
-    pub fn report(&self, events: &[Event]) {
+    /// Attaches the outbox acknowledged events are deleted from (once; later calls are ignored).
+    pub fn attach_outbox(&self, outbox: Arc<dyn Outbox>) {
+        let _ = self.outbox.set(outbox);
+    }
+
+    /// How long an event may sit unacknowledged in its room's outbox before the heartbeat's scan
+    /// takes it over from its owner: the owner's whole retry window, one more request and
+    /// backoff step, and [`STALE_MARGIN`].
+    pub fn stale_after(&self) -> Duration {
+        self.retry_for + self.timeout + RETRY_MAX + STALE_MARGIN
+    }
+
+    /// Queues `events` (in order) for sending; never waits. `outbox`: the key of the room's outbox
+    /// holding them (acknowledged there once sent), `None` for events written to none. Over
+    /// [`QUEUE_MAX`], the oldest queued events are dropped and counted.
+    pub fn report(&self, events: &[Event], outbox: Option<&str>) {
         if events.is_empty() {
             return;
         }
         let mut dropped = 0;
         {
+            let key: Option<Arc<str>> = outbox.map(Arc::from);
             let mut q = lock(&self.queue);
             for e in events {
-                q.events.push_back(e.to_json());
+                q.events.push_back(Queued {
+                    json: e.to_json(),
+                    outbox: key.clone().map(|k| (k, e.id())),
+                });
             }
             while q.events.len() > QUEUE_MAX {
-                q.events.pop_front();
+                if let Some(old) = q.events.pop_front()
+                    && old.outbox.is_some()
+                {
+                    q.dropped.push(old);
+                }
                 dropped += 1;
             }
         }
@@ -269,20 +337,34 @@ impl EventsHook {
                     break;
                 }
             }
-            let batch: Vec<Bytes> = {
+            let (batch, dropped): (Vec<Queued>, Vec<Queued>) = {
                 let mut q = lock(&self.queue);
                 let n = q.events.len().min(self.batch);
                 q.busy = true;
-                q.events.drain(..n).collect()
+                (
+                    q.events.drain(..n).collect(),
+                    std::mem::take(&mut q.dropped),
+                )
             };
             self.deliver(&batch).await;
+            // delivered or given up: either way its outbox entries go (and those of the events a
+            // full queue dropped meanwhile)
+            self.ack(batch.iter().chain(dropped.iter())).await;
             lock(&self.queue).busy = false;
         }
     }
 
+    /// Deletes the outbox entries of `items` (nothing without an attached outbox).
+    async fn ack<'a>(&self, items: impl IntoIterator<Item = &'a Queued>) {
+        let entries = ack_entries(items);
+        if let (false, Some(outbox)) = (entries.is_empty(), self.outbox.get()) {
+            outbox.ack(entries).await;
+        }
+    }
+
     /// Sends one batch until it is acknowledged or its retry time is over.
-    async fn deliver(&self, batch: &[Bytes]) {
-        let body = Bytes::from(batch_body(batch));
+    async fn deliver(&self, batch: &[Queued]) {
+        let body = Bytes::from(batch_body(batch.iter().map(|q| &q.json)));
         let first = Instant::now();
         let mut delay = RETRY_FIRST;
         loop {

@@ -3,15 +3,15 @@
 //! deadline, and the typed replies of those scripts, read out of their flat arrays. It never
 //! writes to sockets: the published envelopes reach the [`super::Mirror`] through `fanout`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::hooks::events::{Event, EventKind, EventsHook};
+use crate::hooks::events::EventsHook;
 use crate::metrics::script;
 use crate::redis::keys::RoomKeys;
 use crate::redis::scripts::Scripts;
 
-use super::{Meta, Snapshot};
+use super::Snapshot;
+use replies::{edges_at, flag_at, int_at, metas_at, taken_at};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -125,22 +125,41 @@ impl Store {
         }
     }
 
-    /// Reports the events hook's edges of every script call to `hook`.
+    /// Reports the events hook's edges of every script call to `hook`, and has the scripts keep
+    /// them in each room's outbox until `hook` acknowledges them there (see `outbox.rs`).
     pub fn with_events(mut self, hook: Option<Arc<EventsHook>>) -> Self {
+        if let Some(h) = &hook {
+            h.attach_outbox(Arc::new(outbox::RoomOutbox::new(
+                self.conn.clone(),
+                self.timeout,
+                self.metrics.clone(),
+            )));
+        }
         self.events = hook;
         self
     }
 
-    /// Hands the edges part of a script's reply (index `i` of `v`) to the events hook. An
-    /// unreadable part is logged, never an error of the call: the change itself was made.
-    fn report(&self, keys: &RoomKeys, v: &[redis::Value], i: usize) {
+    /// The scripts' outbox flag: `1` when this node has an events hook (the scripts write its
+    /// edges to the room's outbox and take over dead nodes' entries), `` (nothing) otherwise.
+    fn outbox_flag(&self) -> &'static str {
+        if self.events.is_some() { "1" } else { "" }
+    }
+
+    /// Hands the events hook's parts of a script's reply to the hook: the outbox entries the call
+    /// took over (index `taken`; older, so first) and the edges it caused (index `i`), both kept
+    /// in the room's outbox until acknowledged. An unreadable part is logged, never an error of
+    /// the call: the change itself was made.
+    fn report(&self, keys: &RoomKeys, v: &[redis::Value], (i, taken): (usize, usize)) {
         let Some(hook) = &self.events else {
             return;
         };
-        match edges_at(keys.room_id(), v, i) {
-            Ok(events) => hook.report(&events),
-            Err(e) => {
-                tracing::warn!(room = keys.room_id(), error = %e, "unreadable events in a script reply")
+        let room = keys.room_id();
+        for part in [taken_at(room, v, taken), edges_at(room, v, i)] {
+            match part {
+                Ok(events) => hook.report(&events, Some(&keys.unacked)),
+                Err(e) => {
+                    tracing::warn!(room, error = %e, "unreadable events in a script reply")
+                }
             }
         }
     }
@@ -219,14 +238,15 @@ impl Store {
             .arg(self.lease.key_ttl_ms)
             .arg(conn)
             .arg(meta_or_count)
-            .arg(if want_snapshot { "1" } else { "0" });
+            .arg(if want_snapshot { "1" } else { "0" })
+            .arg(self.outbox_flag());
         let v: Flat = self.run(script::JOIN, inv).await?;
         match int_at(&v, 0)? {
             0 => return Ok(JoinReply::NoRoom),
             2 => return Ok(JoinReply::Banned),
             _ => {}
         }
-        self.report(keys, &v, 6);
+        self.report(keys, &v, (6, 7));
         let seq = int_at(&v, 1)?;
         let anon = int_at(&v, 2)?;
         let snapshot = if want_snapshot {
@@ -263,9 +283,10 @@ impl Store {
             .arg(self.lease.key_ttl_ms)
             .arg(conn)
             .arg(count)
-            .arg(if release_if_idle { "1" } else { "0" });
+            .arg(if release_if_idle { "1" } else { "0" })
+            .arg(self.outbox_flag());
         let v: Flat = self.run(script::LEAVE, inv).await?;
-        self.report(keys, &v, 5);
+        self.report(keys, &v, (5, 6));
         Ok(LeaveReply {
             seq: int_at(&v, 0)?,
             anon: int_at(&v, 1)?,
@@ -279,12 +300,14 @@ impl Store {
     pub async fn snapshot(&self, keys: &RoomKeys) -> Result<Option<Snapshot>, StoreError> {
         let mut inv = self.scripts.snapshot.prepare_invoke();
         Self::with_keys(&mut inv, keys);
-        inv.arg(self.lease.key_ttl_ms);
+        inv.arg(self.lease.key_ttl_ms)
+            .arg(&self.lease.node)
+            .arg(self.outbox_flag());
         let v: Flat = self.run(script::SNAPSHOT, inv).await?;
         if int_at(&v, 0)? == 0 {
             return Ok(None);
         }
-        self.report(keys, &v, 4);
+        self.report(keys, &v, (4, 5));
         Ok(Some(Snapshot {
             seq: int_at(&v, 1)?,
             anon: int_at(&v, 2)?,
@@ -307,12 +330,13 @@ impl Store {
             .arg(self.lease.lease_ms)
             .arg(self.lease.key_ttl_ms)
             .arg(anon.map(|n| n.to_string()).unwrap_or_default())
-            .arg(if release { "1" } else { "0" });
+            .arg(if release { "1" } else { "0" })
+            .arg(self.outbox_flag());
         for (c, m) in metas {
             inv.arg(c).arg(m);
         }
         let v: Flat = self.run(script::SYNC, inv).await?;
-        self.report(keys, &v, 3);
+        self.report(keys, &v, (3, 4));
         Ok(SyncReply {
             seq: int_at(&v, 0)?,
             anon: int_at(&v, 1)?,
@@ -365,6 +389,11 @@ impl Store {
         rooms: &[(RoomKeys, Option<u64>)],
         idx: &[usize],
     ) -> Vec<(usize, Result<HeartbeatReply, StoreError>)> {
+        // outbox entries held longer than this are re-reported by the room's scanning node
+        let stale_ms = self
+            .events
+            .as_ref()
+            .map_or(0, |h| h.stale_after().as_millis() as u64);
         let pipe = |idx: &[usize]| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
@@ -375,7 +404,9 @@ impl Store {
                 inv.arg(&self.lease.node)
                     .arg(self.lease.lease_ms)
                     .arg(self.lease.key_ttl_ms)
-                    .arg(anon.map(|n| n.to_string()).unwrap_or_default());
+                    .arg(anon.map(|n| n.to_string()).unwrap_or_default())
+                    .arg(self.outbox_flag())
+                    .arg(stale_ms);
                 pipe.invoke_script(&inv);
             }
             pipe
@@ -424,7 +455,7 @@ impl Store {
                         out.insert(i, Err(e.into()));
                     }
                     Ok(v) => {
-                        self.report(&rooms[i].0, &v, 4);
+                        self.report(&rooms[i].0, &v, (4, 5));
                         out.insert(
                             i,
                             (|| {
@@ -454,92 +485,8 @@ impl Store {
     }
 }
 
-fn int_at(v: &[redis::Value], i: usize) -> Result<u64, StoreError> {
-    match v.get(i) {
-        Some(redis::Value::Int(n)) => Ok((*n).max(0) as u64),
-        other => Err(StoreError::Reply(format!(
-            "expected an integer at {i}, got {other:?}"
-        ))),
-    }
-}
-
-/// A 1/0 flag a script appends to its reply; absent means 1 (a reply from before the flag).
-fn flag_at(v: &[redis::Value], i: usize) -> Result<bool, StoreError> {
-    if v.len() <= i {
-        return Ok(true);
-    }
-    Ok(int_at(v, i)? == 1)
-}
-
-/// The edges part of a script reply (see lua/common.lua): `{}` or `{seq, at, type, user,
-/// username, ...}` with user `''` on `room_*` edges. Absent (a script from before the events
-/// hook) is no edges.
-fn edges_at(room: &str, v: &[redis::Value], i: usize) -> Result<Vec<Event>, StoreError> {
-    let flat = match v.get(i) {
-        None => return Ok(Vec::new()),
-        Some(redis::Value::Array(flat)) => flat,
-        Some(other) => {
-            return Err(StoreError::Reply(format!(
-                "expected the events array at {i}, got {other:?}"
-            )));
-        }
-    };
-    if flat.is_empty() {
-        return Ok(Vec::new());
-    }
-    let seq = int_at(flat, 0)?;
-    let at_ms = int_at(flat, 1)?;
-    let text = |x: &redis::Value| match x {
-        redis::Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
-        other => Err(StoreError::Reply(format!(
-            "expected a string, got {other:?}"
-        ))),
-    };
-    let rest = flat.get(2..).unwrap_or_default();
-    if rest.len() % 3 != 0 {
-        return Err(StoreError::Reply("events not in threes".into()));
-    }
-    let mut out = Vec::with_capacity(rest.len() / 3);
-    for e in rest.chunks(3) {
-        let kind = text(&e[0])?;
-        let kind = EventKind::parse(&kind)
-            .ok_or_else(|| StoreError::Reply(format!("unknown event type {kind:?}")))?;
-        let user = match kind {
-            EventKind::MemberAdded | EventKind::MemberRemoved => Some((text(&e[1])?, text(&e[2])?)),
-            EventKind::RoomOccupied | EventKind::RoomVacated => None,
-        };
-        out.push(Event {
-            kind,
-            room: room.to_string(),
-            user,
-            seq,
-            at_ms,
-        });
-    }
-    Ok(out)
-}
-
-fn metas_at(v: &[redis::Value], i: usize) -> Result<HashMap<String, Meta>, StoreError> {
-    let Some(redis::Value::Array(flat)) = v.get(i) else {
-        return Err(StoreError::Reply(format!("expected an array at {i}")));
-    };
-    let mut out = HashMap::with_capacity(flat.len() / 2);
-    for pair in flat.chunks(2) {
-        let (Some(redis::Value::BulkString(k)), Some(redis::Value::BulkString(m))) =
-            (pair.first(), pair.get(1))
-        else {
-            return Err(StoreError::Reply("malformed presence hash".into()));
-        };
-        let conn = String::from_utf8_lossy(k).into_owned();
-        match serde_json::from_slice::<Meta>(m) {
-            Ok(meta) => {
-                out.insert(conn, meta);
-            }
-            Err(e) => tracing::warn!(%conn, error = %e, "ignoring unreadable presence meta"),
-        }
-    }
-    Ok(out)
-}
+mod outbox;
+mod replies;
 
 #[cfg(test)]
 mod tests;

@@ -10,6 +10,7 @@
 //! | `<p>:room:{R}:nodes` | ZSET | node id → lease expiry (ms, Redis clock) |
 //! | `<p>:room:{R}:seq` | STRING | presence change counter |
 //! | `<p>:room:{R}:members` | HASH | user id → that user's signed-in connections in R (events hook edges) |
+//! | `<p>:room:{R}:unacked` | HASH | the events hook's outbox: event id → `<owner node>\|<since ms>\|<at ms>\|<username>`, until the application acknowledged it |
 //! | `<p>:room:{R}:events` | channel | room events and presence changes |
 //! | `<p>:room:{R}:history` | STREAM | the room's recent broadcasts (`MAXLEN ~ rooms.history_len`) |
 //! | `<p>:room:{R}:ban:<sub>` | STRING (TTL) | user `sub` may not join R until it expires (kick with `ban_s`) |
@@ -38,13 +39,15 @@ pub struct RoomKeys {
     pub events: String,
     /// User id → that user's connections in `presence` (the events hook's member edges).
     pub members: String,
+    /// The events hook's outbox: event id → owner and what re-posting it needs (see lua/common.lua).
+    pub unacked: String,
     /// The history stream (not one of the presence scripts' keys).
     pub history: String,
 }
 
 impl RoomKeys {
-    /// KEYS[1..7] of every presence script.
-    pub fn all(&self) -> [&str; 7] {
+    /// KEYS[1..8] of every presence script.
+    pub fn all(&self) -> [&str; 8] {
         [
             &self.room,
             &self.presence,
@@ -53,6 +56,7 @@ impl RoomKeys {
             &self.seq,
             &self.events,
             &self.members,
+            &self.unacked,
         ]
     }
 
@@ -87,6 +91,7 @@ impl Keys {
             seq: format!("{base}:seq"),
             events: format!("{base}:events"),
             members: format!("{base}:members"),
+            unacked: format!("{base}:unacked"),
             history: format!("{base}:history"),
             room: base,
         }
@@ -169,6 +174,8 @@ mod tests {
         assert_eq!(rk.events, "gw:room:{lobby}:events");
         assert_eq!(rk.history, "gw:room:{lobby}:history");
         assert_eq!(rk.members, "gw:room:{lobby}:members");
+        assert_eq!(rk.unacked, "gw:room:{lobby}:unacked");
+        assert_eq!(rk.all().len(), 8);
         assert_eq!(rk.room_id(), "lobby");
         assert_eq!(k.events(&r), rk.events);
         assert_eq!(k.node("n1"), "gw:node:n1");

@@ -65,13 +65,37 @@ async fn the_queue_is_bounded_and_drops_the_oldest() {
             e.clone()
         })
         .collect();
-    hook.report(&many);
+    hook.report(&many, None);
     assert_eq!(hook.queued(), QUEUE_MAX);
-    let first: serde_json::Value = serde_json::from_slice(&lock(&hook.queue).events[0]).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_slice(&lock(&hook.queue).events[0].json).unwrap();
     assert_eq!(first["seq"], 5, "the oldest five went");
     let text = String::from_utf8(metrics.render().1).unwrap();
     assert!(
         text.contains("gateway_hook_events_total{result=\"dropped\"} 5"),
         "{text}"
+    );
+}
+
+#[test]
+fn acknowledgements_group_ids_by_outbox_key_in_order() {
+    let q = |key: Option<&str>, id: &str| Queued {
+        json: Bytes::new(),
+        outbox: key.map(|k| (Arc::from(k), id.to_string())),
+    };
+    let items = [
+        q(Some("gw:room:{a}:unacked"), "a:1:room_occupied"),
+        q(Some("gw:room:{b}:unacked"), "b:5:member_added:u1"),
+        q(None, "c:1:room_occupied"),
+        q(Some("gw:room:{a}:unacked"), "a:2:room_vacated"),
+    ];
+    let got = ack_entries(&items);
+    assert_eq!(got.len(), 2, "one call per room");
+    assert_eq!(&*got[0].0, "gw:room:{a}:unacked");
+    assert_eq!(got[0].1, ["a:1:room_occupied", "a:2:room_vacated"]);
+    assert_eq!(got[1].1, ["b:5:member_added:u1"]);
+    assert!(
+        ack_entries(&items[2..3]).is_empty(),
+        "no outbox, nothing to delete"
     );
 }
