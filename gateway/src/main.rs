@@ -1,9 +1,8 @@
 //! `gateway`: CLI → config → tracing → build the node → serve → wait for a signal → drain.
 //!
-//! Why one file of ~630 lines: it is the binary's one concern, the command line. Each
-//! subcommand's body is a thin call into the library (`catalog`, `app`, `auth`); what is left
-//! here is argument parsing, printing, the dev server's local Redis, and the order of start-up
-//! and drain, which must read top to bottom in one place.
+//! Each subcommand's body is a thin call into the library (`catalog`, `app`, `auth`, `demo` for
+//! the dev server's tokens and local Redis); what is left here is argument parsing, printing and
+//! the order of start-up and drain, which must read top to bottom in one place.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use tokio::sync::watch;
 use gateway::app::{App, Gateway, new_node_id};
 use gateway::catalog::{Catalog, CatalogError, iso8601_utc};
 use gateway::config::{Config, LogFormat};
+use gateway::demo;
 use gateway::redis::keys::Keys;
 use gateway::rooms::{Access, RoomId};
 
@@ -238,7 +238,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             )?;
             println!(
                 "{}",
-                dev_token(&secret, &sub, username.as_deref(), ttl, &rooms)?
+                demo::dev_token(&secret, &sub, username.as_deref(), ttl, &rooms)?
             );
             Ok(())
         }
@@ -392,30 +392,6 @@ async fn rooms(cfg: Config, cmd: RoomsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dev_token(
-    secret: &str,
-    sub: &str,
-    username: Option<&str>,
-    ttl: u64,
-    rooms: &[String],
-) -> anyhow::Result<String> {
-    let now = jsonwebtoken::get_current_timestamp();
-    let mut claims = serde_json::json!({
-        "sub": sub,
-        "username": username.unwrap_or(sub),
-        "iat": now,
-        "exp": now + ttl,
-    });
-    if !rooms.is_empty() {
-        claims["rooms"] = serde_json::json!(rooms);
-    }
-    Ok(jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )?)
-}
-
 /// Demo users of `gateway dev`.
 const DEMO_USERS: [(&str, &str); 2] = [("1", "test_user"), ("2", "test_user2")];
 /// The HS256 secret `gateway dev` uses when none is configured. Development only; 32+ bytes, the
@@ -427,11 +403,11 @@ async fn dev(mut cfg: Config, listen_told: bool) -> anyhow::Result<()> {
         cfg.auth.hs256_secret = Some(DEV_SECRET.into());
     }
     if !listen_told {
-        cfg.server.listen = loopback(&cfg.server.listen);
+        cfg.server.listen = demo::loopback(&cfg.server.listen);
     }
     // a cluster or sentinels are the operator's to run; `dev` starts a local server only in standalone mode
     let child = match cfg.redis.mode {
-        gateway::config::RedisMode::Standalone => ensure_redis(&cfg.redis.url).await?,
+        gateway::config::RedisMode::Standalone => demo::ensure_redis(&cfg.redis.url).await?,
         gateway::config::RedisMode::Cluster | gateway::config::RedisMode::Sentinel => None,
     };
     let cat = catalog(&cfg)?;
@@ -443,63 +419,16 @@ async fn dev(mut cfg: Config, listen_told: bool) -> anyhow::Result<()> {
     let secret = cfg.hs256_secret()?.unwrap_or_default();
     let mut tokens = Vec::new();
     for (sub, name) in DEMO_USERS {
-        tokens.push((name, dev_token(&secret, sub, Some(name), 24 * 3600, &[])?));
+        tokens.push((
+            name,
+            demo::dev_token(&secret, sub, Some(name), 24 * 3600, &[])?,
+        ));
     }
     let r = serve(cfg, Some(tokens)).await;
     if let Some(mut c) = child {
         let _ = c.kill().await;
     }
     r
-}
-
-/// `0.0.0.0:4000` or `[::]:4000` → `127.0.0.1:4000`; any other address as it is.
-fn loopback(listen: &str) -> String {
-    match listen.rsplit_once(':') {
-        Some((host, port)) if host == "0.0.0.0" || host == "[::]" => format!("127.0.0.1:{port}"),
-        _ => listen.to_string(),
-    }
-}
-
-/// Returns a child redis-server when none answered at `url` (it is stopped when `dev` exits).
-async fn ensure_redis(url: &str) -> anyhow::Result<Option<tokio::process::Child>> {
-    let client = ::redis::Client::open(url)?;
-    let ping = async {
-        let mut c = client.get_multiplexed_async_connection().await?;
-        ::redis::cmd("PING").query_async::<String>(&mut c).await
-    };
-    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
-        eprintln!("using the Redis at {}", gateway::app::redact(url));
-        return Ok(None);
-    }
-    let info = ::redis::IntoConnectionInfo::into_connection_info(url)?;
-    let (host, port) = match info.addr() {
-        ::redis::ConnectionAddr::Tcp(h, p) => (h.clone(), *p),
-        _ => anyhow::bail!("gateway dev can only start a local Redis for a redis://host:port URL"),
-    };
-    if host != "127.0.0.1" && host != "localhost" {
-        anyhow::bail!(
-            "no Redis answers at {} and it is not local; start it or point GATEWAY_REDIS_URL elsewhere",
-            gateway::app::redact(url)
-        );
-    }
-    eprintln!("no Redis at {host}:{port}: starting redis-server (in memory, stopped on exit)");
-    let child = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot run redis-server: install it (apt-get install -y redis-server) or run scripts/dev.sh")?;
-    for _ in 0..50 {
-        let ping = async {
-            let mut c = client.get_multiplexed_async_connection().await?;
-            ::redis::cmd("PING").query_async::<String>(&mut c).await
-        };
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), ping).await {
-            return Ok(Some(child));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("redis-server did not come up on port {port}")
 }
 
 async fn serve(cfg: Config, demo_tokens: Option<Vec<(&str, String)>>) -> anyhow::Result<()> {
