@@ -9,6 +9,7 @@
 //! goes out after everything queued before it, within the write timeout; only the slow-consumer
 //! close (4008), the echo of a client's close and an abort (the peer is gone) drop the queue.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,6 +31,9 @@ enum Out {
     /// A text frame `head ++ body ++ "]"`: a channel push around a payload shared by many
     /// sockets (a room's `presence_state`), without a copy per socket.
     Wrapped(Bytes, Bytes),
+    /// The rest of a frame a direct write began (the kernel took only part of it): bytes already
+    /// framed, written as they are, before anything else.
+    Raw(Bytes),
 }
 
 impl Out {
@@ -38,17 +42,22 @@ impl Out {
     /// hold whatever the others do.
     fn len(&self) -> usize {
         match self {
-            Out::Text(b) | Out::Pong(b) => b.len(),
+            Out::Text(b) | Out::Pong(b) | Out::Raw(b) => b.len(),
             Out::Wrapped(h, b) => h.len() + b.len() + 1,
         }
     }
 }
 
-/// The queued frames and their payload bytes, under one lock.
+/// The queued frames and their payload bytes, under one lock, and the socket while the writer
+/// lends it out.
 #[derive(Default)]
 struct Queue {
     frames: VecDeque<Out>,
     bytes: usize,
+    /// The socket, while the writer is idle (nothing queued, nothing of its own to write): a frame
+    /// sent then is written at once by the sender, without waking the writer (see [`Outbox::push`]).
+    /// `None` while the writer works or after it ended.
+    sock: Option<OwnedWriteHalf>,
 }
 
 /// A socket's outbound queue and close request, shared by the reader, every room the socket is
@@ -135,12 +144,53 @@ impl Outbox {
         self.push(Out::Wrapped(head, payload))
     }
 
+    /// A frame sent to a socket whose writer is idle (the queue empty, the socket lent) goes to
+    /// the kernel here, in the sender's own call: a room's fan-out costs one non-blocking write
+    /// per member instead of a wake-up of each member's writer task and a write there. What the
+    /// kernel does not take is queued (as the frame's remaining bytes) for the writer, which is
+    /// woken only then. Order holds: a direct write happens only while nothing is queued and the
+    /// writer has nothing of its own in flight, and it happens under the queue's lock.
     fn push(&self, out: Out) -> bool {
         if self.code() != 0 {
             return false;
         }
         let len = out.len();
         let mut q = self.queue();
+        if q.sock.is_some() && corked(self, q.frames.is_empty()) {
+            // under a cork: queued without waking the writer; the cork writes it (see [`Cork`])
+            if q.frames.len() >= self.0.cap
+                || (!q.frames.is_empty() && q.bytes + len > self.0.cap_bytes)
+            {
+                drop(q);
+                self.0.metrics.slow_consumer();
+                self.close(close::SLOW_CONSUMER);
+                return false;
+            }
+            q.frames.push_back(out);
+            q.bytes += len;
+            return true;
+        }
+        if q.frames.is_empty()
+            && let Some(sock) = q.sock.as_ref()
+        {
+            match write_now(sock, std::iter::once(&out)) {
+                Ok(None) => return true,
+                Ok(Some(rest)) => {
+                    for part in rest {
+                        q.bytes += part.len();
+                        q.frames.push_back(Out::Raw(part));
+                    }
+                    drop(q);
+                    self.0.notify.notify_one();
+                    return true;
+                }
+                Err(_) => {
+                    drop(q);
+                    self.abort();
+                    return false;
+                }
+            }
+        }
         let full = q.frames.len() >= self.0.cap
             || (!q.frames.is_empty() && q.bytes + len > self.0.cap_bytes);
         if full {
@@ -208,6 +258,142 @@ impl Outbox {
         }
         k
     }
+
+    /// For a close that drops the queue: drops it, except the rest of a frame a direct write
+    /// began, which must be finished before a close frame can follow it on the wire.
+    fn drop_queue(&self) {
+        let mut q = self.queue();
+        let started = q
+            .frames
+            .iter()
+            .take_while(|m| matches!(m, Out::Raw(_)))
+            .count();
+        q.frames.truncate(started);
+        q.bytes = q.frames.iter().map(Out::len).sum();
+    }
+
+    /// Lends the idle writer's socket to direct writes; gives it back when frames were queued
+    /// meanwhile (the writer must send those first).
+    fn lend(&self, w: OwnedWriteHalf) -> Result<(), OwnedWriteHalf> {
+        let mut q = self.queue();
+        if !q.frames.is_empty() {
+            return Err(w);
+        }
+        q.sock = Some(w);
+        Ok(())
+    }
+
+    /// Takes the lent socket back: from now on frames queue for the writer.
+    fn reclaim(&self) -> Option<OwnedWriteHalf> {
+        self.queue().sock.take()
+    }
+
+    /// Writes what a cork queued for this idle socket, several frames in one write; wakes the
+    /// writer for whatever the kernel does not take (or when the writer took its socket back).
+    fn uncork(&self) {
+        let mut guard = self.queue();
+        let q = &mut *guard;
+        if q.frames.is_empty() {
+            return;
+        }
+        let Some(sock) = q.sock.as_ref() else {
+            drop(guard);
+            self.0.notify.notify_one();
+            return;
+        };
+        let n = q.frames.len().min(BATCH);
+        let written = write_now(sock, q.frames.iter().take(n));
+        match written {
+            Ok(rest) => {
+                for m in q.frames.drain(..n) {
+                    q.bytes -= m.len();
+                }
+                if let Some(rest) = rest {
+                    for part in rest.into_iter().rev() {
+                        q.bytes += part.len();
+                        q.frames.push_front(Out::Raw(part));
+                    }
+                }
+                if q.frames.is_empty() {
+                    // nothing kept for an idle socket: the storage was made and is freed here,
+                    // on the same thread
+                    q.frames = VecDeque::new();
+                    return;
+                }
+                drop(guard);
+                self.0.notify.notify_one();
+            }
+            Err(_) => {
+                drop(guard);
+                self.abort();
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The sockets a cork on this thread queued frames for, in order; `None` when not corked.
+    static CORKED: RefCell<Option<Vec<Outbox>>> = const { RefCell::new(None) };
+}
+
+/// Whether a cork is held on this thread; if so and `first` (the socket's queue was empty), the
+/// socket is remembered for the cork's write.
+fn corked(out: &Outbox, first: bool) -> bool {
+    CORKED.with(|c| match c.borrow_mut().as_mut() {
+        Some(list) => {
+            if first {
+                list.push(out.clone());
+            }
+            true
+        }
+        None => false,
+    })
+}
+
+/// While held, frames sent on this thread to idle sockets are queued instead of written at once,
+/// and dropping it writes each socket's frames in one `writev`. The subscriber holds one over a
+/// burst of pub/sub messages that arrived together: when messages come faster than they are
+/// written, each member then gets them in one write instead of one write per message (what
+/// uWebSockets calls corking). Nested corks are one.
+pub struct Cork {
+    outer: bool,
+    /// Held on one thread only (never across an `.await`): the list is the thread's.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Cork {
+    pub fn new() -> Cork {
+        let outer = CORKED.with(|c| {
+            let mut c = c.borrow_mut();
+            let outer = c.is_none();
+            if outer {
+                *c = Some(Vec::new());
+            }
+            outer
+        });
+        Cork {
+            outer,
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Default for Cork {
+    fn default() -> Self {
+        Cork::new()
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        if !self.outer {
+            return;
+        }
+        let list = CORKED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+        for out in list {
+            out.uncork();
+        }
+    }
 }
 
 impl Outbox {
@@ -237,7 +423,9 @@ impl Outbox {
 
 /// Runs the socket's single writer to its end, then wakes the reader.
 pub(crate) async fn run_writer(out: Outbox, w: OwnedWriteHalf, write_timeout: Duration) {
-    write_loop(out.clone(), w, write_timeout).await;
+    write_loop(&out, w, write_timeout).await;
+    // the socket is never left lent out: it closes with the writer, whoever holds the outbox
+    drop(out.reclaim());
     out.0.writer_done.notify_one();
 }
 
@@ -254,14 +442,20 @@ const HEAD_MAX: usize = 10;
 /// headers built on the stack, shared bodies not copied), which takes it whole unless the client
 /// reads slowly. Only then is the rest copied and awaited, under `server.write_timeout`. So an
 /// idle socket holds no write buffer, and a delivery costs no allocation or timer here.
-async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration) {
+///
+/// When there is nothing to write, the writer lends the socket to [`Outbox::push`] (direct
+/// writes) and sleeps; woken (something queued, or a close), it takes the socket back first.
+async fn write_loop(out: &Outbox, mut w: OwnedWriteHalf, write_timeout: Duration) {
     loop {
-        out.0.notify.notified().await;
         loop {
-            if drops_queue(out.code()) {
-                break;
+            let code = out.code();
+            if code == ABORT {
+                return;
             }
-            let rest = match flush_now(&out, &w) {
+            if drops_queue(code) {
+                out.drop_queue();
+            }
+            let rest = match flush_now(out, &w) {
                 Ok(Flushed::Empty) => break,
                 Ok(Flushed::All) => continue,
                 Ok(Flushed::Rest(rest)) => rest,
@@ -290,7 +484,20 @@ async fn write_loop(out: Outbox, mut w: OwnedWriteHalf, write_timeout: Duration)
             }
         }
         match out.code() {
-            0 => continue,
+            0 => {
+                match out.lend(w) {
+                    Ok(()) => {
+                        out.0.notify.notified().await;
+                        match out.reclaim() {
+                            Some(sock) => w = sock,
+                            // only this writer takes the socket back while it runs
+                            None => return,
+                        }
+                    }
+                    Err(sock) => w = sock,
+                }
+                continue;
+            }
             ABORT => return,
             code => {
                 let code = (code & !ECHO) as u16;
@@ -378,7 +585,9 @@ fn write_now<'a>(
     for ((head, n), m) in heads.iter().zip(batch) {
         let head = Bytes::copy_from_slice(&head[..*n]);
         let parts = match m {
-            Out::Text(b) | Out::Pong(b) => [head, b.clone(), Bytes::new(), Bytes::new()],
+            Out::Text(b) | Out::Pong(b) | Out::Raw(b) => {
+                [head, b.clone(), Bytes::new(), Bytes::new()]
+            }
             Out::Wrapped(h, b) => [head, h.clone(), b.clone(), Bytes::from_static(b"]")],
         };
         for part in parts {
@@ -407,6 +616,8 @@ fn frame_parts(m: &Out) -> (([u8; HEAD_MAX], usize), [&[u8]; 3]) {
         Out::Text(b) => (0x81, [&[], b, &[]]),
         Out::Pong(b) => (0x8A, [&[], b, &[]]),
         Out::Wrapped(h, b) => (0x81, [h, b, b"]"]),
+        // already framed: no header of its own
+        Out::Raw(b) => return (([0u8; HEAD_MAX], 0), [&[], b, &[]]),
     };
     let n: usize = parts.iter().map(|p| p.len()).sum();
     let mut head = [0u8; HEAD_MAX];

@@ -216,9 +216,9 @@ async fn handle(
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
     };
     let socket = app.next_socket();
+    // The upgrade's task ends once the 101 is through: the session is a task of its own, so an
+    // open socket costs one task (its future inline), not an upgrade task holding a boxed session.
     let task = async move {
-        // this socket's place under server.max_connections, until its session ends
-        let _permit = permit;
         let upgraded = fut.await;
         drop(upgrading);
         match upgraded {
@@ -227,23 +227,15 @@ async fn handle(
                     accepted.elapsed().as_secs_f64(),
                     arrived.elapsed().as_secs_f64(),
                 );
-                let fut = Box::pin(run_upgraded(
-                    app,
-                    ws.into_inner(),
-                    (identity, error),
-                    socket,
-                ));
+                let session = run_upgraded(app, ws.into_inner(), (identity, error), socket, permit);
                 if socket == 1 {
-                    tracing::debug!(bytes = std::mem::size_of_val(&*fut), "session future size");
+                    tracing::debug!(bytes = std::mem::size_of_val(&session), "session task size");
                 }
-                fut.await
+                tokio::spawn(session);
             }
             Err(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
         }
     };
-    if socket == 1 {
-        tracing::debug!(bytes = std::mem::size_of_val(&task), "socket task size");
-    }
     tokio::spawn(task);
     let mut resp = resp.map(|_| Full::new(Bytes::new()));
     if offered_phoenix {
@@ -254,11 +246,13 @@ async fn handle(
 }
 
 /// Takes the TCP stream back from hyper ([`upgraded_tcp`]) and runs the session on it.
+/// `_permit`: this socket's place under `server.max_connections`, held until its session ends.
 async fn run_upgraded(
     app: Arc<App>,
     io: TokioIo<hyper::upgrade::Upgraded>,
     identity: (Identity, Option<AuthError>),
     socket: u64,
+    _permit: OwnedSemaphorePermit,
 ) {
     match upgraded_tcp(io) {
         Some((read, w)) => crate::session::run(app, read, w, identity, socket).await,

@@ -5,6 +5,8 @@
 
 use std::collections::HashSet;
 
+use futures_util::FutureExt;
+
 use super::*;
 use crate::metrics::pubsub_event;
 use crate::redis::{Event, Publisher, Subscriber};
@@ -18,6 +20,9 @@ const RESUBSCRIBE_GATHER: Duration = Duration::from_millis(10);
 /// [`RESUBSCRIBE_MAX`]: short, since a room's events must flow again within 2 s of a move.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(50);
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(1);
+/// At most this many pub/sub messages are handled under one cork, so the first of a long burst
+/// is not held back for long.
+const BURST_MAX: usize = 64;
 
 impl Hub {
     fn dispatch(self: &Arc<Self>, channel: &str, payload: &[u8]) {
@@ -74,6 +79,31 @@ impl Hub {
                 tracing::warn!(room = %id, "ignoring a message that is neither a frame nor an envelope")
             }
         }
+    }
+
+    /// Handles `first` and every message ready right behind it (at most [`BURST_MAX`]) under
+    /// one [`Cork`](crate::outbox::Cork): a member of a room that got several messages of the
+    /// burst receives them in one write. Returns the first event that is not a message, for the
+    /// caller (`Some(None)`: the connection ended); `None` when there is none.
+    fn dispatch_burst(
+        self: &Arc<Self>,
+        sub: &mut Subscriber,
+        first: Option<Event>,
+    ) -> Option<Option<Event>> {
+        let _cork = crate::outbox::Cork::new();
+        let mut ev = first;
+        for n in 1.. {
+            match ev {
+                Some(Event::Message { channel, payload }) => self.dispatch(&channel, &payload),
+                other => return Some(other),
+            }
+            if n == BURST_MAX {
+                break;
+            }
+            // only what is ready now: an event not taken here stays in the stream
+            ev = sub.next().now_or_never()?;
+        }
+        None
     }
 
     /// Marks every installed room for a re-snapshot and every room for a `sync`: messages may
@@ -199,9 +229,10 @@ impl Hub {
             self.channels_dropped.store(0, Ordering::Relaxed);
             loop {
                 tokio::select! {
-                    m = sub.next() => match m {
-                        Some(Event::Message { channel, payload }) => self.dispatch(&channel, &payload),
-                        Some(Event::Interrupted(why)) => {
+                    m = sub.next() => match self.dispatch_burst(&mut sub, m) {
+                        None => {}
+                        Some(Some(Event::Message { channel, payload })) => self.dispatch(&channel, &payload),
+                        Some(Some(Event::Interrupted(why))) => {
                             self.metrics.pubsub_event(if why == "disconnect" {
                                 pubsub_event::DISCONNECT
                             } else {
@@ -210,12 +241,12 @@ impl Hub {
                             tracing::info!(event = why, "pub/sub interrupted; re-snapshotting rooms");
                             self.resync_all();
                         }
-                        Some(Event::Dropped(channel)) => {
+                        Some(Some(Event::Dropped(channel))) => {
                             self.metrics.pubsub_event(pubsub_event::SLOT_MOVED);
                             dropped.insert(channel);
                             resubscribe_at.get_or_insert_with(|| Instant::now() + RESUBSCRIBE_GATHER);
                         }
-                        None => { tracing::warn!("pub/sub connection lost"); break; }
+                        Some(None) => { tracing::warn!("pub/sub connection lost"); break; }
                     },
                     _ = tokio::time::sleep_until(resubscribe_at.unwrap_or_else(Instant::now)), if resubscribe_at.is_some() => {
                         resubscribe_at = None;

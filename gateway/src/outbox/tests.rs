@@ -249,3 +249,192 @@ fn a_drained_queue_gives_its_memory_back() {
     let cap = c.queue().frames.capacity();
     assert_eq!(cap, 0);
 }
+
+/// Every frame in `wire` as (opcode, payload), any length.
+fn parse_frames(wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < wire.len() {
+        let op = wire[at] & 0x0f;
+        let (len, head) = match wire[at + 1] & 0x7f {
+            126 => (
+                usize::from(u16::from_be_bytes([wire[at + 2], wire[at + 3]])),
+                4,
+            ),
+            127 => {
+                let b: [u8; 8] = wire[at + 2..at + 10].try_into().expect("8 bytes");
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            n => (usize::from(n), 2),
+        };
+        frames.push((op, wire[at + head..at + head + len].to_vec()));
+        at += head + len;
+    }
+    frames
+}
+
+/// A connected pair: the server's write half and the client's stream.
+async fn pair() -> (OwnedWriteHalf, tokio::net::TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (_r, w) = l.accept().await.unwrap().0.into_split();
+    (w, client)
+}
+
+/// Waits until the writer has lent its socket (it is idle).
+async fn lent(out: &Outbox) {
+    for _ in 0..200 {
+        if out.queue().sock.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the idle writer never lent its socket");
+}
+
+#[tokio::test]
+async fn an_idle_writers_socket_takes_a_send_at_once_without_the_queue() {
+    use tokio::io::AsyncReadExt;
+    let (w, mut client) = pair().await;
+    let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
+    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(2)));
+    lent(&out).await;
+    for m in ["one", "two", "three"] {
+        assert!(out.send(Bytes::from(m)));
+        let q = out.queue();
+        assert!(
+            q.frames.is_empty() && q.frames.capacity() == 0 && q.sock.is_some(),
+            "written directly: nothing queued, no slot allocated, the writer not woken"
+        );
+    }
+    out.close(close::RESTART);
+    writer.await.unwrap();
+    assert!(
+        out.queue().sock.is_none(),
+        "the socket ends with the writer"
+    );
+    let mut wire = Vec::new();
+    client.read_to_end(&mut wire).await.unwrap();
+    assert_eq!(
+        parse_frames(&wire),
+        vec![
+            (1, b"one".to_vec()),
+            (1, b"two".to_vec()),
+            (1, b"three".to_vec()),
+            (8, 1012u16.to_be_bytes().to_vec()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_direct_write_the_kernel_takes_part_of_is_finished_first_even_before_a_4008() {
+    use tokio::io::AsyncReadExt;
+    let (w, mut client) = pair().await;
+    let out = Outbox::new(Limits::frames(3), crate::metrics::Metrics::new());
+    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(5)));
+    lent(&out).await;
+    // the client reads nothing yet: the kernel takes a part of 8 MB at most
+    let big = Bytes::from(vec![b'x'; 8 << 20]);
+    assert!(out.send(big.clone()));
+    assert!(
+        matches!(out.queue().frames.front(), Some(Out::Raw(_))),
+        "the rest of the big frame is queued as raw bytes"
+    );
+    // queued behind it, in order; then the queue overflows: 4008 drops the whole frames queued
+    // after the started one, but the started frame is finished before the close frame
+    assert!(out.send(Bytes::from_static(b"after")));
+    let mut n = 0;
+    while out.send(Bytes::from_static(b"more")) {
+        n += 1;
+        assert!(n < 10, "the queue is bounded");
+    }
+    assert_eq!(out.code(), u32::from(close::SLOW_CONSUMER));
+    let reader = tokio::spawn(async move {
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).await.unwrap();
+        wire
+    });
+    writer.await.unwrap();
+    let frames = parse_frames(&reader.await.unwrap());
+    assert_eq!(frames.len(), 2, "the big frame whole, then the close");
+    assert_eq!(frames[0].1.len(), big.len());
+    assert_eq!(frames[1], (8, 4008u16.to_be_bytes().to_vec()));
+}
+
+#[tokio::test]
+async fn frames_queued_behind_a_started_direct_write_follow_it_in_order() {
+    use tokio::io::AsyncReadExt;
+    let (w, mut client) = pair().await;
+    let out = Outbox::new(Limits::frames(64), crate::metrics::Metrics::new());
+    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(5)));
+    lent(&out).await;
+    let big = Bytes::from(vec![b'y'; 8 << 20]);
+    assert!(out.send(big.clone()));
+    for i in 0..20u8 {
+        assert!(out.send(Bytes::from(vec![b'a' + i; 3])));
+    }
+    let reader = tokio::spawn(async move {
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).await.unwrap();
+        wire
+    });
+    // once drained, the writer lends the socket again and later sends go direct
+    lent(&out).await;
+    assert!(out.send(Bytes::from_static(b"last")));
+    out.close(close::RESTART);
+    writer.await.unwrap();
+    let frames = parse_frames(&reader.await.unwrap());
+    assert_eq!(frames.len(), 23);
+    assert_eq!(frames[0].1.len(), big.len());
+    for i in 0..20u8 {
+        assert_eq!(frames[1 + usize::from(i)], (1, vec![b'a' + i; 3]));
+    }
+    assert_eq!(frames[21], (1, b"last".to_vec()));
+    assert_eq!(frames[22], (8, 1012u16.to_be_bytes().to_vec()));
+}
+
+#[tokio::test]
+async fn a_cork_writes_each_idle_sockets_frames_together_when_dropped() {
+    use tokio::io::AsyncReadExt;
+    let (w, mut client) = pair().await;
+    let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
+    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(2)));
+    lent(&out).await;
+    let cork = Cork::new();
+    let inner = Cork::new();
+    assert!(out.send(Bytes::from_static(b"m1")));
+    drop(inner);
+    assert!(out.send(Bytes::from_static(b"m2")));
+    assert_eq!(
+        out.queue().frames.len(),
+        2,
+        "held under the cork (a nested cork is the same cork)"
+    );
+    drop(cork);
+    {
+        let q = out.queue();
+        assert!(q.frames.is_empty() && q.frames.capacity() == 0 && q.bytes == 0);
+        assert!(
+            q.sock.is_some(),
+            "written by the cork: the writer was not needed"
+        );
+    }
+    // without a cork a send goes straight out again
+    assert!(out.send(Bytes::from_static(b"m3")));
+    assert!(out.queue().frames.is_empty());
+    out.close(close::RESTART);
+    writer.await.unwrap();
+    let mut wire = Vec::new();
+    client.read_to_end(&mut wire).await.unwrap();
+    assert_eq!(
+        parse_frames(&wire),
+        vec![
+            (1, b"m1".to_vec()),
+            (1, b"m2".to_vec()),
+            (1, b"m3".to_vec()),
+            (8, 1012u16.to_be_bytes().to_vec()),
+        ]
+    );
+}
