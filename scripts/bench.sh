@@ -45,6 +45,11 @@
 #                                    # message, commands/s, what the gateways send it per heartbeat
 #                                    # interval; medians of RUNS (3, master counts in alternating order),
 #                                    # the busiest master's and the total's ratio to 1 master; a JSON line
+#   scripts/bench.sh storm           # a lost gateway's audience coming back: STORM_VIEWERS (30000)
+#                                    # phoenix.js viewers in STORM_ROOMS (100) rooms, one of STORM_BIG
+#                                    # (7500), over 3 gateways from STORM_WORKERS (4) client processes,
+#                                    # a control room and messages throughout; one gateway SIGKILLed;
+#                                    # time back, presence complete, control p99; tests/storm-load.mjs
 #   scripts/bench.sh bigroom         # a big signed-in room: BIGROOM_USERS (10000) users, one sub each,
 #                                    # join one room over two gateways, BIGROOM_IN_FLIGHT (64) at a time;
 #                                    # joins/s, gateway CPU per join (load generator excluded), Redis CPU
@@ -660,6 +665,51 @@ for key, label in [("joins_per_s", "joins/s"), ("gateway_cpu_ms_per_join", "gate
         print(f"{label}: {statistics.median(v):,.3f} [{min(v):,.3f}–{max(v):,.3f}]")
 print("presence correct in every run" if rows and all(r["presence_ok"] for r in rows) else "!! presence check failed (see above)")
 print(json.dumps({"bigroom": rows}))
+PY
+  exit 0
+fi
+
+# `scripts/bench.sh storm`: the reconnect storm at load size (tests/storm-load.mjs: its own Redis,
+# three gateways, phoenix.js clients in STORM_WORKERS processes), RUNS times; then medians [ranges].
+if [ "${1:-}" = storm ]; then
+  ensure_test_client
+  results="$work/storm.jsonl"
+  : >"$results"
+  echo "== storm on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}')"
+  for i in $(seq "$RUNS"); do
+    echo "-- run $i/$RUNS; load $(cut -d' ' -f1-3 /proc/loadavg)"
+    GATEWAY_BIN="$PWD/$GATEWAY_BIN" node tests/storm-load.mjs \
+      | while read -r l; do case "$l" in '{'*) echo "$l" >>"$results";; *) echo "   $l";; esac; done \
+      || echo "   !! run $i failed (see above)"
+    sleep 5   # TIME_WAIT and the last processes settle
+  done
+  python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l)["storm"] for l in open(sys.argv[1])]
+print(f"== storm: medians of {len(rows)} run(s) [min–max]")
+def show(label, f):
+    v = [f(r) for r in rows]
+    v = [x for x in v if x is not None]
+    if v:
+        print(f"{label}: {statistics.median(v):,.1f} [{min(v):,.1f}–{max(v):,.1f}]")
+show("killed viewers", lambda r: r["killed_viewers"])
+show("back after the kill, p50 (ms)", lambda r: r["back_ms"]["p50"])
+show("back after the kill, p99 (ms)", lambda r: r["back_ms"]["p99"])
+show("back after the kill, max (ms)  [target <= 5000]", lambda r: r["back_ms"]["max"])
+show("presence complete in Redis (ms)", lambda r: r["presence_complete_ms"]["redis"])
+show("presence complete as new viewers see it (ms)", lambda r: r["presence_complete_ms"]["new_viewer"])
+show("control p99 before the kill (ms)", lambda r: r["control"]["p99_ms"]["before"])
+show("control p99 during the storm (ms)", lambda r: r["control"]["p99_ms"]["storm"])
+show("control p99 after (ms)", lambda r: r["control"]["p99_ms"]["after"])
+show("control p99 throughout (ms)  [target <= 100]", lambda r: r["control"]["p99_ms"]["all"])
+show("control messages lost", lambda r: r["control"]["lost"])
+show("joins refused", lambda r: r["refused_joins"])
+show("gateway share: request -> 101, mean (ms)", lambda r: r["gateway_share"]["request_to_101_mean_ms"])
+show("accept -> 101 incl. the client's wait, mean (ms)", lambda r: r["gateway_share"]["accept_to_101_mean_ms"])
+show("join script, mean (ms)", lambda r: r["gateway_share"]["join_script_mean_ms"])
+show("client CPU, all processes (s)", lambda r: sum(r["client_cpu_s"]))
+show("survivors' CPU (s)", lambda r: sum(r["survivors_cpu_s"]))
+print(json.dumps({"storm": rows}))
 PY
   exit 0
 fi

@@ -227,10 +227,16 @@ impl Hub {
             let mut resubscribe_at: Option<Instant> = None;
             let mut resubscribe_backoff = RESUBSCRIBE_RETRY;
             self.channels_dropped.store(0, Ordering::Relaxed);
+            // after a burst of messages, the node's other tasks (readers, a publisher's push)
+            // run before the next: writes of a busy room never hold them back for long
+            let mut yield_next = false;
             loop {
+                if std::mem::take(&mut yield_next) {
+                    tokio::task::yield_now().await;
+                }
                 tokio::select! {
                     m = sub.next() => match self.dispatch_burst(&mut sub, m) {
-                        None => {}
+                        None => yield_next = true,
                         Some(Some(Event::Message { channel, payload })) => self.dispatch(&channel, &payload),
                         Some(Some(Event::Interrupted(why))) => {
                             self.metrics.pubsub_event(if why == "disconnect" {
