@@ -18,6 +18,8 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
             if st.removed {
                 return;
             }
+            // a member's diff and count of this flush leave in one write
+            let cork = crate::outbox::Cork::new();
             if st.installed && st.mirror.is_synced() {
                 // presence_diff, at most one per diff interval; one that only moves the
                 // anonymous list, at most one per anonymous diff interval
@@ -67,6 +69,7 @@ pub(super) async fn drive(hub: Arc<Hub>, room: Arc<Room>) {
                     }
                 }
             }
+            drop(cork);
             // anonymous batch: one HINCRBY-style call per flush interval
             // (not while a re-assertion is pending: that one writes the absolute count)
             if let Some(since) = st.anon_unflushed_since

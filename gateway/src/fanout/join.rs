@@ -70,6 +70,9 @@ impl Hub {
             &room.topic,
             Value::Object(response),
         );
+        // the reply, presence_state, presence_count and history leave in one write, as the
+        // writer would batch them (a direct write each would be four syscalls per join)
+        let cork = crate::outbox::Cork::new();
         let ok = j.out.send(reply)
             && j.out.send_wrapped(
                 protocol::push_head(j.join_ref, &room.topic, "presence_state"),
@@ -82,6 +85,7 @@ impl Hub {
                 &count_payload(counts),
             ))
             && history::send_history(&j.out, j.join_ref, &served);
+        drop(cork);
         self.metrics.presence_frames("presence_state", 1);
         self.metrics.presence_frames("presence_count", 1);
         let delivered = st.history.delivered();
