@@ -27,6 +27,7 @@ import {
   startRedis, startGateway, createRoom, teardown, hs256, claims, WebSocket, waitFor, sleep, uid,
 } from './lib/harness.mjs';
 import { roomKeys, respClient, closeAllResp, pool } from './lib/presence.mjs';
+import { histogram, bucketQuantile, delta as hdelta, sum as hsum, metric } from './lib/histogram.mjs';
 
 const num = (name, dflt) => (process.env[name] === undefined ? dflt : Number(process.env[name]));
 const CFG = {
@@ -226,37 +227,6 @@ function child(role, worker) {
     c.waiters.push({ ev, resolve: (m) => { clearTimeout(t); resolve(m); } });
   });
   return c;
-}
-
-/** `gateway_<name>` histogram of a gateway's /metrics as {count, sum, buckets}. */
-async function histogram(g, name, match = '') {
-  const text = await (await fetch(`${g.adminUrl}/metrics`)).text();
-  const h = { count: 0, sum: 0, buckets: [] };
-  for (const line of text.split('\n')) {
-    if (!line.includes(match)) continue;
-    if (line.startsWith(`${name}_count`)) h.count = Number(line.split(' ').pop());
-    else if (line.startsWith(`${name}_sum`)) h.sum = Number(line.split(' ').pop());
-    else if (line.startsWith(`${name}_bucket`)) {
-      const le = /le="([^"]+)"/.exec(line)[1];
-      h.buckets.push([le === '+Inf' ? Infinity : Number(le), Number(line.split(' ').pop())]);
-    }
-  }
-  return h;
-}
-function bucketQuantile(h, q) {
-  const b = h.buckets.find(([, n]) => n >= q * h.count);
-  return b ? b[0] : Infinity;
-}
-function hdelta(a, b) {
-  return { count: a.count - b.count, sum: a.sum - b.sum, buckets: a.buckets.map(([le, n], i) => [le, n - (b.buckets[i] ? b.buckets[i][1] : 0)]) };
-}
-function hsum(hs) {
-  return { count: hs.reduce((a, h) => a + h.count, 0), sum: hs.reduce((a, h) => a + h.sum, 0), buckets: hs[0].buckets.map(([le], j) => [le, hs.reduce((a, h) => a + h.buckets[j][1], 0)]) };
-}
-async function metric(g, name) {
-  const text = await (await fetch(`${g.adminUrl}/metrics`)).text();
-  const m = new RegExp(`^${name} (\\d+)$`, 'm').exec(text);
-  return m ? Number(m[1]) : 0;
 }
 
 /** A new signed-in phoenix.js viewer on `g` sees `users` signed-in users (itself left out) and `anon` anonymous. */

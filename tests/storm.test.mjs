@@ -18,6 +18,7 @@ import {
   tryUpgrade, wsUrl, sleep,
 } from './lib/harness.mjs';
 import { roomKeys, respClient, closeAllResp, pool } from './lib/presence.mjs';
+import { histogram, bucketQuantile, delta } from './lib/histogram.mjs';
 
 const PREFIX = 'st';
 const VIEWERS = 3000;
@@ -86,36 +87,6 @@ function transportFor(v) {
 function percentile(xs, p) {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
-}
-
-/** `gateway_<name>` histogram of a gateway's /metrics as {count, sum, buckets: [[le, n]]}. */
-async function histogram(g, name, match = '') {
-  const text = await (await fetch(`${g.adminUrl}/metrics`)).text();
-  const h = { count: 0, sum: 0, buckets: [] };
-  for (const line of text.split('\n')) {
-    if (!line.includes(match)) continue;
-    if (line.startsWith(`${name}_count`)) h.count = Number(line.split(' ').pop());
-    else if (line.startsWith(`${name}_sum`)) h.sum = Number(line.split(' ').pop());
-    else if (line.startsWith(`${name}_bucket`)) {
-      const le = /le="([^"]+)"/.exec(line)[1];
-      h.buckets.push([le === '+Inf' ? Infinity : Number(le), Number(line.split(' ').pop())]);
-    }
-  }
-  return h;
-}
-/** Bucket bound under which a fraction `q` of the observations fell (from cumulative buckets). */
-function bucketQuantile(h, q) {
-  const want = q * h.count;
-  const b = h.buckets.find(([, n]) => n >= want);
-  return b ? b[0] : Infinity;
-}
-/** Per-bucket difference of two readings of the same histogram. */
-function delta(after_, before_) {
-  return {
-    count: after_.count - before_.count,
-    sum: after_.sum - before_.sum,
-    buckets: after_.buckets.map(([le, n], i) => [le, n - (before_.buckets[i] ? before_.buckets[i][1] : 0)]),
-  };
 }
 
 test('admission: past server.max_pending_upgrades an upgrade is answered 503 with Retry-After before any work', { timeout: 30000 }, async () => {

@@ -95,6 +95,9 @@ impl Bucket {
     }
 }
 
+/// How long a socket we closed is read (and discarded) for the client's own close, at most.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// Why the reader stopped.
 enum ReadEnd {
     /// A close frame was queued (ours or the echo of the client's).
@@ -158,13 +161,18 @@ pub async fn run(
         write,
         app.cfg.server.write_timeout(),
     ));
-    if let ReadEnd::Gone = session.read_loop(&mut ws).await {
+    let gone = matches!(session.read_loop(&mut ws).await, ReadEnd::Gone);
+    if gone {
         out.abort();
     }
-    drop(ws);
     // pushes still waiting on the application are abandoned: no reply could reach the client
     session.queue.stop();
     let _ = writer.await;
+    if !gone {
+        // the close frame is out and our side shut: the descriptor is closed once the client
+        // has closed too (or after LINGER), not under data it is still sending
+        tokio::spawn(ws.linger(LINGER));
+    }
     let closed_code = out.closed_code();
     // nothing more is queued for this socket, whoever still holds its outbox
     out.abort();

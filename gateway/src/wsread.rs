@@ -91,6 +91,29 @@ impl FrameReader {
     }
 
     /// The next frame. Cancel-safe: a read that is dropped loses no bytes.
+    /// Reads and discards what the peer still sends, until it closes or `limit` passes: a
+    /// lingering close. The socket's descriptor stays open meanwhile, so data arriving after our
+    /// close frame (a client's last pings) does not make the kernel answer with a reset, which
+    /// can make the client lose the close frame it has not read yet.
+    pub async fn linger(self, limit: std::time::Duration) {
+        let tcp = self.tcp;
+        let _ = tokio::time::timeout(limit, async {
+            let mut buf = [0u8; 1024];
+            loop {
+                if tcp.readable().await.is_err() {
+                    return;
+                }
+                match tcp.try_read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .await;
+    }
+
     pub async fn next(&mut self) -> Result<Frame, ReadError> {
         loop {
             if let Some(frame) = self.unread.parse()? {
