@@ -9,7 +9,6 @@
 //! goes out after everything queued before it, within the write timeout; only the slow-consumer
 //! close (4008), the echo of a client's close and an abort (the peer is gone) drop the queue.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,6 +22,9 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use crate::protocol::close;
+
+mod cork;
+pub use cork::Cork;
 
 /// What the writer sends.
 enum Out {
@@ -58,6 +60,17 @@ struct Queue {
     /// sent then is written at once by the sender, without waking the writer (see [`Outbox::push`]).
     /// `None` while the writer works or after it ended.
     sock: Option<OwnedWriteHalf>,
+}
+
+impl Queue {
+    /// Puts back, first in line, what a write began and the kernel did not take: the frame's
+    /// remaining bytes, written as they are before anything else.
+    fn put_back(&mut self, rest: Vec<Bytes>) {
+        for part in rest.into_iter().rev() {
+            self.bytes += part.len();
+            self.frames.push_front(Out::Raw(part));
+        }
+    }
 }
 
 /// A socket's outbound queue and close request, shared by the reader, every room the socket is
@@ -156,30 +169,16 @@ impl Outbox {
         }
         let len = out.len();
         let mut q = self.queue();
-        if q.sock.is_some() && corked(self, q.frames.is_empty()) {
-            // under a cork: queued without waking the writer; the cork writes it (see [`Cork`])
-            if q.frames.len() >= self.0.cap
-                || (!q.frames.is_empty() && q.bytes + len > self.0.cap_bytes)
-            {
-                drop(q);
-                self.0.metrics.slow_consumer();
-                self.close(close::SLOW_CONSUMER);
-                return false;
-            }
-            q.frames.push_back(out);
-            q.bytes += len;
-            return true;
-        }
-        if q.frames.is_empty()
+        // under a cork the frame is queued without waking the writer: the cork writes it
+        let corked = q.sock.is_some() && cork::corked(self, q.frames.is_empty());
+        if !corked
+            && q.frames.is_empty()
             && let Some(sock) = q.sock.as_ref()
         {
             match write_now(sock, std::iter::once(&out)) {
                 Ok(None) => return true,
                 Ok(Some(rest)) => {
-                    for part in rest {
-                        q.bytes += part.len();
-                        q.frames.push_back(Out::Raw(part));
-                    }
+                    q.put_back(rest);
                     drop(q);
                     self.0.notify.notify_one();
                     return true;
@@ -204,7 +203,9 @@ impl Outbox {
         q.frames.push_back(out);
         q.bytes += len;
         drop(q);
-        self.0.notify.notify_one();
+        if !corked {
+            self.0.notify.notify_one();
+        }
         true
     }
 
@@ -309,10 +310,7 @@ impl Outbox {
                     q.bytes -= m.len();
                 }
                 if let Some(rest) = rest {
-                    for part in rest.into_iter().rev() {
-                        q.bytes += part.len();
-                        q.frames.push_front(Out::Raw(part));
-                    }
+                    q.put_back(rest);
                 }
                 if q.frames.is_empty() {
                     // nothing kept for an idle socket: the storage was made and is freed here,
@@ -327,71 +325,6 @@ impl Outbox {
                 drop(guard);
                 self.abort();
             }
-        }
-    }
-}
-
-thread_local! {
-    /// The sockets a cork on this thread queued frames for, in order; `None` when not corked.
-    static CORKED: RefCell<Option<Vec<Outbox>>> = const { RefCell::new(None) };
-}
-
-/// Whether a cork is held on this thread; if so and `first` (the socket's queue was empty), the
-/// socket is remembered for the cork's write.
-fn corked(out: &Outbox, first: bool) -> bool {
-    CORKED.with(|c| match c.borrow_mut().as_mut() {
-        Some(list) => {
-            if first {
-                list.push(out.clone());
-            }
-            true
-        }
-        None => false,
-    })
-}
-
-/// While held, frames sent on this thread to idle sockets are queued instead of written at once,
-/// and dropping it writes each socket's frames in one `writev`. The subscriber holds one over a
-/// burst of pub/sub messages that arrived together: when messages come faster than they are
-/// written, each member then gets them in one write instead of one write per message (what
-/// uWebSockets calls corking). Nested corks are one.
-pub struct Cork {
-    outer: bool,
-    /// Held on one thread only (never across an `.await`): the list is the thread's.
-    _not_send: std::marker::PhantomData<*const ()>,
-}
-
-impl Cork {
-    pub fn new() -> Cork {
-        let outer = CORKED.with(|c| {
-            let mut c = c.borrow_mut();
-            let outer = c.is_none();
-            if outer {
-                *c = Some(Vec::new());
-            }
-            outer
-        });
-        Cork {
-            outer,
-            _not_send: std::marker::PhantomData,
-        }
-    }
-}
-
-impl Default for Cork {
-    fn default() -> Self {
-        Cork::new()
-    }
-}
-
-impl Drop for Cork {
-    fn drop(&mut self) {
-        if !self.outer {
-            return;
-        }
-        let list = CORKED.with(|c| c.borrow_mut().take()).unwrap_or_default();
-        for out in list {
-            out.uncork();
         }
     }
 }
