@@ -13,6 +13,7 @@
 //! | [`session`] | one connection: channels, join_refs, idle deadline, refused-join limit; `session/pushes`: the socket's ordered queue of pushes waiting on the publish hook |
 //! | [`wsread`] | client WebSocket frames read from the TCP stream, no buffer held while idle |
 //! | [`wsmessage`] | frames → messages: reassembly, UTF-8, close-frame rules, fragment deadline (pure) |
+//! | [`deflate`] | permessage-deflate without per-socket state: negotiation, a shared payload compressed once, bounded inflate |
 //! | [`expiry`] | token lifetimes of open sockets and channels: one deadline list per node |
 //! | [`outbox`] | a socket's bounded outbound queue and its single writer (used by `session` and `fanout`) |
 //! | [`protocol`] | Phoenix V2 frames, replies and close codes (pure) |
@@ -43,6 +44,7 @@ pub mod app;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod deflate;
 pub mod demo;
 pub mod expiry;
 pub mod fanout;

@@ -21,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+use crate::deflate;
 use crate::protocol::close;
 
 mod cork;
@@ -36,6 +37,12 @@ enum Out {
     /// The rest of a frame a direct write began (the kernel took only part of it): bytes already
     /// framed, written as they are, before anything else.
     Raw(Bytes),
+    /// A compressed text frame (permessage-deflate, RSV1): [`crate::deflate::compressed`] bytes,
+    /// sent without their last four.
+    Deflated(Bytes),
+    /// A compressed channel push around a shared payload: the head as a stored block, the shared
+    /// compressed payload, then `"]"` ([`crate::deflate::STORED_CLOSE_BRACKET`]).
+    DeflatedWrapped(Bytes, Bytes),
 }
 
 impl Out {
@@ -46,6 +53,21 @@ impl Out {
         match self {
             Out::Text(b) | Out::Pong(b) | Out::Raw(b) => b.len(),
             Out::Wrapped(h, b) => h.len() + b.len() + 1,
+            Out::Deflated(c) => c.len() - deflate::SYNC_TAIL.len(),
+            Out::DeflatedWrapped(h, c) => h.len() + c.len() + deflate::STORED_CLOSE_BRACKET.len(),
+        }
+    }
+
+    /// The frame as a socket that negotiated permessage-deflate sends it: a payload of
+    /// [`deflate::MIN_BYTES`] or more compressed (once per payload, however many sockets send it),
+    /// anything else as it is.
+    fn deflated(self) -> Out {
+        match self {
+            Out::Text(b) if b.len() >= deflate::MIN_BYTES => Out::Deflated(deflate::compressed(&b)),
+            Out::Wrapped(h, b) if b.len() >= deflate::MIN_BYTES => {
+                Out::DeflatedWrapped(deflate::stored(&h), deflate::compressed(&b))
+            }
+            other => other,
         }
     }
 }
@@ -92,6 +114,8 @@ pub struct Shared {
     /// or leave under way always completes).
     writer_done: Notify,
     metrics: crate::metrics::Metrics,
+    /// The socket negotiated permessage-deflate: large payloads go out compressed.
+    deflate: bool,
 }
 
 const ABORT: u32 = u32::MAX;
@@ -139,7 +163,16 @@ impl Outbox {
             notify: Notify::new(),
             writer_done: Notify::new(),
             metrics,
+            deflate: false,
         }))
+    }
+
+    /// The same outbox, for a socket that negotiated permessage-deflate (before it is shared).
+    pub fn deflating(mut self, on: bool) -> Self {
+        if let Some(s) = Arc::get_mut(&mut self.0) {
+            s.deflate = on;
+        }
+        self
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -167,6 +200,7 @@ impl Outbox {
         if self.code() != 0 {
             return false;
         }
+        let out = if self.0.deflate { out.deflated() } else { out };
         let len = out.len();
         let mut q = self.queue();
         // under a cork the frame is queued without waking the writer: the cork writes it
@@ -522,6 +556,18 @@ fn write_now<'a>(
                 [head, b.clone(), Bytes::new(), Bytes::new()]
             }
             Out::Wrapped(h, b) => [head, h.clone(), b.clone(), Bytes::from_static(b"]")],
+            Out::Deflated(c) => [
+                head,
+                c.slice(..c.len() - deflate::SYNC_TAIL.len()),
+                Bytes::new(),
+                Bytes::new(),
+            ],
+            Out::DeflatedWrapped(h, c) => [
+                head,
+                h.clone(),
+                c.clone(),
+                Bytes::from_static(&deflate::STORED_CLOSE_BRACKET),
+            ],
         };
         for part in parts {
             if skip >= part.len() {
@@ -549,6 +595,9 @@ fn frame_parts(m: &Out) -> (([u8; HEAD_MAX], usize), [&[u8]; 3]) {
         Out::Text(b) => (0x81, [&[], b, &[]]),
         Out::Pong(b) => (0x8A, [&[], b, &[]]),
         Out::Wrapped(h, b) => (0x81, [h, b, b"]"]),
+        // RSV1: the payload is compressed
+        Out::Deflated(c) => (0xC1, [&[], &c[..c.len() - deflate::SYNC_TAIL.len()], &[]]),
+        Out::DeflatedWrapped(h, c) => (0xC1, [h, c, &deflate::STORED_CLOSE_BRACKET]),
         // already framed: no header of its own
         Out::Raw(b) => return (([0u8; HEAD_MAX], 0), [&[], b, &[]]),
     };

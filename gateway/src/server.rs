@@ -11,7 +11,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{HeaderValue, RETRY_AFTER, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -211,6 +211,14 @@ async fn handle(
         }
         tracing::debug!(%peer, error = %e, "token refused; socket stays anonymous");
     }
+    // permessage-deflate, when enabled and offered in a form we take (no per-socket state)
+    let deflate = app.cfg.server.compression
+        && crate::deflate::negotiate(
+            req.headers()
+                .get_all(SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
     let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
@@ -227,7 +235,13 @@ async fn handle(
                     accepted.elapsed().as_secs_f64(),
                     arrived.elapsed().as_secs_f64(),
                 );
-                let session = run_upgraded(app, ws.into_inner(), (identity, error), socket, permit);
+                let session = run_upgraded(
+                    app,
+                    ws.into_inner(),
+                    (identity, error),
+                    (socket, deflate),
+                    permit,
+                );
                 if socket == 1 {
                     tracing::debug!(bytes = std::mem::size_of_val(&session), "session task size");
                 }
@@ -242,20 +256,27 @@ async fn handle(
         resp.headers_mut()
             .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("phoenix"));
     }
+    if deflate {
+        resp.headers_mut().insert(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(crate::deflate::RESPONSE),
+        );
+    }
     resp
 }
 
 /// Takes the TCP stream back from hyper ([`upgraded_tcp`]) and runs the session on it.
-/// `_permit`: this socket's place under `server.max_connections`, held until its session ends.
+/// `_permit`: this socket's place under `server.max_connections`, held until its session ends;
+/// `deflate`: permessage-deflate was negotiated.
 async fn run_upgraded(
     app: Arc<App>,
     io: TokioIo<hyper::upgrade::Upgraded>,
     identity: (Identity, Option<AuthError>),
-    socket: u64,
+    (socket, deflate): (u64, bool),
     _permit: OwnedSemaphorePermit,
 ) {
     match upgraded_tcp(io) {
-        Some((read, w)) => crate::session::run(app, read, w, identity, socket).await,
+        Some((read, w)) => crate::session::run(app, read, w, identity, (socket, deflate)).await,
         // the public listener only ever serves plain TCP streams
         None => tracing::error!(socket, "upgraded connection is not a TCP stream; dropped"),
     }

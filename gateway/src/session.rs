@@ -113,7 +113,7 @@ pub async fn run(
     (read, early): (OwnedReadHalf, Bytes),
     write: OwnedWriteHalf,
     (identity, auth_error): (Identity, Option<AuthError>),
-    socket: u64,
+    (socket, deflate): (u64, bool),
 ) {
     let out = Outbox::new(
         Limits {
@@ -121,7 +121,8 @@ pub async fn run(
             bytes: app.cfg.server.outbound_queue_bytes,
         },
         app.metrics.clone(),
-    );
+    )
+    .deflating(deflate);
     let signed_in = identity.user().is_some();
     app.metrics.connection_opened(signed_in);
     app.sessions
@@ -150,7 +151,7 @@ pub async fn run(
         app.expiries
             .add(u.valid_until_ms, Expiring::Socket(out.clone()))
     });
-    let mut ws = FrameReader::new(read, early, app.cfg.server.max_frame_bytes);
+    let mut ws = FrameReader::new(read, early, app.cfg.server.max_frame_bytes).deflating(deflate);
 
     // Both halves run to the end: the reader is never dropped in the middle of a join or leave
     // (which would leave presence half-written). Whichever stops first makes the other stop: the

@@ -55,6 +55,9 @@ pub enum Violation {
     /// A fragmented message not finished within its time from its first fragment.
     #[error("fragmented message not finished in time")]
     FragmentTimeout,
+    /// A compressed message (permessage-deflate) that is not valid DEFLATE data.
+    #[error("invalid compressed data")]
+    BadCompression,
 }
 
 impl Violation {
@@ -62,7 +65,7 @@ impl Violation {
         match self {
             Violation::Protocol => close::PROTOCOL_ERROR,
             Violation::TooBig => close::TOO_BIG,
-            Violation::InvalidUtf8 => close::MALFORMED,
+            Violation::InvalidUtf8 | Violation::BadCompression => close::MALFORMED,
             Violation::FragmentTimeout => close::IDLE_TIMEOUT,
         }
     }
@@ -87,6 +90,8 @@ pub fn valid_close_code(code: u16) -> bool {
 /// An unfinished fragmented message.
 struct Partial {
     text: bool,
+    /// permessage-deflate: `buf` is compressed and is checked as UTF-8 once inflated.
+    compressed: bool,
     buf: Vec<u8>,
     /// `buf[..checked]` is known to be UTF-8 (text only); the rest is at most an unfinished
     /// character.
@@ -130,6 +135,7 @@ impl Assembler {
             fin,
             opcode,
             payload,
+            compressed,
         } = frame;
         match opcode {
             OpCode::Close => close_reply(&payload).map(Event::Close),
@@ -141,16 +147,17 @@ impl Assembler {
                 if payload.len() > self.max_message {
                     return Err(Violation::TooBig);
                 }
-                let checked = if text {
+                let checked = if text && !compressed {
                     utf8_checked(&payload, 0, fin)?
                 } else {
                     0
                 };
                 if fin {
-                    return Ok(Event::Message(message(text, payload)));
+                    return Ok(Event::Message(self.finish(text, compressed, payload)?));
                 }
                 self.partial = Some(Partial {
                     text,
+                    compressed,
                     buf: payload,
                     checked,
                     deadline: now + self.fragment_time,
@@ -165,18 +172,37 @@ impl Assembler {
                     return Err(Violation::TooBig);
                 }
                 p.buf.extend_from_slice(&payload);
-                if p.text {
+                if p.text && !p.compressed {
                     p.checked = utf8_checked(&p.buf, p.checked, fin)?;
                 }
                 if !fin {
                     return Ok(Event::Partial);
                 }
                 match self.partial.take() {
-                    Some(p) => Ok(Event::Message(message(p.text, p.buf))),
+                    Some(p) => Ok(Event::Message(self.finish(p.text, p.compressed, p.buf)?)),
                     None => Err(Violation::Protocol),
                 }
             }
         }
+    }
+}
+
+impl Assembler {
+    /// A whole message's payload as the connection gets it: inflated under the message limit
+    /// when it came compressed, then checked as UTF-8 when it is text (a plain text message's
+    /// fragments were checked as they came).
+    fn finish(&self, text: bool, compressed: bool, payload: Vec<u8>) -> Result<Message, Violation> {
+        if !compressed {
+            return Ok(message(text, payload));
+        }
+        let payload = crate::deflate::inflate(&payload, self.max_message).map_err(|e| match e {
+            crate::deflate::InflateError::TooBig => Violation::TooBig,
+            crate::deflate::InflateError::Corrupt => Violation::BadCompression,
+        })?;
+        if text {
+            utf8_checked(&payload, 0, true)?;
+        }
+        Ok(message(text, payload))
     }
 }
 
@@ -229,6 +255,7 @@ mod tests {
             fin,
             opcode,
             payload: payload.to_vec(),
+            compressed: false,
         }
     }
 
@@ -396,6 +423,65 @@ mod tests {
         assert_eq!(
             Violation::of_read(&ReadError::Protocol).map(Violation::close_code),
             Some(1002)
+        );
+    }
+
+    /// `data` compressed as a permessage-deflate sender sends it (without the sync tail).
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        let c = crate::deflate::compressed(&bytes::Bytes::copy_from_slice(data));
+        c[..c.len() - 4].to_vec()
+    }
+
+    fn z(fin: bool, opcode: OpCode, payload: &[u8]) -> Frame {
+        Frame {
+            compressed: true,
+            ..f(fin, opcode, payload)
+        }
+    }
+
+    #[test]
+    fn a_compressed_message_is_inflated_whole_or_in_fragments() {
+        let text = "héllo wörld, héllo wörld, héllo wörld".repeat(20);
+        let c = deflated(text.as_bytes());
+        let max = text.len();
+        let now = Instant::now();
+        let mut a = Assembler::new(max, T);
+        assert_eq!(
+            a.push(z(true, OpCode::Text, &c), now),
+            Ok(Event::Message(Message::Text(text.clone().into_bytes())))
+        );
+        // RSV1 on the first frame only; the fragments split the compressed bytes anywhere,
+        // including inside a character's compressed form (no UTF-8 check before inflating)
+        let (one, two) = c.split_at(c.len() / 2);
+        assert_eq!(a.push(z(false, OpCode::Text, one), now), Ok(Event::Partial));
+        assert_eq!(
+            a.push(f(true, OpCode::Continuation, two), now),
+            Ok(Event::Message(Message::Text(text.clone().into_bytes())))
+        );
+        assert_eq!(
+            a.push(z(true, OpCode::Binary, &deflated(&[0xff, 0xfe])), now),
+            Ok(Event::Message(Message::Binary(vec![0xff, 0xfe])))
+        );
+    }
+
+    #[test]
+    fn a_compressed_message_too_big_corrupt_or_not_utf8_fails() {
+        let now = Instant::now();
+        // 512 bytes allowed; 64 KiB of zeros compresses to far fewer
+        let bomb = deflated(&[b'0'; 65536]);
+        assert!(bomb.len() <= 512, "{}", bomb.len());
+        assert_eq!(
+            Assembler::new(512, T).push(z(true, OpCode::Text, &bomb), now),
+            Err(Violation::TooBig)
+        );
+        assert_eq!(
+            Assembler::new(MAX, T).push(z(true, OpCode::Text, &[0xff, 0xff, 0xff]), now),
+            Err(Violation::BadCompression)
+        );
+        assert_eq!(Violation::BadCompression.close_code(), 1007);
+        assert_eq!(
+            Assembler::new(MAX, T).push(z(true, OpCode::Text, &deflated(&[0xc3, 0x28])), now),
+            Err(Violation::InvalidUtf8)
         );
     }
 }

@@ -47,6 +47,9 @@ pub struct Frame {
     pub fin: bool,
     pub opcode: OpCode,
     pub payload: Vec<u8>,
+    /// RSV1 on a message's first frame: its payload is compressed (permessage-deflate, only when
+    /// negotiated).
+    pub compressed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +76,8 @@ struct Unread {
     /// Bytes still missing from the frame at `pos`, when its header is known.
     missing: usize,
     max_payload: usize,
+    /// permessage-deflate was negotiated: RSV1 may mark a message's first frame.
+    deflate: bool,
 }
 
 impl FrameReader {
@@ -86,8 +91,16 @@ impl FrameReader {
                 pos: 0,
                 missing: 0,
                 max_payload,
+                deflate: false,
             },
         }
+    }
+
+    /// The same reader, for a socket that negotiated permessage-deflate: RSV1 is then allowed on
+    /// the first frame of a text or binary message (and nowhere else).
+    pub fn deflating(mut self, on: bool) -> Self {
+        self.unread.deflate = on;
+        self
     }
 
     /// The next frame. Cancel-safe: a read that is dropped loses no bytes.
@@ -165,10 +178,14 @@ impl Unread {
             return Ok(None);
         }
         let fin = b[0] & 0x80 != 0;
-        if b[0] & 0x70 != 0 {
-            return Err(ReadError::Protocol); // no extension was negotiated
-        }
         let opcode = OpCode::from_bits(b[0] & 0x0f).ok_or(ReadError::Protocol)?;
+        // RSV2 and RSV3 are never ours; RSV1 only marks a compressed message's first frame
+        let compressed = b[0] & 0x40 != 0;
+        if b[0] & 0x30 != 0
+            || (compressed && !(self.deflate && matches!(opcode, OpCode::Text | OpCode::Binary)))
+        {
+            return Err(ReadError::Protocol);
+        }
         if b[1] & 0x80 == 0 {
             return Err(ReadError::Protocol); // a client must mask every frame
         }
@@ -211,6 +228,7 @@ impl Unread {
             fin,
             opcode,
             payload,
+            compressed,
         }))
     }
 }
@@ -250,6 +268,26 @@ mod tests {
             FrameReader::new(r, Bytes::copy_from_slice(early), max),
             client,
         )
+    }
+
+    #[tokio::test]
+    async fn rsv1_marks_a_compressed_message_only_where_deflate_allows_it() {
+        // 0xc1: FIN + RSV1 + text; 0x41: RSV1 + text, unfinished; 0x80: continuation
+        for (first, deflating, want) in [
+            (0xc1, true, Ok(true)),
+            (0xc2, true, Ok(true)),
+            (0xc1, false, Err(ReadError::Protocol)),
+            (0xc0, true, Err(ReadError::Protocol)), // on a continuation
+            (0xc9, true, Err(ReadError::Protocol)), // on a ping
+            (0xa1, true, Err(ReadError::Protocol)), // RSV2
+            (0x91, true, Err(ReadError::Protocol)), // RSV3
+            (0x81, true, Ok(false)),
+        ] {
+            let (rd, _client) = pair(&frame(first, b"x"), 1024).await;
+            let mut rd = rd.deflating(deflating);
+            let got = rd.next().await.map(|f| f.compressed);
+            assert_eq!(got, want, "first byte {first:#x}, deflating {deflating}");
+        }
     }
 
     #[tokio::test]
@@ -378,7 +416,7 @@ mod proptests {
                     Err(ReadError::Protocol)
                 }
                 Some(_) if len > MAX => Err(ReadError::TooBig),
-                Some(opcode) => Ok(Frame { fin, opcode, payload }),
+                Some(opcode) => Ok(Frame { fin, opcode, payload, compressed: false }),
             };
             Written { bytes, want }
         }
@@ -406,6 +444,7 @@ mod proptests {
             pos: 0,
             missing: 0,
             max_payload: MAX,
+            deflate: false,
         };
         let mut out = Vec::new();
         let mut at = 0;

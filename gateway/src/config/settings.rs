@@ -38,7 +38,13 @@ pub struct ServerConfig {
     /// their CPU switching between threads: BENCHMARKS.md).
     pub worker_threads: usize,
     /// Largest accepted WebSocket message (after reassembly of fragments). Larger → close 1009.
+    /// A compressed message is held to it after inflating too.
     pub max_frame_bytes: usize,
+    /// Accept permessage-deflate (RFC 7692) when a client offers it, without context takeover:
+    /// payloads of 1 KiB and more (a big room's `presence_state` and diffs, large broadcasts) go
+    /// out compressed, each shared payload compressed once for all its sockets; no socket holds
+    /// compression state. Off by default, as in Phoenix and Centrifugo.
+    pub compression: bool,
     /// Frames queued per socket before it counts as a slow consumer and is closed (4008).
     pub outbound_queue: usize,
     /// Bytes queued per socket before it counts as a slow consumer (4008), so a client that
@@ -325,6 +331,7 @@ impl Default for ServerConfig {
             max_pending_upgrades: 0,
             worker_threads: 0,
             max_frame_bytes: 64 * 1024,
+            compression: false,
             outbound_queue: 256,
             outbound_queue_bytes: 4 * 1024 * 1024,
             idle_timeout_ms: 60_000,

@@ -59,16 +59,26 @@ async fn what_the_kernel_does_not_take_at_once_is_returned_in_order() {
         .unwrap();
     let (server, _) = l.accept().await.unwrap();
     let (_r, mut w) = server.into_split();
-    let frame = |i: usize| {
-        Out::Wrapped(
+    // plain and compressed frames (permessage-deflate) mixed: a split inside either is resumed
+    let frame = |i: usize| match i % 3 {
+        0 => Out::Deflated(deflate::compressed(&Bytes::from(
+            (0..20_000)
+                .map(|k| format!("{},", k * i))
+                .collect::<String>(),
+        ))),
+        1 => Out::DeflatedWrapped(
+            deflate::stored(b"[1,"),
+            deflate::compressed(&Bytes::from(vec![b'a' + (i % 26) as u8; 50_000])),
+        ),
+        _ => Out::Wrapped(
             Bytes::from_static(b"[1,"),
             Bytes::from(vec![b'a' + (i % 26) as u8; 100_000]),
-        )
+        ),
     };
     // the client reads nothing until the socket's buffers are full
     let mut expected = Vec::new();
     let mut rest = None;
-    for batch in 0..100 {
+    for batch in 0..400 {
         let chunk: Vec<Out> = (0..4).map(|i| frame(batch * 4 + i)).collect();
         for i in 0..4 {
             expected.extend(framed(frame(batch * 4 + i)).await);
@@ -78,7 +88,7 @@ async fn what_the_kernel_does_not_take_at_once_is_returned_in_order() {
             break;
         }
     }
-    let rest = rest.expect("40 MB to a client that does not read fill the socket");
+    let rest = rest.expect("megabytes to a client that does not read fill the socket");
     assert!(!rest.is_empty());
     let rest: Vec<u8> = rest.iter().flat_map(|b| b.iter().copied()).collect();
     let reader = tokio::spawn(async move {
@@ -437,4 +447,65 @@ async fn a_cork_writes_each_idle_sockets_frames_together_when_dropped() {
             (8, 1012u16.to_be_bytes().to_vec()),
         ]
     );
+}
+
+/// Reads one server frame off `client`: (first byte, payload).
+async fn read_frame(client: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 2];
+    client.read_exact(&mut h).await.unwrap();
+    let len = match h[1] {
+        126 => usize::from(client.read_u16().await.unwrap()),
+        127 => client.read_u64().await.unwrap() as usize,
+        n => usize::from(n),
+    };
+    let mut payload = vec![0u8; len];
+    client.read_exact(&mut payload).await.unwrap();
+    (h[0], payload)
+}
+
+#[tokio::test]
+async fn a_deflating_socket_gets_large_payloads_compressed_once_and_small_ones_as_they_are() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (_r, w) = l.accept().await.unwrap().0.into_split();
+    let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new()).deflating(true);
+    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(5)));
+    let big = Bytes::from(
+        (0..400)
+            .map(|i| format!(r#"{{"user{i}":{{"metas":[{{"phx_ref":"n.{i}"}}]}}}}"#))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    assert!(big.len() >= deflate::MIN_BYTES);
+    // the shared payload is compressed once: another socket's frame reuses the same bytes
+    let Out::Deflated(c1) = Out::Text(big.clone()).deflated() else {
+        panic!("a large payload is compressed")
+    };
+    let Out::Deflated(c2) = Out::Text(big.clone()).deflated() else {
+        panic!("a large payload is compressed")
+    };
+    assert_eq!(c1.as_ptr(), c2.as_ptr());
+    assert!(out.send(Bytes::from_static(b"[null,null,\"t\",\"small\",{}]")));
+    assert!(out.send(big.clone()));
+    assert!(out.send_wrapped(
+        Bytes::from_static(b"[\"3\",null,\"t\",\"presence_state\","),
+        big.clone()
+    ));
+    let (op, p) = read_frame(&mut client).await;
+    assert_eq!((op, &p[..]), (0x81, &b"[null,null,\"t\",\"small\",{}]"[..]));
+    let (op, p) = read_frame(&mut client).await;
+    assert_eq!(op, 0xC1, "RSV1 marks a compressed message");
+    assert!(p.len() * 3 < big.len());
+    assert_eq!(deflate::inflate(&p, 1 << 20).unwrap(), &big[..]);
+    let (op, p) = read_frame(&mut client).await;
+    assert_eq!(op, 0xC1);
+    let mut want = b"[\"3\",null,\"t\",\"presence_state\",".to_vec();
+    want.extend_from_slice(&big);
+    want.push(b']');
+    assert_eq!(deflate::inflate(&p, 1 << 20).unwrap(), want);
+    out.close(1000);
+    writer.await.unwrap();
 }
