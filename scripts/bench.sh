@@ -54,7 +54,9 @@
 #                                    # join one room over two gateways, BIGROOM_IN_FLIGHT (64) at a time;
 #                                    # joins/s, gateway CPU per join (load generator excluded), Redis CPU
 #                                    # and script calls, bytes per presence_state and per member; checks
-#                                    # every sampled member's presence; medians [ranges] of RUNS
+#                                    # every sampled member's presence; medians [ranges] of RUNS.
+#                                    # BIGROOM_DEFLATE=1: server.compression on, clients offer
+#                                    # permessage-deflate (bytes on the wire and inflated)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -635,10 +637,15 @@ fi
 # machine does not close the first joiners (4000) before the end.
 if [ "${1:-}" = bigroom ]; then
   export GATEWAY_SERVER_IDLE_TIMEOUT_MS=${GATEWAY_SERVER_IDLE_TIMEOUT_MS:-600000}
+  deflate_arg=()
+  if [ "${BIGROOM_DEFLATE:-0}" = 1 ]; then
+    export GATEWAY_SERVER_COMPRESSION=true
+    deflate_arg=(--deflate)
+  fi
   start_standalone
   results="$work/bigroom.jsonl"
   : >"$results"
-  echo "== bigroom on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}'); $GATEWAY_SERVER_WORKER_THREADS worker thread(s) per gateway"
+  echo "== bigroom on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); redis $(redis-server --version | awk '{print $3}'); $GATEWAY_SERVER_WORKER_THREADS worker thread(s) per gateway; compression ${GATEWAY_SERVER_COMPRESSION:-false}"
   for i in $(seq "$RUNS"); do
     start_gateway 1
     start_gateway 2
@@ -646,7 +653,7 @@ if [ "${1:-}" = bigroom ]; then
     echo "-- run $i/$RUNS: ${BIGROOM_USERS:-10000} users; load $(cut -d' ' -f1-3 /proc/loadavg)"
     target/release/bench --gateway "$gw1" --gateway "$gw2" --room "big$i" bigroom \
       --users "${BIGROOM_USERS:-10000}" --in-flight "${BIGROOM_IN_FLIGHT:-64}" --secret "$secret" \
-      --pid "$gw1_pid" --pid "$gw2_pid" --redis "$GATEWAY_REDIS_URL" --user-prefix "big$i" \
+      --pid "$gw1_pid" --pid "$gw2_pid" --redis "$GATEWAY_REDIS_URL" --user-prefix "big$i" "${deflate_arg[@]}" \
       | grep -v '^machine' | while read -r l; do case "$l" in '{'*) echo "$l" >>"$results";; *) echo "   $l";; esac; done \
       || echo "   !! run $i failed (see above)"
     stop_gateways
@@ -659,7 +666,9 @@ print(f"== bigroom: medians of {len(rows)} run(s) [min–max]")
 for key, label in [("joins_per_s", "joins/s"), ("gateway_cpu_ms_per_join", "gateway CPU per join (ms)"),
                    ("redis_cpu_s", "Redis CPU (s)"), ("script_calls", "script calls"),
                    ("state_bytes_avg", "presence_state per joiner, avg (bytes)"),
-                   ("member_bytes_avg", "received per member after its join, avg (bytes)")]:
+                   ("member_bytes_avg", "received per member after its join, avg (bytes)"),
+                   ("state_plain_bytes_avg", "presence_state per joiner inflated, avg (bytes)"),
+                   ("member_plain_bytes_avg", "received per member inflated, avg (bytes)")]:
     v = [r[key] for r in rows if r.get(key) is not None]
     if v:
         print(f"{label}: {statistics.median(v):,.3f} [{min(v):,.3f}–{max(v):,.3f}]")

@@ -4,7 +4,9 @@
 //! each joiner's `presence_state` and the bytes each member received during the burst (diffs and
 //! counts); then checks that presence is right everywhere: sampled members, which applied their
 //! state and every diff as phoenix.js `Presence` does, and one fresh joiner per gateway must each
-//! hold all N users with one meta each.
+//! hold all N users with one meta each. With `--deflate` the sockets offer permessage-deflate
+//! (the gateway must run with `server.compression`), and bytes are reported on the wire and
+//! inflated.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -12,12 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fastwebsockets::OpCode;
 use serde_json::Value;
 
-use crate::client::{JOIN_TIMEOUT, Ws, hs256, open, send};
+use crate::client::{JOIN_TIMEOUT, hs256};
 use crate::measure::{percentile, redis_commandstats, redis_cpu_seconds};
 use crate::measure::{thread_cpu_ns, thread_cpu_seconds};
+use crate::zclient::{CLOSE, TEXT, ZWs, open};
 
 #[derive(clap::Args)]
 pub struct BigRoom {
@@ -44,14 +46,21 @@ pub struct BigRoom {
     /// prefix: the prefix only names them).
     #[arg(long, default_value = "big")]
     user_prefix: String,
+    /// Offer permessage-deflate, and require that the gateways accept it.
+    #[arg(long)]
+    deflate: bool,
 }
 
 /// What one member received after its join: bytes of `presence_state`, of everything after it,
 /// and (for a sampled member) its presence view, phoenix.js style: key → refs.
 #[derive(Default)]
 struct Member {
+    /// On the wire (compressed, with `--deflate`).
     state_bytes: AtomicU64,
     later_bytes: AtomicU64,
+    /// Inflated: the JSON.
+    state_plain: AtomicU64,
+    later_plain: AtomicU64,
     later_frames: AtomicU64,
     /// The close code the gateway sent (0: still open).
     closed: std::sync::atomic::AtomicU32,
@@ -95,27 +104,33 @@ fn apply_diff(view: &mut View, diff: &Value) {
     }
 }
 
-/// Opens a signed-in socket, joins, waits for the reply and `presence_state`; returns the socket,
-/// the state's payload size and its parsed view when `parse` (plus the latency, µs).
+/// A joiner's socket, its `presence_state`'s size on the wire and inflated, its parsed view when
+/// asked for, and the join's latency (µs).
+type Joined = (ZWs, (u64, u64), Option<View>, u64);
+
+/// Opens a signed-in socket, joins, waits for the reply and `presence_state`.
 async fn join_one(
     addr: &str,
     topic: &str,
     token: &str,
-    parse: bool,
-) -> anyhow::Result<(Ws, u64, Option<View>, u64)> {
+    (parse, deflate): (bool, bool),
+) -> anyhow::Result<Joined> {
     let t = Instant::now();
     tokio::time::timeout(JOIN_TIMEOUT, async {
-        let mut ws = open(addr, Some(token)).await?;
-        send(
-            &mut ws,
-            serde_json::json!(["1", "1", topic, "phx_join", {}]).to_string(),
-        )
-        .await?;
+        let mut ws = open(addr, Some(token), deflate).await?;
+        if ws.deflate != deflate {
+            bail!(
+                "permessage-deflate offered: {deflate}, accepted: {}",
+                ws.deflate
+            );
+        }
+        ws.send(&serde_json::json!(["1", "1", topic, "phx_join", {}]).to_string())
+            .await?;
         loop {
-            let f = ws.read_frame().await?;
+            let f = ws.read().await?;
             match f.opcode {
-                OpCode::Text => {}
-                OpCode::Close => bail!("closed by the gateway"),
+                TEXT => {}
+                CLOSE => bail!("closed by the gateway"),
                 _ => continue,
             }
             // only the frame's head is parsed on the hot path (a state can be a megabyte)
@@ -127,7 +142,7 @@ async fn join_one(
                     bail!("join refused: {}", v[4]);
                 }
             } else if head.contains("\"presence_state\"") {
-                let n = f.payload.len() as u64;
+                let n = (f.wire as u64, f.payload.len() as u64);
                 let view = if parse {
                     let v: Value = serde_json::from_slice(&f.payload)?;
                     let mut view = View::new();
@@ -147,10 +162,10 @@ async fn join_one(
 }
 
 /// Reads a member's socket until it closes: counts bytes, applies diffs to a sampled view.
-fn keep_reading(mut ws: Ws, m: Arc<Member>) -> tokio::task::JoinHandle<()> {
+fn keep_reading(mut ws: ZWs, m: Arc<Member>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        while let Ok(f) = ws.read_frame().await {
-            if f.opcode == OpCode::Close {
+        while let Ok(f) = ws.read().await {
+            if f.opcode == CLOSE {
                 let code = match f.payload.get(..2) {
                     Some(c) => u32::from(u16::from_be_bytes([c[0], c[1]])),
                     None => 1005,
@@ -158,10 +173,11 @@ fn keep_reading(mut ws: Ws, m: Arc<Member>) -> tokio::task::JoinHandle<()> {
                 m.closed.store(code, Ordering::Relaxed);
                 break;
             }
-            if f.opcode != OpCode::Text {
+            if f.opcode != TEXT {
                 continue;
             }
-            m.later_bytes
+            m.later_bytes.fetch_add(f.wire as u64, Ordering::Relaxed);
+            m.later_plain
                 .fetch_add(f.payload.len() as u64, Ordering::Relaxed);
             m.later_frames.fetch_add(1, Ordering::Relaxed);
             if let Some(view) = &m.view
@@ -203,6 +219,7 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
         pids,
         redis,
         user_prefix,
+        deflate,
     } = a;
     let mut rconn = match &redis {
         Some(url) => Some(
@@ -245,7 +262,7 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
             let (topic, token, i) = (topic.to_string(), tokens[next].clone(), next);
             let parse = members[i].view.is_some();
             pending.spawn(async move {
-                let r = join_one(&addr, &topic, &token, parse).await;
+                let r = join_one(&addr, &topic, &token, (parse, deflate)).await;
                 (i, r)
             });
             next += 1;
@@ -254,9 +271,10 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
             break;
         };
         let (i, r) = done?;
-        let (ws, state_bytes, view, us) = r.with_context(|| format!("user {i}"))?;
+        let (ws, (state_bytes, state_plain), view, us) = r.with_context(|| format!("user {i}"))?;
         let m = &members[i];
         m.state_bytes.store(state_bytes, Ordering::Relaxed);
+        m.state_plain.store(state_plain, Ordering::Relaxed);
         if let (Some(v), Some(held)) = (view, &m.view)
             && let Ok(mut held) = held.lock()
         {
@@ -329,7 +347,7 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
     }
     for (g, addr) in gateways.iter().enumerate() {
         let token = hs256(&secret, &format!("{user_prefix}-fresh-{g}"))?;
-        let (ws, _, view, _) = join_one(addr, topic, &token, true).await?;
+        let (ws, _, view, _) = join_one(addr, topic, &token, (true, deflate)).await?;
         let view = view.unwrap_or_default();
         let mut view_without_me = view.clone();
         view_without_me.remove(&format!("{user_prefix}-fresh-{g}"));
@@ -347,6 +365,14 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
     let later: Vec<u64> = members
         .iter()
         .map(|m| m.later_bytes.load(Ordering::Relaxed))
+        .collect();
+    let state_plain: Vec<u64> = members
+        .iter()
+        .map(|m| m.state_plain.load(Ordering::Relaxed))
+        .collect();
+    let later_plain: Vec<u64> = members
+        .iter()
+        .map(|m| m.later_plain.load(Ordering::Relaxed))
         .collect();
     let frames: u64 = members
         .iter()
@@ -373,11 +399,20 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
         }
     );
     println!(
-        "bigroom: presence_state per joiner avg {:.0} bytes, last {} bytes; received per member after its join avg {:.0} bytes, first joiner {} bytes; {frames} frames in all",
+        "bigroom: presence_state per joiner avg {:.0} bytes, last {} bytes; received per member after its join avg {:.0} bytes, first joiner {} bytes; {frames} frames in all{}",
         avg(&state),
         state.last().copied().unwrap_or(0),
         avg(&later),
         later.first().copied().unwrap_or(0),
+        if deflate {
+            format!(
+                " (on the wire, compressed; inflated: presence_state avg {:.0} bytes, per member after its join avg {:.0} bytes)",
+                avg(&state_plain),
+                avg(&later_plain)
+            )
+        } else {
+            String::new()
+        }
     );
     let ok = failures.is_empty();
     println!(
@@ -399,6 +434,8 @@ pub async fn run(gateways: &[String], topic: &str, a: BigRoom) -> anyhow::Result
             "redis_cpu_s": redis_cpu, "script_calls": script_calls,
             "state_bytes_avg": avg(&state), "state_bytes_last": state.last(),
             "member_bytes_avg": avg(&later), "member_bytes_first": later.first(),
+            "deflate": deflate, "state_plain_bytes_avg": avg(&state_plain),
+            "member_plain_bytes_avg": avg(&later_plain),
             "frames_after_join": frames, "checked_members": checked_members,
             "closed_by_gateway": closes.values().sum::<usize>(),
             "presence_ok": ok,

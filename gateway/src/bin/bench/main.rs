@@ -39,6 +39,7 @@
 //! |---|---|
 //! | `main.rs` | the command line and the dispatch to one scenario |
 //! | `client.rs` | the WebSocket client: open, send, read until, join, crowds of joined sockets |
+//! | `zclient.rs` | a client that negotiates permessage-deflate and inflates what it reads (`bigroom --deflate`) |
 //! | `measure.rs` | CPU and RSS readers, Redis `INFO` counters, the paced publisher, percentiles, medians |
 //! | `shards.rs` | the shards-add-capacity scenario |
 //! | `idle.rs`, `joins.rs`, `bigroom.rs`, `fanout.rs`, `fanout_cost.rs`, `join_latency.rs`, `churn.rs`, `redis_broadcast.rs` | one scenario each |
@@ -57,6 +58,7 @@ mod joins;
 mod measure;
 mod redis_broadcast;
 mod shards;
+mod zclient;
 
 #[derive(Parser)]
 #[command(
