@@ -7,7 +7,8 @@
 #   MODES=standalone VIEWERS=10000 scripts/bench.sh
 #   MODES=cluster RUNS=3 scripts/bench.sh
 #   IDLE_SIGNED_IN=1 IDLE_WINDOW=30 VIEWERS=10000 MODES=standalone SCENARIOS=idle scripts/bench.sh
-#   GATEWAY_BIN=/path/to/other/gateway scripts/bench.sh   # an A/B build
+#   GATEWAY_BIN=/path/to/other/gateway scripts/bench.sh   # an A/B build (an older build that does not
+#                                    # know a newer setting: GATEWAY_CONFIG=its own config/gateway.toml)
 #   scripts/bench.sh history         # the cost of room history: fan-out CPU with history on vs off,
 #                                    # join latency with history_on_join 20 vs 0 (medians of RUNS)
 #   scripts/bench.sh compare         # the gateway against the bare stack (shared/perf/ceiling, one

@@ -2,6 +2,11 @@
 # RFC 6455 conformance with Autobahn|Testsuite (`wstest -m fuzzingclient`), DESIGN §14:
 #   - cases 1–7, 9 and 10 against the echo server made of the gateway's own reading rules
 #     (gateway/examples/echo.rs: wsread::FrameReader, wsmessage::Assembler);
+#   - cases 12 and 13 (permessage-deflate) against the same echo server with --deflate: the
+#     gateway's negotiation, its compressor on every echo and its bounded inflate (agent
+#     echo-deflate). All 216 take about 6 minutes here, so by default a subset runs: every group's
+#     cases 1–9 of case 12 (payloads of 16 B to 64 KiB, 1,000 messages each) and 12.2.14/12.5.14
+#     (64 KiB in 256-byte fragments), cases 1–4 of every offer of case 13; AUTOBAHN_DEFLATE=all runs them all;
 #   - cases 2–7 against the gateway itself (a private redis-server and the gateway on free ports).
 # Fails on any FAILED case (behaviour or close behaviour) that is not in EXCEPTIONS below; prints a
 # count per status and target, and every NON-STRICT case with Autobahn's reason.
@@ -13,6 +18,7 @@
 #   AUTOBAHN_HOME  the virtualenv's home (default ${XDG_CACHE_HOME:-~/.cache}/gateway-autobahn)
 #   PYTHON2        a Python 2.7 interpreter (default: pyenv's 2.7.18, else python2.7 on PATH)
 #   REPORT_DIR     where Autobahn's reports go (default target/autobahn; open index.html there)
+#   AUTOBAHN_DEFLATE  `all`: every case of 12 and 13 (default: the subset above)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -116,6 +122,9 @@ wait_line() {
 target/release/examples/echo --listen 127.0.0.1:0 >"$work/echo.out" 2>"$work/echo.err" &
 pids+=($!)
 echo_addr=$(wait_line "$work/echo.out" '"listening"' | sed -E 's/.*"addr":"([^"]+)".*/\1/')
+target/release/examples/echo --listen 127.0.0.1:0 --deflate >"$work/echoz.out" 2>"$work/echoz.err" &
+pids+=($!)
+echoz_addr=$(wait_line "$work/echoz.out" '"listening"' | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --protected-mode no \
@@ -137,19 +146,32 @@ gateway_addr=$(wait_line "$work/gateway.out" '"event":"listening"' | sed -E 's/.
 # --- the run ------------------------------------------------------------------------------------
 rm -rf "$REPORT_DIR"
 mkdir -p "$REPORT_DIR"
+if [ "${AUTOBAHN_DEFLATE:-subset}" = all ]; then
+  deflate_cases='"12.*", "13.*"'
+else
+  deflate_cases=$(for g in 1 2 3 4 5; do for c in 1 2 3 4 5 6 7 8 9; do printf '"12.%s.%s", ' "$g" "$c"; done; done
+    printf '"12.2.14", "12.5.14", '
+    for g in 1 2 3 4 5 6 7; do for c in 1 2 3 4; do printf '"13.%s.%s", ' "$g" "$c"; done; done)
+  deflate_cases=${deflate_cases%, }
+fi
 cat >"$work/fuzzingclient.json" <<EOF
 {
   "outdir": "$REPORT_DIR",
   "servers": [
     {"agent": "echo", "url": "ws://$echo_addr"},
+    {"agent": "echo-deflate", "url": "ws://$echoz_addr"},
     {"agent": "gateway", "url": "ws://$gateway_addr/socket/websocket?vsn=2.0.0"}
   ],
-  "cases": ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"],
+  "cases": ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*", $deflate_cases],
   "exclude-cases": [],
-  "exclude-agent-cases": {"gateway": ["1.*", "9.*", "10.*"]}
+  "exclude-agent-cases": {
+    "echo": ["12.*", "13.*"],
+    "echo-deflate": ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"],
+    "gateway": ["1.*", "9.*", "10.*", "12.*", "13.*"]
+  }
 }
 EOF
-echo "== wstest -m fuzzingclient: echo (cases 1-7, 9, 10) at $echo_addr, gateway (cases 2-7) at $gateway_addr"
+echo "== wstest -m fuzzingclient: echo (cases 1-7, 9, 10) at $echo_addr, echo-deflate (cases 12, 13) at $echoz_addr, gateway (cases 2-7) at $gateway_addr"
 if ! (cd "$work" && "$WSTEST" -m fuzzingclient -s fuzzingclient.json >"$work/wstest.log" 2>&1); then
   tail -40 "$work/wstest.log" >&2
   echo "error: wstest failed" >&2

@@ -4,10 +4,13 @@
 //! RFC 6455 with messages echoed (`scripts/conformance.sh`). A test tool, not part of the product.
 //!
 //! It echoes text and binary messages, answers pings, and answers a close frame or fails the
-//! connection exactly as the gateway does (the same code for the same frames).
+//! connection exactly as the gateway does (the same code for the same frames). With `--deflate` it
+//! negotiates permessage-deflate as the gateway does ([`gateway::deflate`]: the same offers taken,
+//! the same answer, no context takeover) and echoes every message compressed with the gateway's
+//! compressor, so Autobahn's cases 12 and 13 check both directions.
 //!
 //! `cargo run --release --example echo -- [--listen ADDR] [--max-message-bytes N]
-//! [--idle-timeout-ms N]` prints `{"event":"listening","addr":"HOST:PORT"}` on stdout once it
+//! [--idle-timeout-ms N] [--deflate]` prints `{"event":"listening","addr":"HOST:PORT"}` on stdout once it
 //! listens.
 
 use std::convert::Infallible;
@@ -22,6 +25,7 @@ use gateway::wsmessage::{Assembler, Event, Message, Violation};
 use gateway::wsread::FrameReader;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_EXTENSIONS};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -39,6 +43,9 @@ struct Opts {
     /// As `server.idle_timeout_ms`: the idle limit, and a fragmented message's time.
     #[arg(long, default_value_t = 60_000)]
     idle_timeout_ms: u64,
+    /// Accept permessage-deflate (as `server.compression`) and echo messages compressed.
+    #[arg(long)]
+    deflate: bool,
 }
 
 #[tokio::main]
@@ -71,6 +78,13 @@ fn upgrade(mut req: Request<Incoming>, opts: Opts) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
     }
+    let deflate = opts.deflate
+        && gateway::deflate::negotiate(
+            req.headers()
+                .get_all(SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
     let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
@@ -79,16 +93,24 @@ fn upgrade(mut req: Request<Incoming>, opts: Opts) -> Response<Body> {
         if let Ok(ws) = fut.await
             && let Some((read, write)) = upgraded_tcp(ws.into_inner())
         {
-            echo(read, write, opts).await;
+            echo(read, write, Opts { deflate, ..opts }).await;
         }
     });
-    resp.map(|_| Full::new(Bytes::new()))
+    let mut resp = resp.map(|_| Full::new(Bytes::new()));
+    if deflate {
+        resp.headers_mut().insert(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(gateway::deflate::RESPONSE),
+        );
+    }
+    resp
 }
 
 /// Serves one connection: the gateway's read loop, with an echo where the gateway decodes.
 async fn echo((read, early): (OwnedReadHalf, Bytes), mut w: OwnedWriteHalf, opts: Opts) {
     let idle = Duration::from_millis(opts.idle_timeout_ms);
-    let mut rd = FrameReader::new(read, early, opts.max_message_bytes);
+    let mut rd = FrameReader::new(read, early, opts.max_message_bytes).deflating(opts.deflate);
+    let z = opts.deflate;
     let mut messages = Assembler::new(opts.max_message_bytes, idle);
     let code = loop {
         let now = Instant::now();
@@ -105,8 +127,8 @@ async fn echo((read, early): (OwnedReadHalf, Bytes), mut w: OwnedWriteHalf, opts
             Ok(Ok(f)) => f,
         };
         let sent = match messages.push(frame, Instant::now().into_std()) {
-            Ok(Event::Message(Message::Text(t))) => send(&mut w, 0x1, &t).await,
-            Ok(Event::Message(Message::Binary(b))) => send(&mut w, 0x2, &b).await,
+            Ok(Event::Message(Message::Text(t))) => send_message(&mut w, 0x1, t, z).await,
+            Ok(Event::Message(Message::Binary(b))) => send_message(&mut w, 0x2, b, z).await,
             Ok(Event::Ping(p)) => send(&mut w, 0xA, &p).await,
             Ok(Event::Partial | Event::Pong) => Ok(()),
             Ok(Event::Close(code)) => break code,
@@ -122,7 +144,23 @@ async fn echo((read, early): (OwnedReadHalf, Bytes), mut w: OwnedWriteHalf, opts
     let _ = w.shutdown().await;
 }
 
-/// Writes one final, unmasked server frame.
+/// Echoes a message: compressed as the gateway compresses (RSV1, the sync tail left off) when
+/// permessage-deflate was negotiated, whatever its size, else as it came.
+async fn send_message(
+    w: &mut OwnedWriteHalf,
+    opcode: u8,
+    payload: Vec<u8>,
+    deflate: bool,
+) -> std::io::Result<()> {
+    if !deflate {
+        return send(w, opcode, &payload).await;
+    }
+    let c = gateway::deflate::compressed(&Bytes::from(payload));
+    let body = &c[..c.len() - gateway::deflate::SYNC_TAIL.len()];
+    send(w, 0x40 | opcode, body).await
+}
+
+/// Writes one final, unmasked server frame (`opcode` may carry RSV1).
 async fn send(w: &mut OwnedWriteHalf, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
     let mut frame = Vec::with_capacity(10 + payload.len());
     frame.push(0x80 | opcode);

@@ -133,9 +133,14 @@ fn deflate_with(c: &mut Compress, input: &[u8]) -> Vec<u8> {
         if out.capacity() - out.len() < 64 {
             out.reserve(out.capacity().max(1024));
         }
-        // a sync flush that fills the buffer is called again until it leaves room to spare
+        // a sync flush that fills the buffer is called again until it leaves room to spare and
+        // has written its empty stored block
         match c.compress_vec(&input[read..], &mut out, FlushCompress::Sync) {
-            Ok(_) if c.total_in() as usize == input.len() && out.len() < out.capacity() => {
+            Ok(_)
+                if c.total_in() as usize == input.len()
+                    && out.len() < out.capacity()
+                    && out.ends_with(&SYNC_TAIL) =>
+            {
                 break;
             }
             Ok(_) => {}
@@ -180,6 +185,8 @@ pub fn inflate(input: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
         // the message, then the empty stored block the sender left off
         for part in [input, &SYNC_TAIL[..]] {
             let start = d.total_in();
+            // called until a call moves nothing with all of `part` taken: the inflater may hold
+            // output back (its window) after it has taken the last input byte
             loop {
                 if out.len() == out.capacity() {
                     let room = out.capacity().min((max + 1).saturating_sub(out.len()));
@@ -200,11 +207,11 @@ pub fn inflate(input: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
                     return Ok(out);
                 }
                 let used_now = (d.total_in() - start) as usize;
-                let room_left = out.len() < out.capacity();
-                if used_now == part.len() && room_left {
-                    break;
-                }
-                if used_now == used && out.len() == made && room_left {
+                if used_now == used && out.len() == made && out.len() < out.capacity() {
+                    if used_now == part.len() {
+                        break;
+                    }
+                    // input left, room left, and nothing moves
                     return Err(InflateError::Corrupt);
                 }
             }
@@ -240,6 +247,39 @@ mod tests {
         // as sent: without the tail the receiver appends
         let sent = &c[..c.len() - 4];
         assert_eq!(inflate(sent, 1 << 20).unwrap(), &p[..]);
+    }
+
+    /// Found by Autobahn's 12.2 and 12.5 (64 KiB slices of a bitmap and a PDF): miniz_oxide can
+    /// take all the input of a sync flush, leave room in the buffer, and not have written the
+    /// flush yet; a compressor that stopped there sent a message cut short.
+    #[test]
+    fn a_sync_flush_is_finished_whatever_the_data() {
+        let mut x: u64 = 99;
+        for k in 0..40usize {
+            let data: Bytes = (0..65536usize)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if (i / 64) % (2 + k % 5) == 0 {
+                        (x % 256) as u8
+                    } else {
+                        (x % 4) as u8
+                    }
+                })
+                .collect::<Vec<u8>>()
+                .into();
+            let c = compressed(&data);
+            assert!(
+                c.ends_with(&SYNC_TAIL),
+                "input {k}: no sync flush at the end"
+            );
+            assert_eq!(
+                inflate(&c[..c.len() - 4], 1 << 20).unwrap(),
+                &data[..],
+                "input {k}"
+            );
+        }
     }
 
     #[test]
@@ -340,5 +380,42 @@ mod tests {
         }
         // two header lines
         assert!(negotiate(["foo", "permessage-deflate"]));
+    }
+
+    mod proptests {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any head and any body (random bytes, or runs of a few, as JSON compresses): a
+            /// compressed message alone, and a stored head before the shared compressed body and
+            /// the stored bracket, inflate to exactly what they stand for.
+            #[test]
+            fn composed_messages_inflate_to_their_parts(
+                head in vec(any::<u8>(), 0..300),
+                runs in vec((any::<u8>(), 1usize..300), 0..40),
+                noise in vec(any::<u8>(), 0..2000),
+            ) {
+                let mut body: Vec<u8> = runs.iter().flat_map(|&(b, n)| std::iter::repeat_n(b, n)).collect();
+                body.extend_from_slice(&noise);
+                let body = Bytes::from(body);
+                let c = compressed(&body);
+                prop_assert!(c.ends_with(&SYNC_TAIL));
+                prop_assert_eq!(inflate(&c[..c.len() - 4], 1 << 20).unwrap(), body.to_vec());
+                let mut wire = stored(&head).to_vec();
+                wire.extend_from_slice(&c);
+                wire.extend_from_slice(&STORED_CLOSE_BRACKET);
+                let mut want = head.clone();
+                want.extend_from_slice(&body);
+                want.push(b']');
+                prop_assert_eq!(inflate(&wire, 1 << 20).unwrap(), want.clone());
+                // the limit holds at the exact size and one below it
+                prop_assert_eq!(inflate(&wire, want.len()).unwrap().len(), want.len());
+                prop_assert_eq!(inflate(&wire, want.len() - 1), Err(InflateError::TooBig));
+            }
+        }
     }
 }
