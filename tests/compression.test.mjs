@@ -148,3 +148,20 @@ test('with server.compression off (the default) an offer is not taken and frames
   assert.equal(socket.conn.extensions, '', 'phoenix.js on ws runs uncompressed');
   socket.disconnect();
 });
+
+test('offers: a server window of 15 bits is repeated in the answer, a smaller one is declined', { timeout: 20000 }, async () => {
+  const ext = (c) => (c.response.match(/^sec-websocket-extensions: (.*)$/im) || [])[1];
+  const a = await wire(gw, { headers: { 'Sec-WebSocket-Extensions': 'permessage-deflate; server_max_window_bits=15' } });
+  assert.equal(ext(a), 'permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15');
+  a.destroy();
+  // the first acceptable offer wins; one asking for a 10-bit server window is skipped
+  const b = await wire(gw, { headers: { 'Sec-WebSocket-Extensions': 'permessage-deflate; server_max_window_bits=10, permessage-deflate; client_max_window_bits' } });
+  assert.equal(ext(b), 'permessage-deflate; server_no_context_takeover; client_no_context_takeover');
+  b.destroy();
+  const c = await wire(gw, { headers: { 'Sec-WebSocket-Extensions': 'permessage-deflate; server_max_window_bits=10' } });
+  assert.equal(ext(c), undefined, 'declined: the socket runs uncompressed');
+  c.write(clientFrame(1, ['1', '1', 'rooms:big', 'phx_join', {}]));
+  const state = await c.json((f) => f[3] === 'presence_state', 'presence_state');
+  assert.equal(state.rsv1, false);
+  c.destroy();
+});

@@ -78,13 +78,16 @@ fn upgrade(mut req: Request<Incoming>, opts: Opts) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
     }
-    let deflate = opts.deflate
-        && gateway::deflate::negotiate(
+    let deflate = if opts.deflate {
+        gateway::deflate::negotiate(
             req.headers()
                 .get_all(SEC_WEBSOCKET_EXTENSIONS)
                 .iter()
                 .filter_map(|v| v.to_str().ok()),
-        );
+        )
+    } else {
+        None
+    };
     let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
@@ -93,15 +96,14 @@ fn upgrade(mut req: Request<Incoming>, opts: Opts) -> Response<Body> {
         if let Ok(ws) = fut.await
             && let Some((read, write)) = upgraded_tcp(ws.into_inner())
         {
+            let deflate = deflate.is_some();
             echo(read, write, Opts { deflate, ..opts }).await;
         }
     });
     let mut resp = resp.map(|_| Full::new(Bytes::new()));
-    if deflate {
-        resp.headers_mut().insert(
-            SEC_WEBSOCKET_EXTENSIONS,
-            HeaderValue::from_static(gateway::deflate::RESPONSE),
-        );
+    if let Some(answer) = deflate {
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(answer));
     }
     resp
 }

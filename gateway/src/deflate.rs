@@ -2,7 +2,7 @@
 //! its own (`server_no_context_takeover`, `client_no_context_takeover`), so a socket holds no
 //! compression state at all, and a payload shared by many sockets is compressed once.
 //!
-//! - [`negotiate`] picks the client's first acceptable offer and answers [`RESPONSE`].
+//! - [`negotiate`] picks the client's first acceptable offer and gives the answer to send.
 //! - [`compressed`] deflates a shared payload once per thread and hands the same [`Bytes`] to
 //!   every socket that sends it (a small cache keyed by the payload's identity).
 //! - [`stored`] wraps a socket's own few bytes (a channel push's head) in an uncompressed DEFLATE
@@ -22,6 +22,9 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 /// 32 KiB window (and the compressor's tables) for its lifetime.
 pub const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+/// The answer to an offer that named `server_max_window_bits=15`, which the answer must repeat
+/// (RFC 7692 §7.1.2.1).
+pub const RESPONSE_WINDOW_15: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15";
 
 /// Payloads shorter than this are sent uncompressed.
 pub const MIN_BYTES: usize = 1024;
@@ -34,44 +37,45 @@ pub const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// block whose other four bytes the receiver appends.
 pub const STORED_CLOSE_BRACKET: [u8; 7] = [0x00, 0x01, 0x00, 0xfe, 0xff, b']', 0x00];
 
-/// Whether the `Sec-WebSocket-Extensions` header values offer permessage-deflate in a form this
-/// server accepts: an offer whose parameters are all known, not repeated, and that does not ask
-/// for a server window below 15 bits (the compressor always uses 32 KiB). A client window size,
-/// if given, needs nothing: the inflater takes any window up to 32 KiB.
-pub fn negotiate<'a>(values: impl IntoIterator<Item = &'a str>) -> bool {
+/// The answer to the `Sec-WebSocket-Extensions` header values when they offer permessage-deflate
+/// in a form this server accepts (the first such offer): an offer whose parameters are all known,
+/// not repeated, and that does not ask for a server window below 15 bits (the compressor always
+/// uses 32 KiB). A client window size, if given, needs nothing: the inflater takes any window up
+/// to 32 KiB. `None`: no offer taken, the socket runs uncompressed.
+pub fn negotiate<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
     values
         .into_iter()
         .flat_map(|v| v.split(','))
-        .any(acceptable_offer)
+        .find_map(acceptable_offer)
 }
 
-fn acceptable_offer(offer: &str) -> bool {
+fn acceptable_offer(offer: &str) -> Option<&'static str> {
     let mut parts = offer.split(';').map(str::trim);
     if parts.next() != Some("permessage-deflate") {
-        return false;
+        return None;
     }
     let mut seen: Vec<&str> = Vec::new();
+    let mut answer = RESPONSE;
     for p in parts {
         let (name, value) = match p.split_once('=') {
             Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
             None => (p, None),
         };
         if seen.contains(&name) {
-            return false;
+            return None;
         }
         seen.push(name);
-        let ok = match (name, value) {
-            ("server_no_context_takeover" | "client_no_context_takeover", None) => true,
-            ("client_max_window_bits", None) => true,
-            ("client_max_window_bits", Some(v)) => window_bits(v).is_some(),
-            ("server_max_window_bits", Some(v)) => window_bits(v) == Some(15),
-            _ => false,
-        };
-        if !ok {
-            return false;
+        match (name, value) {
+            ("server_no_context_takeover" | "client_no_context_takeover", None) => {}
+            ("client_max_window_bits", None) => {}
+            ("client_max_window_bits", Some(v)) if window_bits(v).is_some() => {}
+            ("server_max_window_bits", Some(v)) if window_bits(v) == Some(15) => {
+                answer = RESPONSE_WINDOW_15;
+            }
+            _ => return None,
         }
     }
-    true
+    Some(answer)
 }
 
 fn window_bits(v: &str) -> Option<u8> {
@@ -362,8 +366,18 @@ mod tests {
             "permessage-deflate; server_max_window_bits=15; client_no_context_takeover",
         ];
         for o in ok {
-            assert!(negotiate([o]), "{o}");
+            assert!(negotiate([o]).is_some(), "{o}");
         }
+        // an offer naming the server's window gets it repeated in the answer
+        assert_eq!(negotiate(["permessage-deflate"]), Some(RESPONSE));
+        assert_eq!(
+            negotiate(["permessage-deflate; server_max_window_bits=15"]),
+            Some(RESPONSE_WINDOW_15)
+        );
+        assert_eq!(
+            negotiate(["permessage-deflate; server_max_window_bits=9, permessage-deflate"]),
+            Some(RESPONSE)
+        );
         let refused = [
             "",
             "x-webkit-deflate-frame",
@@ -376,10 +390,10 @@ mod tests {
             "permessage-deflate; server_no_context_takeover=1",
         ];
         for o in refused {
-            assert!(!negotiate([o]), "{o}");
+            assert_eq!(negotiate([o]), None, "{o}");
         }
         // two header lines
-        assert!(negotiate(["foo", "permessage-deflate"]));
+        assert_eq!(negotiate(["foo", "permessage-deflate"]), Some(RESPONSE));
     }
 
     mod proptests {

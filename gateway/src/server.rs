@@ -212,13 +212,16 @@ async fn handle(
         tracing::debug!(%peer, error = %e, "token refused; socket stays anonymous");
     }
     // permessage-deflate, when enabled and offered in a form we take (no per-socket state)
-    let deflate = app.cfg.server.compression
-        && crate::deflate::negotiate(
+    let deflate = if app.cfg.server.compression {
+        crate::deflate::negotiate(
             req.headers()
                 .get_all(SEC_WEBSOCKET_EXTENSIONS)
                 .iter()
                 .filter_map(|v| v.to_str().ok()),
-        );
+        )
+    } else {
+        None
+    };
     let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
@@ -239,7 +242,7 @@ async fn handle(
                     app,
                     ws.into_inner(),
                     (identity, error),
-                    (socket, deflate),
+                    (socket, deflate.is_some()),
                     permit,
                 );
                 if socket == 1 {
@@ -256,11 +259,9 @@ async fn handle(
         resp.headers_mut()
             .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("phoenix"));
     }
-    if deflate {
-        resp.headers_mut().insert(
-            SEC_WEBSOCKET_EXTENSIONS,
-            HeaderValue::from_static(crate::deflate::RESPONSE),
-        );
+    if let Some(answer) = deflate {
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(answer));
     }
     resp
 }
