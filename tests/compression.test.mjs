@@ -39,6 +39,14 @@ after(async () => {
   await teardown({ gateways: [gw, plain], redis });
 });
 
+/** `gateway_connections_compressed` of gateway `g`. */
+async function compressedSockets(g) {
+  const text = await (await fetch(`${g.adminUrl}/metrics`)).text();
+  const m = text.match(/^gateway_connections_compressed (\S+)$/m);
+  assert.ok(m, 'the metric is exported');
+  return Number(m[1]);
+}
+
 /** A compressed message's payload as a permessage-deflate sender puts it in a frame. */
 const deflated = (data) => {
   const c = zlib.deflateRawSync(Buffer.from(data), { finishFlush: zlib.constants.Z_SYNC_FLUSH });
@@ -65,8 +73,10 @@ async function wire(g, { token, headers = OFFER } = {}) {
 }
 
 test('phoenix.js on ws negotiates compression; a big presence_state arrives whole and Presence lists everyone', { timeout: 30000 }, async () => {
+  const before = await compressedSockets(gw);
   const socket = await connect(`${gw.publicUrl}`, { token: hs256(claims('viewer', 'Viewer')) });
   assert.match(socket.conn.extensions, /permessage-deflate/, 'the ws transport negotiated the extension');
+  await waitFor(async () => (await compressedSockets(gw)) === before + 1, 3000, 'gateway_connections_compressed counts it');
   const ch = socket.channel('rooms:big', {});
   const presence = new Presence(ch);
   const got = record(ch);
@@ -84,6 +94,7 @@ test('phoenix.js on ws negotiates compression; a big presence_state arrives whol
   const m = members[3];
   await m.next((f) => f[3] === 'new_msg' && f[4].body === body, 5000, 'the large broadcast at a member');
   socket.disconnect();
+  await waitFor(async () => (await compressedSockets(gw)) === before, 3000, 'gateway_connections_compressed back when it closes');
 });
 
 test('on the wire: large frames carry RSV1 and inflate to the JSON; small ones are plain', { timeout: 20000 }, async () => {
@@ -146,6 +157,7 @@ test('with server.compression off (the default) an offer is not taken and frames
   c.destroy();
   const socket = await connect(`${plain.publicUrl}`, {});
   assert.equal(socket.conn.extensions, '', 'phoenix.js on ws runs uncompressed');
+  assert.equal(await compressedSockets(plain), 0);
   socket.disconnect();
 });
 

@@ -194,6 +194,7 @@ pub mod close_code {
 struct Inner {
     registry: Registry,
     connections: IntGaugeVec,
+    compressed: IntGauge,
     rooms_local: IntGauge,
     joins: IntCounterVec,
     pushes: IntCounterVec,
@@ -239,6 +240,10 @@ impl Metrics {
         let connections = must(IntGaugeVec::new(
             Opts::new("gateway_connections", "Open WebSocket connections by kind"),
             &["kind"],
+        ));
+        let compressed = must(IntGauge::new(
+            "gateway_connections_compressed",
+            "Open WebSocket connections that negotiated permessage-deflate (server.compression)",
         ));
         let rooms_local = must(IntGauge::new(
             "gateway_rooms_local",
@@ -370,6 +375,7 @@ impl Metrics {
         ));
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         reg(Box::new(connections.clone()));
+        reg(Box::new(compressed.clone()));
         reg(Box::new(rooms_local.clone()));
         reg(Box::new(joins.clone()));
         reg(Box::new(pushes.clone()));
@@ -417,6 +423,7 @@ impl Metrics {
         Metrics(Arc::new(Inner {
             registry,
             connections,
+            compressed,
             rooms_local,
             joins,
             pushes,
@@ -452,6 +459,10 @@ impl Metrics {
             .with_label_values(&[kind(signed_in)])
             .dec();
         self.0.closes.with_label_values(&[close_label(code)]).inc();
+    }
+    /// A socket that negotiated permessage-deflate opened (`+1`) or closed (`-1`).
+    pub fn compressed_connection(&self, delta: i64) {
+        self.0.compressed.add(delta);
     }
     pub fn rooms_local(&self, n: usize) {
         self.0.rooms_local.set(n as i64);

@@ -125,6 +125,9 @@ pub async fn run(
     .deflating(deflate);
     let signed_in = identity.user().is_some();
     app.metrics.connection_opened(signed_in);
+    if deflate {
+        app.metrics.compressed_connection(1);
+    }
     app.sessions
         .insert(socket, out.clone(), identity.user().map(|u| u.id.as_str()));
     if app.is_draining() {
@@ -183,6 +186,9 @@ pub async fn run(
     Box::pin(session.leave_all()).await;
     app.sessions.remove(socket);
     app.metrics.connection_closed(signed_in, closed_code);
+    if deflate {
+        app.metrics.compressed_connection(-1);
+    }
 }
 
 impl Session {
