@@ -79,12 +79,7 @@ fn upgrade(mut req: Request<Incoming>, opts: Opts) -> Response<Body> {
         return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
     }
     let deflate = if opts.deflate {
-        gateway::deflate::negotiate(
-            req.headers()
-                .get_all(SEC_WEBSOCKET_EXTENSIONS)
-                .iter()
-                .filter_map(|v| v.to_str().ok()),
-        )
+        gateway::deflate::negotiate_headers(req.headers())
     } else {
         None
     };

@@ -49,6 +49,16 @@ pub fn negotiate<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<&'stat
         .find_map(acceptable_offer)
 }
 
+/// [`negotiate`] over a request's `Sec-WebSocket-Extensions` headers.
+pub fn negotiate_headers(headers: &hyper::HeaderMap) -> Option<&'static str> {
+    negotiate(
+        headers
+            .get_all(hyper::header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
 fn acceptable_offer(offer: &str) -> Option<&'static str> {
     let mut parts = offer.split(';').map(str::trim);
     if parts.next() != Some("permessage-deflate") {

@@ -213,12 +213,7 @@ async fn handle(
     }
     // permessage-deflate, when enabled and offered in a form we take (no per-socket state)
     let deflate = if app.cfg.server.compression {
-        crate::deflate::negotiate(
-            req.headers()
-                .get_all(SEC_WEBSOCKET_EXTENSIONS)
-                .iter()
-                .filter_map(|v| v.to_str().ok()),
-        )
+        crate::deflate::negotiate_headers(req.headers())
     } else {
         None
     };

@@ -27,12 +27,26 @@ where
 pub type Ws = FragmentCollector<TokioIo<hyper::upgrade::Upgraded>>;
 
 pub async fn open(addr: &str, token: Option<&str>) -> anyhow::Result<Ws> {
+    let (ws, _) = handshake(addr, token, None).await?;
+    Ok(FragmentCollector::new(ws))
+}
+
+/// Connects to `addr` and upgrades `/socket/websocket?vsn=2.0.0` (with `token` if any, and a
+/// `Sec-WebSocket-Extensions` offer if any); the socket and the server's 101 response.
+pub async fn handshake(
+    addr: &str,
+    token: Option<&str>,
+    extensions: Option<&str>,
+) -> anyhow::Result<(
+    fastwebsockets::WebSocket<TokioIo<hyper::upgrade::Upgraded>>,
+    hyper::Response<hyper::body::Incoming>,
+)> {
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
     tcp.set_nodelay(true)?;
     let q = token.map(|t| format!("&token={t}")).unwrap_or_default();
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method("GET")
         // origin-form (a path, the host in `Host`): uWebSockets answers an absolute URI with 505
         .uri(format!("/socket/websocket?vsn=2.0.0{q}"))
@@ -43,10 +57,12 @@ pub async fn open(addr: &str, token: Option<&str>) -> anyhow::Result<Ws> {
             "Sec-WebSocket-Key",
             fastwebsockets::handshake::generate_key(),
         )
-        .header("Sec-WebSocket-Version", "13")
-        .body(Empty::<Bytes>::new())?;
-    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await?;
-    Ok(FragmentCollector::new(ws))
+        .header("Sec-WebSocket-Version", "13");
+    if let Some(e) = extensions {
+        req = req.header("Sec-WebSocket-Extensions", e);
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
+    Ok(fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await?)
 }
 
 pub async fn send(ws: &mut Ws, text: String) -> anyhow::Result<()> {

@@ -4,16 +4,9 @@
 //! gateway's own [`gateway::deflate::inflate`]. Server frames only (unmasked, never fragmented by
 //! the gateway); what it sends is one masked text frame at a time.
 
-use anyhow::{Context, bail};
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::Request;
-use hyper::header::{CONNECTION, UPGRADE};
+use anyhow::bail;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-
-use crate::client::SpawnExecutor;
 
 /// The largest message this client inflates (a 10,000-member `presence_state` is about 1 MB).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -38,30 +31,8 @@ pub const CLOSE: u8 = 8;
 /// Opens a socket to `addr`, signed in with `token` if any, offering permessage-deflate when
 /// `offer`.
 pub async fn open(addr: &str, token: Option<&str>, offer: bool) -> anyhow::Result<ZWs> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect {addr}"))?;
-    tcp.set_nodelay(true)?;
-    let q = token.map(|t| format!("&token={t}")).unwrap_or_default();
-    let mut req = Request::builder()
-        .method("GET")
-        .uri(format!("/socket/websocket?vsn=2.0.0{q}"))
-        .header("Host", addr)
-        .header(UPGRADE, "websocket")
-        .header(CONNECTION, "upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("Sec-WebSocket-Version", "13");
-    if offer {
-        req = req.header(
-            "Sec-WebSocket-Extensions",
-            "permessage-deflate; client_max_window_bits",
-        );
-    }
-    let req = req.body(Empty::<Bytes>::new())?;
-    let (ws, resp) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await?;
+    let offer = offer.then_some("permessage-deflate; client_max_window_bits");
+    let (ws, resp) = crate::client::handshake(addr, token, offer).await?;
     let deflate = resp
         .headers()
         .get("sec-websocket-extensions")
