@@ -7,6 +7,7 @@
 #   MODES=standalone VIEWERS=10000 scripts/bench.sh
 #   MODES=cluster RUNS=3 scripts/bench.sh
 #   IDLE_SIGNED_IN=1 IDLE_WINDOW=30 VIEWERS=10000 MODES=standalone SCENARIOS=idle scripts/bench.sh
+#   IDLE_WINDOW=30 CASES=idle SERVERS="uws gateway" RUNS=3 scripts/bench.sh compare   # + CPU held idle
 #   GATEWAY_BIN=/path/to/other/gateway scripts/bench.sh   # an A/B build (an older build that does not
 #                                    # know a newer setting: GATEWAY_CONFIG=its own config/gateway.toml)
 #   scripts/bench.sh history         # the cost of room history: fan-out CPU with history on vs off,
@@ -368,7 +369,7 @@ compare_bench() {
       if [[ " $CASES " == *" idle "* ]]; then
       echo "-- run $i/$RUNS: $server idle ($viewers anonymous viewers on one process)"
       compare_case "$server" "$i" idle target/release/bench --gateway "$url1" --room "cmp$i-idle" \
-        idle --viewers "$viewers" --pid "$idle_pid"
+        idle --viewers "$viewers" --pid "$idle_pid" --idle-window "$IDLE_WINDOW"
       sleep 3   # the viewers' leaves settle
       fi
       if [[ " $CASES " == *" joins "* ]]; then
