@@ -11,7 +11,7 @@
 //!
 //! Redis keys and other sessions are out of reach from here.
 //!
-//! Why one file of ~645 lines: it is one concept, a connection's life — the read loop and the
+//! Why one file of ~650 lines: it is one concept, a connection's life — the read loop and the
 //! three things a client asks of it (join, leave, push), which share the channel map, the
 //! buckets and the refused-join count. The parts that stand alone already live apart: framing
 //! (`wsread`, `wsmessage`), the writer (`outbox`), the hook queue (`pushes`), the rules (`rooms`).

@@ -2,7 +2,9 @@
 //! writer holding nothing, the byte and frame bounds, and the close rules (first request wins,
 //! queued frames before a close except 4008, a client's close echoed at once).
 
+use super::frame::frame_parts;
 use super::*;
+use crate::deflate;
 
 async fn framed(m: Out) -> Vec<u8> {
     let ((head, n), parts) = frame_parts(&m);
