@@ -7,40 +7,13 @@
 import { spawn, execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { requireTool, waitFor, withTimeout, uid } from './harness.mjs';
+import { freePort, requireTool, waitFor, withTimeout, uid } from './harness.mjs';
 import { tlsServerArgs, tlsCliArgs, tlsFilesEnv } from './tls.mjs';
 
 const procs = new Set();
 process.on('exit', () => { for (const p of procs) { try { p.kill('SIGKILL'); } catch { /* gone */ } } });
-
-async function isFree(port) {
-  const srv = net.createServer();
-  try {
-    srv.listen(port, '127.0.0.1');
-    await once(srv, 'listening');
-    return true;
-  } catch {
-    return false;
-  } finally {
-    srv.close();
-  }
-}
-
-/** A port p with p and its cluster bus port p + 10000 both free. */
-async function freeClusterPort(taken) {
-  for (let i = 0; i < 200; i++) {
-    const p = 20000 + Math.floor(Math.random() * 30000);
-    if (taken.has(p) || taken.has(p + 10000)) continue;
-    if (await isFree(p) && await isFree(p + 10000)) {
-      taken.add(p); taken.add(p + 10000);
-      return p;
-    }
-  }
-  throw new Error('no free port pair for a cluster node');
-}
 
 export async function startCluster({ nodeTimeoutMs = 2000, tls, serverArgs = [] } = {}) {
   requireTool('redis-server');
@@ -49,7 +22,6 @@ export async function startCluster({ nodeTimeoutMs = 2000, tls, serverArgs = [] 
   const cliOn = (port, ...args) => execFileSync('redis-cli', ['-h', '127.0.0.1', '-p', String(port), ...cliTls, '--raw', ...args.map(String)], {
     encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000,
   }).replace(/\n$/, '');
-  const taken = new Set();
   const nodes = [];
   const start = (n) => {
     const proc = spawn('redis-server', [
@@ -68,7 +40,7 @@ export async function startCluster({ nodeTimeoutMs = 2000, tls, serverArgs = [] 
     proc.on('exit', () => { n.exited = true; procs.delete(proc); });
   };
   for (let i = 0; i < 6; i++) {
-    const port = await freeClusterPort(taken);
+    const port = await freePort({ span: 10000 });
     const n = { port, dir: fs.mkdtempSync(path.join(os.tmpdir(), 'gw-e2e-cluster-')) };
     start(n);
     nodes.push(n);
@@ -155,7 +127,8 @@ export async function startCluster({ nodeTimeoutMs = 2000, tls, serverArgs = [] 
     async restart(port) {
       const n = cluster.node(port);
       start(n);
-      await waitFor(() => { try { return cliOn(n.port, 'PING') === 'PONG'; } catch { return false; } }, 5000, `node ${port} back`);
+      await waitFor(() => { try { return cliOn(n.port, 'PING') === 'PONG'; } catch { return false; } }, 5000, `node ${port} back`)
+        .catch((e) => { throw new Error(`${e.message}; its log:\n${n.log.slice(-2000)}`); });
     },
     async stop() {
       for (const n of nodes) {

@@ -70,13 +70,48 @@ export function uid(prefix = 'r') {
   return `${prefix}_${process.pid.toString(36)}${uidCounter}${crypto.randomBytes(3).toString('hex')}`;
 }
 
-export async function freePort() {
+/** The first port of the kernel's ephemeral range (outgoing connections take their local port from it). */
+function ephemeralLow() {
+  try {
+    return Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+async function isFree(port) {
   const srv = net.createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const { port } = srv.address();
-  await new Promise((r) => srv.close(r));
-  return port;
+  try {
+    srv.listen(port, '127.0.0.1');
+    await once(srv, 'listening');
+    return true;
+  } catch {
+    return false;
+  } finally {
+    srv.close();
+  }
+}
+
+const handedOut = new Set();
+/**
+ * A free port below the kernel's ephemeral range, with `port + span` free too when `span` is given
+ * (a cluster node's bus port is its port + 10000). Servers the tests kill and restart on the same
+ * port need this: a port from the ephemeral range can be taken, while its server is down, as the
+ * local end of any outgoing connection (a gateway reconnecting, a redis-cli call), and the restart
+ * then fails with EADDRINUSE.
+ */
+export async function freePort({ span = 0 } = {}) {
+  const hi = ephemeralLow() - 1 - span;
+  for (let i = 0; hi > 10000 && i < 500; i++) {
+    const port = 10000 + Math.floor(Math.random() * (hi - 10000));
+    if (port === 6379 || handedOut.has(port) || (span && handedOut.has(port + span))) continue;
+    if (await isFree(port) && (!span || await isFree(port + span))) {
+      handedOut.add(port);
+      if (span) handedOut.add(port + span);
+      return port;
+    }
+  }
+  throw new Error(`no free port below the ephemeral range (${ephemeralLow()}) with port + ${span} free`);
 }
 
 function tail(s, n = 6000) {
