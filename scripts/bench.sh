@@ -26,6 +26,7 @@
 #                                    # UWS_DIR (default ../shared/perf/uws) is copied to a scratch dir
 #                                    # and `npm ci`-ed there at bench time. SERVERS="ceiling uws gateway"
 #                                    # picks the servers (their order rotates from run to run).
+#                                    # COMPARE_GATEWAYS=1: one gateway process instead of two.
 #   RUNS=1 VIEWERS=1000 SUBSCRIBERS=500 FANOUT_SECONDS=3 scripts/bench.sh compare   # a quick look
 #   SERVERS="uws gateway" RUNS=1 VIEWERS=1000 JOINS=500 SUBSCRIBERS=300 FANOUT_SECONDS=2 RATES=100 \
 #     scripts/bench.sh compare                                 # the uWS yardstick against the gateway
@@ -330,6 +331,13 @@ stop_uws() {
 }
 start_gw_pair() {
   start_gateway 1
+  if [ "${COMPARE_GATEWAYS:-2}" = 1 ]; then
+    # one gateway process serves both URLs (COMPARE_GATEWAYS=1), like the one uWS process
+    gw2_pid=""
+    url1=$gw1 url2=$gw1 idle_pid=$gw1_pid
+    pid_args=(--pid "$gw1_pid") redis_args=(--redis "$GATEWAY_REDIS_URL")
+    return
+  fi
   start_gateway 2
   url1=$gw1 url2=$gw2 idle_pid=$gw1_pid
   pid_args=(--pid "$gw1_pid" --pid "$gw2_pid") redis_args=(--redis "$GATEWAY_REDIS_URL")
