@@ -155,6 +155,14 @@ impl Sessions {
         v.sort_by_key(|(k, _)| *k);
         v.into_iter().map(|(_, c)| c).collect()
     }
+    /// The sockets whose idle deadline has passed at `now_ms` (see `session::idle`).
+    pub fn idle_past(&self, now_ms: u64) -> Vec<Outbox> {
+        self.lock()
+            .values()
+            .filter(|c| c.out.idle_past(now_ms))
+            .map(|c| c.out.clone())
+            .collect()
+    }
     /// The sockets on which `user` is signed in (by the connection's token or a channel's).
     pub fn of_user(&self, user: &str) -> Vec<Outbox> {
         self.lock()
@@ -304,8 +312,8 @@ impl App {
         }))
     }
 
-    /// Starts the background tasks: the pub/sub subscriber, the presence heartbeat and the node
-    /// record's refresher.
+    /// Starts the background tasks: the pub/sub subscriber, the presence heartbeat, the token
+    /// deadlines, the idle sweep and the node record's refresher.
     pub fn start(self: &Arc<Self>) {
         tokio::spawn(self.hub.clone().run_subscriber());
         if let Some(orders) = self.hub.take_control() {
@@ -316,6 +324,7 @@ impl App {
             tokio::spawn(hook.clone().run());
         }
         tokio::spawn(self.expiries.clone().run(self.hub.clone()));
+        tokio::spawn(crate::session::idle::sweep(self.clone()));
         let task = tokio::spawn(node_record(self.clone()));
         *lock(&self.node_record.task) = Some(task);
     }

@@ -1,5 +1,8 @@
 //! A socket's outbound side: its bounded queue and the single writer that empties it onto the
-//! socket. Every frame a socket gets (replies, room broadcasts, presence, pongs, the close frame)
+//! socket. The writer is a task only while it has work: a frame sent to an idle socket is written
+//! by its sender at once, and a writer task is spawned only for what the kernel did not take and
+//! for the close; once drained it hands the socket back and ends, so an idle socket has no task
+//! of its own for writing. Every frame a socket gets (replies, room broadcasts, presence, pongs, the close frame)
 //! goes through the one queue, so per-socket order is the order of enqueueing. A queue that fills
 //! up — in frames (`server.outbound_queue`) or in bytes (`server.outbound_queue_bytes`) — closes
 //! the socket as a slow consumer (4008): a slow client never slows a room or grows memory.
@@ -11,14 +14,14 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::Notify;
 
 use crate::protocol::close;
 
@@ -33,10 +36,18 @@ use frame::{BATCH, Out, write_now, write_rest};
 struct Queue {
     frames: VecDeque<Out>,
     bytes: usize,
-    /// The socket, while the writer is idle (nothing queued, nothing of its own to write): a frame
-    /// sent then is written at once by the sender, without waking the writer (see [`Outbox::push`]).
-    /// `None` while the writer works or after it ended.
+    /// The socket, while no writer task runs (nothing queued, nothing of its own to write): a frame
+    /// sent then is written at once by the sender (see [`Outbox::push`]). `None` before
+    /// [`Outbox::attach`], while a writer task holds it, and after it ended.
     sock: Option<OwnedWriteHalf>,
+    /// A writer task holds the socket.
+    writing: bool,
+    /// The writer ended (close frame sent, or the peer gone): the socket is closed.
+    ended: bool,
+    /// The session's reader, woken when a close is asked for and when the writer ends.
+    reader: Option<Waker>,
+    /// `server.write_timeout`, for the writer tasks.
+    write_timeout: Duration,
 }
 
 impl Queue {
@@ -53,8 +64,8 @@ impl Queue {
 /// A socket's outbound queue and close request, shared by the reader, every room the socket is
 /// in (the hub), the drain, and the single writer that empties it.
 ///
-/// The queue is a `VecDeque` that starts empty and, when drained, keeps at most [`KEEP_SLOTS`]
-/// slots (a tokio channel would keep a 32-slot block per socket).
+/// The queue is a `VecDeque` that is allocated only while something waits in it, and freed when
+/// drained (a tokio channel would keep a 32-slot block per socket).
 pub struct Shared {
     queue: std::sync::Mutex<Queue>,
     /// At most this many frames queued (`server.outbound_queue`).
@@ -64,10 +75,9 @@ pub struct Shared {
     cap_bytes: usize,
     /// 0 = open; a close code; [`ABORT`] = stop without a close frame (the peer is gone).
     code: AtomicU32,
-    notify: Notify,
-    /// Fired when the writer has stopped, so the reader stops too (at a frame boundary: a join
-    /// or leave under way always completes).
-    writer_done: Notify,
+    /// When the socket is closed as idle (`server.idle_timeout_ms`): milliseconds on the
+    /// session's clock (`session::idle`), set by the reader after each frame; 0 = not set.
+    idle_deadline: AtomicU64,
     metrics: crate::metrics::Metrics,
     /// The socket negotiated permessage-deflate: large payloads go out compressed.
     deflate: bool,
@@ -77,12 +87,6 @@ const ABORT: u32 = u32::MAX;
 /// Marks the echo of a client's close: the client is leaving and may read nothing more, so its
 /// queue is dropped and the session ends at once (DESIGN §14: every close ends within 1 s).
 const ECHO: u32 = 1 << 16;
-/// A drained queue keeps its storage up to this many slots (256 bytes, the smallest a `VecDeque`
-/// of frames allocates): a delivery to a socket with an empty queue then allocates nothing, and
-/// the allocation is not freed on the writer's thread after being made on the subscriber's — that
-/// traffic cost 10 % of fan-out throughput with glibc's malloc (BENCHMARKS.md). Anything a burst
-/// grew beyond it is given back.
-const KEEP_SLOTS: usize = 4;
 /// The client closed without a status code; the echo carries none either.
 pub(crate) const NO_STATUS: u16 = 1005;
 
@@ -115,8 +119,7 @@ impl Outbox {
             cap: limits.frames,
             cap_bytes: limits.bytes,
             code: AtomicU32::new(0),
-            notify: Notify::new(),
-            writer_done: Notify::new(),
+            idle_deadline: AtomicU64::new(0),
             metrics,
             deflate: false,
         }))
@@ -145,12 +148,11 @@ impl Outbox {
         self.push(Out::Wrapped(head, payload))
     }
 
-    /// A frame sent to a socket whose writer is idle (the queue empty, the socket lent) goes to
-    /// the kernel here, in the sender's own call: a room's fan-out costs one non-blocking write
-    /// per member instead of a wake-up of each member's writer task and a write there. What the
-    /// kernel does not take is queued (as the frame's remaining bytes) for the writer, which is
-    /// woken only then. Order holds: a direct write happens only while nothing is queued and the
-    /// writer has nothing of its own in flight, and it happens under the queue's lock.
+    /// A frame sent to a socket with no writer task (the queue empty, the socket here) goes to
+    /// the kernel in the sender's own call: a room's fan-out costs one non-blocking write per
+    /// member and no task wake-up. What the kernel does not take is queued (as the frame's
+    /// remaining bytes) for a writer task, which is spawned only then. Order holds: a direct
+    /// write happens only while nothing is queued and no writer runs, under the queue's lock.
     fn push(&self, out: Out) -> bool {
         if self.code() != 0 {
             return false;
@@ -168,8 +170,7 @@ impl Outbox {
                 Ok(None) => return true,
                 Ok(Some(rest)) => {
                     q.put_back(rest);
-                    drop(q);
-                    self.0.notify.notify_one();
+                    self.spawn_writer(&mut q);
                     return true;
                 }
                 Err(_) => {
@@ -191,11 +192,30 @@ impl Outbox {
         }
         q.frames.push_back(out);
         q.bytes += len;
-        drop(q);
         if !corked {
-            self.0.notify.notify_one();
+            self.spawn_writer(&mut q);
         }
         true
+    }
+
+    /// Hands the socket to the outbox when the session starts. Frames queued before (or a close)
+    /// get a writer at once; otherwise senders write directly until the kernel pushes back.
+    pub fn attach(&self, w: OwnedWriteHalf, write_timeout: Duration) {
+        let mut q = self.queue();
+        q.write_timeout = write_timeout;
+        q.sock = Some(w);
+        if !q.frames.is_empty() || self.code() != 0 {
+            self.spawn_writer(&mut q);
+        }
+    }
+
+    /// Gives the socket to a new writer task, unless one runs already (it sees what was queued
+    /// before it hands the socket back) or there is no socket (not attached yet, or ended).
+    fn spawn_writer(&self, q: &mut Queue) {
+        if let Some(w) = q.sock.take() {
+            q.writing = true;
+            tokio::spawn(write_task(self.clone(), w, q.write_timeout));
+        }
     }
 
     /// Asks the writer to send what is queued, then a close frame with `code`, and stop (4008
@@ -224,8 +244,71 @@ impl Outbox {
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.0.notify.notify_one();
+            let mut q = self.queue();
+            self.spawn_writer(&mut q);
+            let reader = q.reader.take();
+            drop(q);
+            if let Some(r) = reader {
+                r.wake();
+            }
         }
+    }
+
+    /// For the session's reader: ready once a close is asked for (by anyone: the reader itself,
+    /// the writer, a drain, the idle sweep, an expired token); until then the reader's waker is
+    /// kept, and [`Outbox::set_code`] wakes it.
+    pub(crate) fn poll_closing(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.code() != 0 {
+            return Poll::Ready(());
+        }
+        let mut q = self.queue();
+        if !q.reader.as_ref().is_some_and(|r| r.will_wake(cx.waker())) {
+            q.reader = Some(cx.waker().clone());
+        }
+        drop(q);
+        // a close asked for before the waker was kept may not have seen it
+        if self.code() != 0 {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// Waits until the writer has ended: the close frame is out (or the peer is gone) and the
+    /// socket's write side is closed. Only after a close was asked for.
+    pub(crate) async fn ended(&self) {
+        std::future::poll_fn(|cx| {
+            let mut q = self.queue();
+            if q.ended {
+                return Poll::Ready(());
+            }
+            q.reader = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+    }
+
+    /// The writer task ended for good: the socket is dropped with it, the reader is woken.
+    fn finish(&self) {
+        let mut q = self.queue();
+        q.writing = false;
+        q.ended = true;
+        let reader = q.reader.take();
+        drop(q);
+        if let Some(r) = reader {
+            r.wake();
+        }
+    }
+
+    /// The socket is closed as idle once `server.idle_timeout_ms` passes with nothing read:
+    /// the reader sets the deadline after each frame, the node's idle sweep reads it.
+    pub(crate) fn set_idle_deadline(&self, ms: u64) {
+        self.0.idle_deadline.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether the idle deadline is set and passed at `now_ms`.
+    pub(crate) fn idle_past(&self, now_ms: u64) -> bool {
+        let d = self.0.idle_deadline.load(Ordering::Relaxed);
+        d != 0 && d <= now_ms
     }
 
     /// 0 while open; else the close requested.
@@ -243,7 +326,7 @@ impl Outbox {
             *slot = Some(m);
         }
         q.bytes -= taken;
-        if q.frames.is_empty() && q.frames.capacity() > KEEP_SLOTS {
+        if q.frames.is_empty() {
             q.frames = VecDeque::new();
         }
         k
@@ -262,24 +345,20 @@ impl Outbox {
         q.bytes = q.frames.iter().map(Out::len).sum();
     }
 
-    /// Lends the idle writer's socket to direct writes; gives it back when frames were queued
-    /// meanwhile (the writer must send those first).
-    fn lend(&self, w: OwnedWriteHalf) -> Result<(), OwnedWriteHalf> {
+    /// A drained writer hands the socket back to direct writes and ends; it keeps the socket when
+    /// frames were queued meanwhile or a close was asked for (it must send those first).
+    fn hand_back(&self, w: OwnedWriteHalf) -> Result<(), OwnedWriteHalf> {
         let mut q = self.queue();
-        if !q.frames.is_empty() {
+        if !q.frames.is_empty() || self.code() != 0 {
             return Err(w);
         }
         q.sock = Some(w);
+        q.writing = false;
         Ok(())
     }
 
-    /// Takes the lent socket back: from now on frames queue for the writer.
-    fn reclaim(&self) -> Option<OwnedWriteHalf> {
-        self.queue().sock.take()
-    }
-
-    /// Writes what a cork queued for this idle socket, several frames in one write; wakes the
-    /// writer for whatever the kernel does not take (or when the writer took its socket back).
+    /// Writes what a cork queued for this idle socket, several frames in one write; spawns a
+    /// writer for whatever the kernel does not take. While a writer task runs, it sends them.
     fn uncork(&self) {
         let mut guard = self.queue();
         let q = &mut *guard;
@@ -287,8 +366,6 @@ impl Outbox {
             return;
         }
         let Some(sock) = q.sock.as_ref() else {
-            drop(guard);
-            self.0.notify.notify_one();
             return;
         };
         let n = q.frames.len().min(BATCH);
@@ -307,8 +384,7 @@ impl Outbox {
                     q.frames = VecDeque::new();
                     return;
                 }
-                drop(guard);
-                self.0.notify.notify_one();
+                self.spawn_writer(q);
             }
             Err(_) => {
                 drop(guard);
@@ -329,11 +405,6 @@ impl Outbox {
         self.push(Out::Pong(payload));
     }
 
-    /// Fired when the writer has stopped, so the reader stops too.
-    pub(crate) fn writer_done(&self) -> &Notify {
-        &self.0.writer_done
-    }
-
     /// The close code the socket ended with: 1006 when it ended without a close frame.
     pub(crate) fn closed_code(&self) -> u16 {
         match self.code() {
@@ -343,12 +414,20 @@ impl Outbox {
     }
 }
 
-/// Runs the socket's single writer to its end, then wakes the reader.
-pub(crate) async fn run_writer(out: Outbox, w: OwnedWriteHalf, write_timeout: Duration) {
-    write_loop(&out, w, write_timeout).await;
-    // the socket is never left lent out: it closes with the writer, whoever holds the outbox
-    drop(out.reclaim());
-    out.0.writer_done.notify_one();
+/// A writer task: drains the queue, then either hands the socket back (nothing more to write)
+/// or, once a close was asked for, ends the socket and wakes the reader.
+async fn write_task(out: Outbox, w: OwnedWriteHalf, write_timeout: Duration) {
+    if let Written::Ended = write_loop(&out, w, write_timeout).await {
+        // the socket was dropped with the loop: closed, whoever still holds the outbox
+        out.finish();
+    }
+}
+
+enum Written {
+    /// Drained: the socket went back to direct writes.
+    HandedBack,
+    /// The close frame is out, or the peer is gone: the socket is closed.
+    Ended,
 }
 
 /// The single writer: drains the queue and sends the close frame last. Once a close is asked
@@ -360,14 +439,15 @@ pub(crate) async fn run_writer(out: Outbox, w: OwnedWriteHalf, write_timeout: Du
 /// reads slowly. Only then is the rest copied and awaited, under `server.write_timeout`. So an
 /// idle socket holds no write buffer, and a delivery costs no allocation or timer here.
 ///
-/// When there is nothing to write, the writer lends the socket to [`Outbox::push`] (direct
-/// writes) and sleeps; woken (something queued, or a close), it takes the socket back first.
-async fn write_loop(out: &Outbox, mut w: OwnedWriteHalf, write_timeout: Duration) {
+/// When there is nothing to write and no close asked for, it hands the socket back to
+/// [`Outbox::push`] (direct writes) and ends; the next frame the kernel does not take, or a
+/// close, spawns a new one.
+async fn write_loop(out: &Outbox, mut w: OwnedWriteHalf, write_timeout: Duration) -> Written {
     loop {
         loop {
             let code = out.code();
             if code == ABORT {
-                return;
+                return Written::Ended;
             }
             if drops_queue(code) {
                 out.drop_queue();
@@ -378,7 +458,7 @@ async fn write_loop(out: &Outbox, mut w: OwnedWriteHalf, write_timeout: Duration
                 Ok(Flushed::Rest(rest)) => rest,
                 Err(_) => {
                     out.abort();
-                    return;
+                    return Written::Ended;
                 }
             };
             // a peer that does not read for write_timeout is dropped: the writer never hangs
@@ -391,31 +471,21 @@ async fn write_loop(out: &Outbox, mut w: OwnedWriteHalf, write_timeout: Duration
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     out.abort();
-                    return;
+                    return Written::Ended;
                 }
                 Err(_) => {
                     out.0.metrics.slow_consumer();
                     out.abort();
-                    return;
+                    return Written::Ended;
                 }
             }
         }
         match out.code() {
-            0 => {
-                match out.lend(w) {
-                    Ok(()) => {
-                        out.0.notify.notified().await;
-                        match out.reclaim() {
-                            Some(sock) => w = sock,
-                            // only this writer takes the socket back while it runs
-                            None => return,
-                        }
-                    }
-                    Err(sock) => w = sock,
-                }
-                continue;
-            }
-            ABORT => return,
+            0 => match out.hand_back(w) {
+                Ok(()) => return Written::HandedBack,
+                Err(sock) => w = sock,
+            },
+            ABORT => return Written::Ended,
             code => {
                 let code = (code & !ECHO) as u16;
                 let mut frame = vec![0x88u8];
@@ -431,7 +501,7 @@ async fn write_loop(out: &Outbox, mut w: OwnedWriteHalf, write_timeout: Duration
                     let _ = w.shutdown().await;
                 }))
                 .await;
-                return;
+                return Written::Ended;
             }
         }
     }

@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::app::{App, Gateway};
-use crate::auth::{AuthError, Identity};
+use crate::auth::AuthError;
 use crate::config::ServerConfig;
 use crate::http::{Body, accept_loop, http1, text, upgraded_tcp};
 
@@ -233,9 +233,15 @@ async fn handle(
                     accepted.elapsed().as_secs_f64(),
                     arrived.elapsed().as_secs_f64(),
                 );
-                let session = run_upgraded(
+                // the public listener only ever serves plain TCP streams
+                let Some((read, write)) = upgraded_tcp(ws.into_inner()) else {
+                    tracing::error!(socket, "upgraded connection is not a TCP stream; dropped");
+                    return;
+                };
+                let session = crate::session::run(
                     app,
-                    ws.into_inner(),
+                    read,
+                    write,
                     (identity, error),
                     (socket, deflate.is_some()),
                     permit,
@@ -264,20 +270,6 @@ async fn handle(
 /// Takes the TCP stream back from hyper ([`upgraded_tcp`]) and runs the session on it.
 /// `_permit`: this socket's place under `server.max_connections`, held until its session ends;
 /// `deflate`: permessage-deflate was negotiated.
-async fn run_upgraded(
-    app: Arc<App>,
-    io: TokioIo<hyper::upgrade::Upgraded>,
-    identity: (Identity, Option<AuthError>),
-    (socket, deflate): (u64, bool),
-    _permit: OwnedSemaphorePermit,
-) {
-    match upgraded_tcp(io) {
-        Some((read, w)) => crate::session::run(app, read, w, identity, (socket, deflate)).await,
-        // the public listener only ever serves plain TCP streams
-        None => tracing::error!(socket, "upgraded connection is not a TCP stream; dropped"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

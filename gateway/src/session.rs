@@ -16,7 +16,6 @@
 //! buckets and the refused-join count. The parts that stand alone already live apart: framing
 //! (`wsread`, `wsmessage`), the writer (`outbox`), the hook queue (`pushes`), the rules (`rooms`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,13 +28,16 @@ use crate::auth::{AuthError, Identity};
 use crate::expiry::{Expiring, ExpiryKey};
 use crate::fanout::{JoinError, Joiner, Room, Want};
 use crate::metrics::{join_result, push_result};
-use crate::outbox::{Limits, NO_STATUS, Outbox, run_writer};
+use crate::outbox::{Limits, NO_STATUS, Outbox};
 use crate::protocol::{self, Inbound, Payload, close, reason};
 use crate::rooms::{PushRefusal, RoomId};
 use crate::wsmessage::{Assembler, Event, Message, Violation};
 use crate::wsread::FrameReader;
 
+mod channels;
+pub mod idle;
 mod pushes;
+use channels::Channels;
 use pushes::{Broadcast, PushQueue, ReplyTo};
 
 struct Channel {
@@ -53,7 +55,7 @@ struct Session {
     identity: Identity,
     /// Why the connection's token was refused, told in every join reply that uses it.
     auth_error: Option<AuthError>,
-    channels: HashMap<String, Channel>,
+    channels: Channels,
     out: Outbox,
     /// Joins refused in the current minute (see `server.max_refused_joins_per_min`).
     refused_joins: u32,
@@ -98,6 +100,16 @@ impl Bucket {
 /// How long a socket we closed is read (and discarded) for the client's own close, at most.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// What the reader does after a read.
+enum Step<'a> {
+    /// Read on.
+    Next,
+    /// Stop reading.
+    End(ReadEnd),
+    /// A join, leave or push to run first.
+    Run(std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>),
+}
+
 /// Why the reader stopped.
 enum ReadEnd {
     /// A close frame was queued (ours or the echo of the client's).
@@ -106,15 +118,21 @@ enum ReadEnd {
     Gone,
 }
 
-/// Serves one upgraded connection until it closes, then removes its presence.
-/// `early`: bytes the HTTP layer read past the upgrade request.
-pub async fn run(
+/// Sets up one upgraded connection and returns the task that serves it until it closes, then
+/// removes its presence. `early`: bytes the HTTP layer read past the upgrade request; `permit`
+/// (the node's connection limit) is held for the connection's life.
+///
+/// The setup runs here, not in the task: the task's future then holds the session's state once,
+/// as its captures, instead of the arguments and the state built from them side by side (an
+/// `async fn` keeps its arguments for its whole life). Every open socket's task is this future.
+pub fn run<P: Send + 'static>(
     app: Arc<App>,
     (read, early): (OwnedReadHalf, Bytes),
     write: OwnedWriteHalf,
     (identity, auth_error): (Identity, Option<AuthError>),
     (socket, deflate): (u64, bool),
-) {
+    permit: P,
+) -> impl Future<Output = ()> + Send + 'static {
     let out = Outbox::new(
         Limits {
             frames: app.cfg.server.outbound_queue,
@@ -141,7 +159,7 @@ pub async fn run(
         socket,
         identity,
         auth_error,
-        channels: HashMap::new(),
+        channels: Channels::default(),
         out: out.clone(),
         refused_joins: 0,
         refused_since: tokio::time::Instant::now(),
@@ -155,39 +173,55 @@ pub async fn run(
             .add(u.valid_until_ms, Expiring::Socket(out.clone()))
     });
     let mut ws = FrameReader::new(read, early, app.cfg.server.max_frame_bytes).deflating(deflate);
+    // The reader runs to the end: it is never dropped in the middle of a join or leave (which
+    // would leave presence half-written). Senders write to the socket directly; a writer task
+    // runs only while the kernel pushes back, and for the close. Whichever side stops first
+    // makes the other stop: the reader sets a close code or aborts, a close asked for by anyone
+    // (the writer included) wakes the reader.
+    out.attach(write, app.cfg.server.write_timeout());
+    // the captures are the task's whole state: borrowed, never moved into locals
+    async move {
+        let gone = session.serve(&mut ws).await;
+        if !gone {
+            // the close frame is out and our side shut: the descriptor is closed once the client
+            // has closed too (or after LINGER), not under data it is still sending
+            tokio::spawn(ws.linger(LINGER));
+        }
+        Box::pin(session.end(expiry, (signed_in, deflate))).await;
+        drop(permit);
+    }
+}
 
-    // Both halves run to the end: the reader is never dropped in the middle of a join or leave
-    // (which would leave presence half-written). Whichever stops first makes the other stop: the
-    // reader sets a close code or aborts, the writer fires `writer_done`. The writer is its own
-    // task, so a delivery wakes only the writer, not the reader's poll of its socket and timers.
-    let writer = tokio::spawn(run_writer(
-        out.clone(),
-        write,
-        app.cfg.server.write_timeout(),
-    ));
-    let gone = matches!(session.read_loop(&mut ws).await, ReadEnd::Gone);
-    if gone {
-        out.abort();
+impl Session {
+    /// Reads until the connection closes; returns once the writer has ended too. True when the
+    /// peer was gone (nothing could be written).
+    async fn serve(&mut self, ws: &mut FrameReader) -> bool {
+        let gone = matches!(self.read_loop(ws).await, ReadEnd::Gone);
+        if gone {
+            self.out.abort();
+        }
+        // pushes still waiting on the application are abandoned: no reply could reach the client
+        self.queue.stop();
+        // the close frame is out (or the peer gone) and our side shut
+        self.out.ended().await;
+        gone
     }
-    // pushes still waiting on the application are abandoned: no reply could reach the client
-    session.queue.stop();
-    let _ = writer.await;
-    if !gone {
-        // the close frame is out and our side shut: the descriptor is closed once the client
-        // has closed too (or after LINGER), not under data it is still sending
-        tokio::spawn(ws.linger(LINGER));
-    }
-    let closed_code = out.closed_code();
-    // nothing more is queued for this socket, whoever still holds its outbox
-    out.abort();
-    if let Some(k) = expiry {
-        app.expiries.remove(k);
-    }
-    Box::pin(session.leave_all()).await;
-    app.sessions.remove(socket);
-    app.metrics.connection_closed(signed_in, closed_code);
-    if deflate {
-        app.metrics.compressed_connection(-1);
+
+    /// After the close: the channels leave, the socket is forgotten.
+    async fn end(&mut self, expiry: Option<ExpiryKey>, (signed_in, deflate): (bool, bool)) {
+        let app = self.app.clone();
+        let closed_code = self.out.closed_code();
+        // nothing more is queued for this socket, whoever still holds its outbox
+        self.out.abort();
+        if let Some(k) = expiry {
+            app.expiries.remove(k);
+        }
+        self.leave_all().await;
+        app.sessions.remove(self.socket);
+        app.metrics.connection_closed(signed_in, closed_code);
+        if deflate {
+            app.metrics.compressed_connection(-1);
+        }
     }
 }
 
@@ -196,82 +230,102 @@ impl Session {
         let idle = self.app.cfg.server.idle_timeout();
         // a fragmented message has idle_timeout from its first fragment (DESIGN §14)
         let mut messages = Assembler::new(self.app.cfg.server.max_frame_bytes, idle);
+        // its own handle: a message's work borrows the session until its step is dropped
+        let out = self.out.clone();
         loop {
-            let now = tokio::time::Instant::now();
-            let until = match messages.deadline() {
-                Some(d) => (now + idle).min(tokio::time::Instant::from_std(d)),
-                None => now + idle,
-            };
-            let read = tokio::select! {
-                biased;
-                // the writer stopped (close sent, slow consumer, write error): stop reading
-                _ = self.out.writer_done().notified() => return ReadEnd::Closing,
-                r = tokio::time::timeout_at(until, ws.next()) => r,
-            };
-            let frame = match read {
-                // nothing for idle_timeout, or a fragmented message unfinished in time
-                Err(_) => {
-                    self.out.close(close::IDLE_TIMEOUT);
-                    return ReadEnd::Closing;
-                }
-                Ok(Err(e)) => match Violation::of_read(&e) {
-                    None => return ReadEnd::Gone,
-                    Some(v) => {
-                        self.out.close(v.close_code());
-                        return ReadEnd::Closing;
+            let step = {
+                let now = tokio::time::Instant::now();
+                let until = match messages.deadline() {
+                    Some(d) => (now + idle).min(tokio::time::Instant::from_std(d)),
+                    None => now + idle,
+                };
+                // nothing for idle_timeout, or a fragmented message unfinished in time: the
+                // node's idle sweep closes the socket with 4000 (no timer per socket)
+                out.set_idle_deadline(idle::ms(until));
+                // all an idle socket's task holds while it waits: no timer, no wait list
+                let read = std::future::poll_fn(|cx| {
+                    // a close asked for by anyone (the writer, a drain, the idle sweep)
+                    if out.poll_closing(cx).is_ready() {
+                        return std::task::Poll::Ready(None);
                     }
-                },
-                Ok(Ok(f)) => f,
+                    ws.poll_next(cx).map(Some)
+                })
+                .await;
+                self.take(read, &mut messages)
             };
-            let message = match messages.push(frame, tokio::time::Instant::now().into_std()) {
-                Ok(Event::Message(m)) => m,
-                Ok(Event::Partial | Event::Pong) => continue,
-                Ok(Event::Ping(payload)) => {
-                    self.out.pong(Bytes::from(payload));
-                    continue;
-                }
-                Ok(Event::Close(code)) => {
-                    self.out.echo_close(code.unwrap_or(NO_STATUS));
-                    return ReadEnd::Closing;
-                }
-                Err(v) => {
-                    tracing::debug!(socket = self.socket, error = %v, "refused frame; closing");
-                    self.out.close(v.close_code());
-                    return ReadEnd::Closing;
-                }
-            };
-            let decoded = match &message {
-                Message::Text(t) => protocol::decode_text(t),
-                Message::Binary(b) => protocol::decode_binary(b),
-            };
-            if self.out.code() != 0 {
-                // closing: a frame that was already buffered is not acted upon
-                return ReadEnd::Closing;
-            }
-            match decoded {
+            match step {
+                Step::Next => {}
+                Step::End(end) => return end,
                 // boxed: an idle socket's task holds only the read state, not a join's
-                Ok(f) => Box::pin(self.handle(f)).await,
-                Err(e) => {
-                    tracing::debug!(socket = self.socket, error = %e, "malformed frame");
-                    self.out.close(close::MALFORMED);
-                    return ReadEnd::Closing;
-                }
+                Step::Run(work) => work.await,
             }
-            if self.out.code() != 0 {
+            if out.code() != 0 {
                 return ReadEnd::Closing;
             }
         }
     }
 
-    async fn handle(&mut self, f: Inbound) {
+    /// What a read gives: nothing to do yet (a fragment, a ping answered), the end, or a
+    /// message's work. Not async, so that nothing of a frame is kept in the task while it waits.
+    fn take(
+        &mut self,
+        read: Option<Result<crate::wsread::Frame, crate::wsread::ReadError>>,
+        messages: &mut Assembler,
+    ) -> Step<'_> {
+        let frame = match read {
+            // a close was asked for
+            None => return Step::End(ReadEnd::Closing),
+            Some(Err(e)) => match Violation::of_read(&e) {
+                None => return Step::End(ReadEnd::Gone),
+                Some(v) => {
+                    self.out.close(v.close_code());
+                    return Step::End(ReadEnd::Closing);
+                }
+            },
+            Some(Ok(f)) => f,
+        };
+        let message = match messages.push(frame, tokio::time::Instant::now().into_std()) {
+            Ok(Event::Message(m)) => m,
+            Ok(Event::Partial | Event::Pong) => return Step::Next,
+            Ok(Event::Ping(payload)) => {
+                self.out.pong(Bytes::from(payload));
+                return Step::Next;
+            }
+            Ok(Event::Close(code)) => {
+                self.out.echo_close(code.unwrap_or(NO_STATUS));
+                return Step::End(ReadEnd::Closing);
+            }
+            Err(v) => {
+                tracing::debug!(socket = self.socket, error = %v, "refused frame; closing");
+                self.out.close(v.close_code());
+                return Step::End(ReadEnd::Closing);
+            }
+        };
+        let decoded = match &message {
+            Message::Text(t) => protocol::decode_text(t),
+            Message::Binary(b) => protocol::decode_binary(b),
+        };
+        if self.out.code() != 0 {
+            // closing: a frame that was already buffered is not acted upon
+            return Step::End(ReadEnd::Closing);
+        }
+        let f = match decoded {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(socket = self.socket, error = %e, "malformed frame");
+                self.out.close(close::MALFORMED);
+                return Step::End(ReadEnd::Closing);
+            }
+        };
         match (f.topic.as_str(), f.event.as_str()) {
             ("phoenix", "heartbeat") => {
                 self.out
                     .send(protocol::heartbeat_reply(f.reference.as_deref()));
+                Step::Next
             }
-            (_, "phx_join") => Box::pin(self.join(f)).await,
-            (_, "phx_leave") => Box::pin(self.leave(f)).await,
-            _ => Box::pin(self.push(f)).await,
+            (_, "phx_join") => Step::Run(Box::pin(self.join(f))),
+            (_, "phx_leave") => Step::Run(Box::pin(self.leave(f))),
+            _ => Step::Run(Box::pin(self.push(f))),
         }
     }
 
@@ -400,15 +454,12 @@ impl Session {
                     )),
                     _ => None,
                 };
-                self.channels.insert(
-                    f.topic.clone(),
-                    Channel {
-                        room,
-                        join_ref: join_ref.clone(),
-                        identity,
-                        expiry,
-                    },
-                );
+                self.channels.insert(Channel {
+                    room,
+                    join_ref: join_ref.clone(),
+                    identity,
+                    expiry,
+                });
                 if own_token {
                     self.publish_users();
                 }
@@ -645,7 +696,7 @@ impl Session {
     }
 
     async fn leave_all(&mut self) {
-        for (_, ch) in std::mem::take(&mut self.channels) {
+        for ch in self.channels.take() {
             self.end_channel(&ch).await;
         }
     }

@@ -104,7 +104,8 @@ struct Partial {
 pub struct Assembler {
     max_message: usize,
     fragment_time: Duration,
-    partial: Option<Partial>,
+    /// Boxed: every idle socket holds an assembler, few a fragmented message.
+    partial: Option<Box<Partial>>,
 }
 
 impl Assembler {
@@ -155,13 +156,13 @@ impl Assembler {
                 if fin {
                     return Ok(Event::Message(self.finish(text, compressed, payload)?));
                 }
-                self.partial = Some(Partial {
+                self.partial = Some(Box::new(Partial {
                     text,
                     compressed,
                     buf: payload,
                     checked,
                     deadline: now + self.fragment_time,
-                });
+                }));
                 Ok(Event::Partial)
             }
             OpCode::Continuation => {

@@ -11,6 +11,8 @@
 //! text messages and close codes are [`crate::wsmessage`]'s.
 
 use bytes::Bytes;
+use std::task::{Context, Poll, ready};
+
 use tokio::net::tcp::OwnedReadHalf;
 
 /// Bytes asked of the kernel per read when no frame length says more.
@@ -128,34 +130,38 @@ impl FrameReader {
     }
 
     pub async fn next(&mut self) -> Result<Frame, ReadError> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// The next frame, polled: the socket's readiness keeps the waker, so a reader waiting here
+    /// holds no future of its own (an idle socket's task stays small). Loses no bytes when not
+    /// polled again.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ReadError>> {
         loop {
             if let Some(frame) = self.unread.parse()? {
-                return Ok(frame);
+                return Poll::Ready(Ok(frame));
             }
-            self.fill().await?;
+            if ready!(self.tcp.as_ref().poll_read_ready(cx)).is_err() {
+                return Poll::Ready(Err(ReadError::Gone));
+            }
+            let buf = self.unread.make_room();
+            match self.tcp.try_read_buf(buf) {
+                Ok(0) => return Poll::Ready(Err(ReadError::Gone)),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // readiness is cleared: the next poll waits for more
+                    if buf.is_empty() {
+                        *buf = Vec::new();
+                    }
+                }
+                Err(_) => return Poll::Ready(Err(ReadError::Gone)),
+            }
         }
     }
 
     /// Capacity held for this socket's unread bytes (0 when idle).
     pub fn buffered_capacity(&self) -> usize {
         self.unread.buf.capacity()
-    }
-
-    async fn fill(&mut self) -> Result<(), ReadError> {
-        loop {
-            self.tcp.readable().await.map_err(|_| ReadError::Gone)?;
-            let buf = self.unread.make_room();
-            match self.tcp.try_read_buf(buf) {
-                Ok(0) => return Err(ReadError::Gone),
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if buf.is_empty() {
-                        *buf = Vec::new();
-                    }
-                }
-                Err(_) => return Err(ReadError::Gone),
-            }
-        }
     }
 }
 

@@ -116,8 +116,8 @@ async fn an_idle_writer_holds_no_write_state() {
         .unwrap();
     let (_r, w) = l.accept().await.unwrap().0.into_split();
     let out = Outbox::new(Limits::frames(4), crate::metrics::Metrics::new());
-    let writer = run_writer(out, w, Duration::from_secs(1));
-    // the task of every idle socket is this big: a write under way is boxed
+    let writer = write_task(out, w, Duration::from_secs(1));
+    // a writer task while the kernel pushes back is this big: a write under way is boxed
     let size = std::mem::size_of_val(&writer);
     assert!(size <= 256, "writer future: {size} bytes");
 }
@@ -176,7 +176,8 @@ async fn frames_written(out: Outbox) -> Vec<(u8, Vec<u8>)> {
         .await
         .unwrap();
     let (_r, w) = l.accept().await.unwrap().0.into_split();
-    run_writer(out, w, Duration::from_secs(2)).await;
+    out.attach(w, Duration::from_secs(2));
+    out.ended().await;
     let mut wire = Vec::new();
     client.read_to_end(&mut wire).await.unwrap();
     let mut frames = Vec::new();
@@ -311,7 +312,7 @@ async fn an_idle_writers_socket_takes_a_send_at_once_without_the_queue() {
     use tokio::io::AsyncReadExt;
     let (w, mut client) = pair().await;
     let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
-    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(2)));
+    out.attach(w, Duration::from_secs(2));
     lent(&out).await;
     for m in ["one", "two", "three"] {
         assert!(out.send(Bytes::from(m)));
@@ -322,7 +323,7 @@ async fn an_idle_writers_socket_takes_a_send_at_once_without_the_queue() {
         );
     }
     out.close(close::RESTART);
-    writer.await.unwrap();
+    out.ended().await;
     assert!(
         out.queue().sock.is_none(),
         "the socket ends with the writer"
@@ -345,7 +346,7 @@ async fn a_direct_write_the_kernel_takes_part_of_is_finished_first_even_before_a
     use tokio::io::AsyncReadExt;
     let (w, mut client) = pair().await;
     let out = Outbox::new(Limits::frames(3), crate::metrics::Metrics::new());
-    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(5)));
+    out.attach(w, Duration::from_secs(5));
     lent(&out).await;
     // the client reads nothing yet: the kernel takes a part of 8 MB at most
     let big = Bytes::from(vec![b'x'; 8 << 20]);
@@ -368,7 +369,7 @@ async fn a_direct_write_the_kernel_takes_part_of_is_finished_first_even_before_a
         client.read_to_end(&mut wire).await.unwrap();
         wire
     });
-    writer.await.unwrap();
+    out.ended().await;
     let frames = parse_frames(&reader.await.unwrap());
     assert_eq!(frames.len(), 2, "the big frame whole, then the close");
     assert_eq!(frames[0].1.len(), big.len());
@@ -380,7 +381,7 @@ async fn frames_queued_behind_a_started_direct_write_follow_it_in_order() {
     use tokio::io::AsyncReadExt;
     let (w, mut client) = pair().await;
     let out = Outbox::new(Limits::frames(64), crate::metrics::Metrics::new());
-    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(5)));
+    out.attach(w, Duration::from_secs(5));
     lent(&out).await;
     let big = Bytes::from(vec![b'y'; 8 << 20]);
     assert!(out.send(big.clone()));
@@ -396,7 +397,7 @@ async fn frames_queued_behind_a_started_direct_write_follow_it_in_order() {
     lent(&out).await;
     assert!(out.send(Bytes::from_static(b"last")));
     out.close(close::RESTART);
-    writer.await.unwrap();
+    out.ended().await;
     let frames = parse_frames(&reader.await.unwrap());
     assert_eq!(frames.len(), 23);
     assert_eq!(frames[0].1.len(), big.len());
@@ -412,7 +413,7 @@ async fn a_cork_writes_each_idle_sockets_frames_together_when_dropped() {
     use tokio::io::AsyncReadExt;
     let (w, mut client) = pair().await;
     let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new());
-    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(2)));
+    out.attach(w, Duration::from_secs(2));
     lent(&out).await;
     let cork = Cork::new();
     let inner = Cork::new();
@@ -437,7 +438,7 @@ async fn a_cork_writes_each_idle_sockets_frames_together_when_dropped() {
     assert!(out.send(Bytes::from_static(b"m3")));
     assert!(out.queue().frames.is_empty());
     out.close(close::RESTART);
-    writer.await.unwrap();
+    out.ended().await;
     let mut wire = Vec::new();
     client.read_to_end(&mut wire).await.unwrap();
     assert_eq!(
@@ -474,7 +475,7 @@ async fn a_deflating_socket_gets_large_payloads_compressed_once_and_small_ones_a
         .unwrap();
     let (_r, w) = l.accept().await.unwrap().0.into_split();
     let out = Outbox::new(Limits::frames(8), crate::metrics::Metrics::new()).deflating(true);
-    let writer = tokio::spawn(run_writer(out.clone(), w, Duration::from_secs(5)));
+    out.attach(w, Duration::from_secs(5));
     let big = Bytes::from(
         (0..400)
             .map(|i| format!(r#"{{"user{i}":{{"metas":[{{"phx_ref":"n.{i}"}}]}}}}"#))
@@ -509,5 +510,5 @@ async fn a_deflating_socket_gets_large_payloads_compressed_once_and_small_ones_a
     want.push(b']');
     assert_eq!(deflate::inflate(&p, 1 << 20).unwrap(), want);
     out.close(1000);
-    writer.await.unwrap();
+    out.ended().await;
 }
