@@ -46,8 +46,9 @@ struct Queue {
     ended: bool,
     /// The session's reader, woken when a close is asked for and when the writer ends.
     reader: Option<Waker>,
-    /// `server.write_timeout`, for the writer tasks.
-    write_timeout: Duration,
+    /// `server.write_timeout`, for the writer tasks, in milliseconds (4 bytes, not a
+    /// `Duration`'s 16: this is in every socket).
+    write_timeout_ms: u32,
 }
 
 impl Queue {
@@ -202,7 +203,7 @@ impl Outbox {
     /// get a writer at once; otherwise senders write directly until the kernel pushes back.
     pub fn attach(&self, w: OwnedWriteHalf, write_timeout: Duration) {
         let mut q = self.queue();
-        q.write_timeout = write_timeout;
+        q.write_timeout_ms = u32::try_from(write_timeout.as_millis()).unwrap_or(u32::MAX);
         q.sock = Some(w);
         if !q.frames.is_empty() || self.code() != 0 {
             self.spawn_writer(&mut q);
@@ -214,7 +215,8 @@ impl Outbox {
     fn spawn_writer(&self, q: &mut Queue) {
         if let Some(w) = q.sock.take() {
             q.writing = true;
-            tokio::spawn(write_task(self.clone(), w, q.write_timeout));
+            let limit = Duration::from_millis(u64::from(q.write_timeout_ms));
+            tokio::spawn(write_task(self.clone(), w, limit));
         }
     }
 

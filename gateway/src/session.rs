@@ -51,15 +51,16 @@ struct Channel {
 struct Session {
     app: Arc<App>,
     socket: u64,
-    conn: Arc<str>,
     identity: Identity,
-    /// Why the connection's token was refused, told in every join reply that uses it.
-    auth_error: Option<AuthError>,
+    /// Why the connection's token was refused, told in every join reply that uses it (boxed:
+    /// rare, and 40 bytes inline in every socket's task).
+    auth_error: Option<Box<AuthError>>,
     channels: Channels,
     out: Outbox,
     /// Joins refused in the current minute (see `server.max_refused_joins_per_min`).
     refused_joins: u32,
-    refused_since: tokio::time::Instant,
+    /// On the idle clock (`idle::ms`).
+    refused_since_ms: u64,
     /// `server.push_rate_per_s` / `server.push_burst`.
     pushes: Bucket,
     /// `server.join_rate_per_s` / `server.join_burst`.
@@ -68,27 +69,29 @@ struct Session {
     queue: PushQueue,
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst` held.
+/// A token bucket: `rate` tokens a second, at most `burst` held. 16 bytes: it is in every
+/// socket's task.
 struct Bucket {
-    /// Tokens left as of `at`.
-    tokens: f64,
-    at: tokio::time::Instant,
+    /// Tokens left as of `at_ms`.
+    tokens: f32,
+    /// On the idle clock (`idle::ms`), milliseconds.
+    at_ms: u64,
 }
 
 impl Bucket {
     fn full(burst: u32) -> Self {
         Bucket {
-            tokens: f64::from(burst),
-            at: tokio::time::Instant::now(),
+            tokens: burst as f32,
+            at_ms: idle::ms(tokio::time::Instant::now()),
         }
     }
 
     /// Takes one token, or says the action is over the limit.
     fn take(&mut self, rate: u32, burst: u32) -> bool {
-        let now = tokio::time::Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * f64::from(rate);
-        self.tokens = (self.tokens + refill).min(f64::from(burst));
-        self.at = now;
+        let now = idle::ms(tokio::time::Instant::now());
+        let refill = now.saturating_sub(self.at_ms) as f32 / 1000.0 * rate as f32;
+        self.tokens = (self.tokens + refill).min(burst as f32);
+        self.at_ms = now;
         if self.tokens < 1.0 {
             return false;
         }
@@ -154,15 +157,14 @@ pub fn run<P: Send + 'static>(
         out.close(close::RESTART);
     }
     let mut session = Session {
-        conn: Arc::from(format!("{}.{}", app.node, socket)),
         app: app.clone(),
         socket,
         identity,
-        auth_error,
+        auth_error: auth_error.map(Box::new),
         channels: Channels::default(),
         out: out.clone(),
         refused_joins: 0,
-        refused_since: tokio::time::Instant::now(),
+        refused_since_ms: idle::ms(tokio::time::Instant::now()),
         pushes: Bucket::full(app.cfg.server.push_burst),
         joins: Bucket::full(app.cfg.server.join_burst),
         queue: PushQueue::default(),
@@ -179,9 +181,53 @@ pub fn run<P: Send + 'static>(
     // makes the other stop: the reader sets a close code or aborts, a close asked for by anyone
     // (the writer included) wakes the reader.
     out.attach(write, app.cfg.server.write_timeout());
-    // the captures are the task's whole state: borrowed, never moved into locals
+    // The captures are the task's whole state: borrowed, never moved into locals, and the read
+    // loop is inline (each nested `async fn` would hold its own copies of its arguments).
     async move {
-        let gone = session.serve(&mut ws).await;
+        let out = session.out.clone();
+        // a fragmented message has idle_timeout from its first fragment (DESIGN §14)
+        let max = session.app.cfg.server.max_frame_bytes;
+        let mut messages = Assembler::new(max, session.app.cfg.server.idle_timeout());
+        let end = loop {
+            let step = {
+                let now = tokio::time::Instant::now();
+                let idle = session.app.cfg.server.idle_timeout();
+                let until = match messages.deadline() {
+                    Some(d) => (now + idle).min(tokio::time::Instant::from_std(d)),
+                    None => now + idle,
+                };
+                // nothing for idle_timeout, or a fragmented message unfinished in time: the
+                // node's idle sweep closes the socket with 4000 (no timer per socket)
+                out.set_idle_deadline(idle::ms(until));
+                // all an idle socket's task holds while it waits: no timer, no wait list
+                let read = std::future::poll_fn(|cx| {
+                    // a close asked for by anyone (the writer, a drain, the idle sweep)
+                    if out.poll_closing(cx).is_ready() {
+                        return std::task::Poll::Ready(None);
+                    }
+                    ws.poll_next(cx).map(Some)
+                })
+                .await;
+                session.take(read, &mut messages)
+            };
+            match step {
+                Step::Next => {}
+                Step::End(end) => break end,
+                // boxed: an idle socket's task holds only the read state, not a join's
+                Step::Run(work) => work.await,
+            }
+            if out.code() != 0 {
+                break ReadEnd::Closing;
+            }
+        };
+        let gone = matches!(end, ReadEnd::Gone);
+        if gone {
+            out.abort();
+        }
+        // pushes still waiting on the application are abandoned: no reply could reach the client
+        session.queue.stop();
+        // the close frame is out (or the peer gone) and our side shut
+        out.ended().await;
         if !gone {
             // the close frame is out and our side shut: the descriptor is closed once the client
             // has closed too (or after LINGER), not under data it is still sending
@@ -193,18 +239,10 @@ pub fn run<P: Send + 'static>(
 }
 
 impl Session {
-    /// Reads until the connection closes; returns once the writer has ended too. True when the
-    /// peer was gone (nothing could be written).
-    async fn serve(&mut self, ws: &mut FrameReader) -> bool {
-        let gone = matches!(self.read_loop(ws).await, ReadEnd::Gone);
-        if gone {
-            self.out.abort();
-        }
-        // pushes still waiting on the application are abandoned: no reply could reach the client
-        self.queue.stop();
-        // the close frame is out (or the peer gone) and our side shut
-        self.out.ended().await;
-        gone
+    /// The connection's id in presence (`<node>.<socket>`): made when a join, leave or hooked
+    /// push needs it, not kept in every idle socket.
+    fn conn(&self) -> Arc<str> {
+        Arc::from(format!("{}.{}", self.app.node, self.socket))
     }
 
     /// After the close: the channels leave, the socket is forgotten.
@@ -226,45 +264,6 @@ impl Session {
 }
 
 impl Session {
-    async fn read_loop(&mut self, ws: &mut FrameReader) -> ReadEnd {
-        let idle = self.app.cfg.server.idle_timeout();
-        // a fragmented message has idle_timeout from its first fragment (DESIGN §14)
-        let mut messages = Assembler::new(self.app.cfg.server.max_frame_bytes, idle);
-        // its own handle: a message's work borrows the session until its step is dropped
-        let out = self.out.clone();
-        loop {
-            let step = {
-                let now = tokio::time::Instant::now();
-                let until = match messages.deadline() {
-                    Some(d) => (now + idle).min(tokio::time::Instant::from_std(d)),
-                    None => now + idle,
-                };
-                // nothing for idle_timeout, or a fragmented message unfinished in time: the
-                // node's idle sweep closes the socket with 4000 (no timer per socket)
-                out.set_idle_deadline(idle::ms(until));
-                // all an idle socket's task holds while it waits: no timer, no wait list
-                let read = std::future::poll_fn(|cx| {
-                    // a close asked for by anyone (the writer, a drain, the idle sweep)
-                    if out.poll_closing(cx).is_ready() {
-                        return std::task::Poll::Ready(None);
-                    }
-                    ws.poll_next(cx).map(Some)
-                })
-                .await;
-                self.take(read, &mut messages)
-            };
-            match step {
-                Step::Next => {}
-                Step::End(end) => return end,
-                // boxed: an idle socket's task holds only the read state, not a join's
-                Step::Run(work) => work.await,
-            }
-            if out.code() != 0 {
-                return ReadEnd::Closing;
-            }
-        }
-    }
-
     /// What a read gives: nothing to do yet (a fragment, a ping answered), the end, or a
     /// message's work. Not async, so that nothing of a frame is kept in the task while it waits.
     fn take(
@@ -390,7 +389,9 @@ impl Session {
                     app.unless_banned(app.verifier.identify(Some(t)).await)
                         .await
                 }
-                Some(Value::Null) | None => (self.identity.clone(), self.auth_error),
+                Some(Value::Null) | None => {
+                    (self.identity.clone(), self.auth_error.as_deref().copied())
+                }
                 Some(_) => (Identity::Anonymous, Some(AuthError::Malformed)),
             };
         if let Some(e) = auth_error
@@ -427,9 +428,10 @@ impl Session {
                 }
             }
         }
+        let conn = self.conn();
         let joiner = Joiner {
             socket: self.socket,
-            conn: &self.conn,
+            conn: &conn,
             user: identity.user(),
             join_ref: &join_ref,
             out: self.out.clone(),
@@ -448,7 +450,7 @@ impl Session {
                             out: self.out.clone(),
                             room: room.clone(),
                             socket: self.socket,
-                            conn: self.conn.clone(),
+                            conn: conn.clone(),
                             join_ref: join_ref.clone(),
                         },
                     )),
@@ -496,9 +498,9 @@ impl Session {
     /// closed (after the refusal's reply) with 4009, so a client looping over random room ids
     /// cannot keep the node busy.
     fn refused_join(&mut self) {
-        let now = tokio::time::Instant::now();
-        if now.duration_since(self.refused_since) >= Duration::from_secs(60) {
-            self.refused_since = now;
+        let now = idle::ms(tokio::time::Instant::now());
+        if now.saturating_sub(self.refused_since_ms) >= 60_000 {
+            self.refused_since_ms = now;
             self.refused_joins = 0;
         }
         self.refused_joins += 1;
@@ -534,7 +536,7 @@ impl Session {
     /// A push reply, released after the replies of the socket's earlier pushes (DESIGN §12).
     fn push_reply(&mut self, frame: Bytes) {
         if self.queue.busy() {
-            self.queue.reply(&self.app, &self.out, &self.conn, frame);
+            self.queue.reply(&self.app, &self.out, &self.conn(), frame);
         } else {
             self.out.send(frame);
         }
@@ -661,7 +663,7 @@ impl Session {
                 at_ms,
                 reply,
             };
-            return self.queue.publish(&app, &self.out, &self.conn, p);
+            return self.queue.publish(&app, &self.out, &self.conn(), p);
         }
         let done = pushes::broadcast(&app, &self.out, &room, &f.event, &payload, &reply).await;
         if let Broadcast::NoRoom = done
@@ -678,7 +680,10 @@ impl Session {
             // it was signed in with its own token
             self.publish_users();
         }
-        self.app.hub.leave(&ch.room, self.socket, &self.conn).await;
+        self.app
+            .hub
+            .leave(&ch.room, self.socket, &self.conn())
+            .await;
     }
 
     /// Tells the node's registry which users are signed in on this socket (the connection's

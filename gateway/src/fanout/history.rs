@@ -411,8 +411,8 @@ impl RoomState {
     fn send_event(&mut self, id: StreamId, frame: &Bytes) -> usize {
         let mut n = 0;
         for m in self.members.values_mut() {
-            if let Some(s) = m.skip_until {
-                if id <= s {
+            if let Some(s) = m.skip_until.as_deref() {
+                if id <= *s {
                     continue;
                 }
                 m.skip_until = None;

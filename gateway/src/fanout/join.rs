@@ -96,7 +96,10 @@ impl Hub {
                 join_ref: Arc::from(j.join_ref),
                 anonymous: j.user.is_none(),
                 user: j.user.map(|u| Arc::from(u.id.as_str())),
-                skip_until: served.last.filter(|l| delivered.is_none_or(|d| *l > d)),
+                skip_until: served
+                    .last
+                    .filter(|l| delivered.is_none_or(|d| *l > d))
+                    .map(Box::new),
             },
         );
         drop(st);

@@ -115,7 +115,8 @@ struct Member {
     user: Option<Arc<str>>,
     /// The channel's history went beyond what the subscription has delivered here: live frames up
     /// to this id are not sent to it again (cleared by the first one above it).
-    skip_until: Option<crate::history::StreamId>,
+    /// Boxed: rare, and 24 bytes inline in every member of every room.
+    skip_until: Option<Box<crate::history::StreamId>>,
 }
 
 /// Who is joining.

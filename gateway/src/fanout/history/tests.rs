@@ -352,7 +352,7 @@ fn members_skip_what_their_history_already_had() {
             join_ref: Arc::from("1"),
             anonymous: true,
             user: None,
-            skip_until: Some(id(5)),
+            skip_until: Some(Box::new(id(5))),
         },
     );
     assert_eq!(st.send_event(id(4), &frame(4)), 0);
