@@ -352,6 +352,12 @@ impl App {
         self.connection_permits.clone().try_acquire_owned().ok()
     }
 
+    /// Gives back the place of a session that held its permit as `Session`'s own (see
+    /// `session::run`).
+    pub fn release_connection(&self) {
+        self.connection_permits.add_permits(1);
+    }
+
     /// Connections admitted and not yet ended: open sessions and upgrades still under way.
     pub fn open_connections(&self) -> usize {
         self.cfg.server.max_connections.min(Semaphore::MAX_PERMITS)

@@ -123,18 +123,19 @@ enum ReadEnd {
 
 /// Sets up one upgraded connection and returns the task that serves it until it closes, then
 /// removes its presence. `early`: bytes the HTTP layer read past the upgrade request; `permit`
-/// (the node's connection limit) is held for the connection's life.
+/// (the node's connection limit) is held for the connection's life: as the session's own (given
+/// back when the session drops), not as a 16-byte permit in the task.
 ///
 /// The setup runs here, not in the task: the task's future then holds the session's state once,
 /// as its captures, instead of the arguments and the state built from them side by side (an
 /// `async fn` keeps its arguments for its whole life). Every open socket's task is this future.
-pub fn run<P: Send + 'static>(
+pub fn run(
     app: Arc<App>,
     (read, early): (OwnedReadHalf, Bytes),
     write: OwnedWriteHalf,
     (identity, auth_error): (Identity, Option<AuthError>),
     (socket, deflate): (u64, bool),
-    permit: P,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send + 'static {
     let out = Outbox::new(
         Limits {
@@ -169,11 +170,15 @@ pub fn run<P: Send + 'static>(
         joins: Bucket::full(app.cfg.server.join_burst),
         queue: PushQueue::default(),
     };
-    // the connection's token ends the socket when it expires (4001)
+    // the connection's token ends the socket when it expires (4001); boxed, as few sockets have one
     let expiry = session.identity.user().map(|u| {
-        app.expiries
-            .add(u.valid_until_ms, Expiring::Socket(out.clone()))
+        Box::new(
+            app.expiries
+                .add(u.valid_until_ms, Expiring::Socket(out.clone())),
+        )
     });
+    // the place is the session's from now on: `Drop for Session` gives it back
+    permit.forget();
     let mut ws = FrameReader::new(read, early, app.cfg.server.max_frame_bytes).deflating(deflate);
     // The reader runs to the end: it is never dropped in the middle of a join or leave (which
     // would leave presence half-written). Senders write to the socket directly; a writer task
@@ -233,8 +238,14 @@ pub fn run<P: Send + 'static>(
             // has closed too (or after LINGER), not under data it is still sending
             tokio::spawn(ws.linger(LINGER));
         }
-        Box::pin(session.end(expiry, (signed_in, deflate))).await;
-        drop(permit);
+        Box::pin(session.end(expiry.as_deref().copied(), (signed_in, deflate))).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // the connection's place under `server.max_connections` (see `run`)
+        self.app.release_connection();
     }
 }
 

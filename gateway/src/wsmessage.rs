@@ -102,8 +102,10 @@ struct Partial {
 
 /// One connection's message state: the unfinished fragmented message, if any.
 pub struct Assembler {
-    max_message: usize,
-    fragment_time: Duration,
+    /// Bytes, at most `u32::MAX` (4 bytes, not 8, in every socket's task).
+    max_message: u32,
+    /// Milliseconds.
+    fragment_ms: u32,
     /// Boxed: every idle socket holds an assembler, few a fragmented message.
     partial: Option<Box<Partial>>,
 }
@@ -115,10 +117,14 @@ impl Assembler {
     /// keep its buffer forever).
     pub fn new(max_message: usize, fragment_time: Duration) -> Self {
         Assembler {
-            max_message,
-            fragment_time,
+            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
+            fragment_ms: u32::try_from(fragment_time.as_millis()).unwrap_or(u32::MAX),
             partial: None,
         }
+    }
+
+    fn max(&self) -> usize {
+        self.max_message as usize
     }
 
     /// When the unfinished fragmented message must be finished; `None` when there is none. Past
@@ -145,7 +151,7 @@ impl Assembler {
             OpCode::Text | OpCode::Binary if self.partial.is_some() => Err(Violation::Protocol),
             OpCode::Text | OpCode::Binary => {
                 let text = opcode == OpCode::Text;
-                if payload.len() > self.max_message {
+                if payload.len() > self.max() {
                     return Err(Violation::TooBig);
                 }
                 let checked = if text && !compressed {
@@ -161,15 +167,16 @@ impl Assembler {
                     compressed,
                     buf: payload,
                     checked,
-                    deadline: now + self.fragment_time,
+                    deadline: now + Duration::from_millis(u64::from(self.fragment_ms)),
                 }));
                 Ok(Event::Partial)
             }
             OpCode::Continuation => {
+                let max = self.max();
                 let Some(p) = self.partial.as_mut() else {
                     return Err(Violation::Protocol);
                 };
-                if p.buf.len() + payload.len() > self.max_message {
+                if p.buf.len() + payload.len() > max {
                     return Err(Violation::TooBig);
                 }
                 p.buf.extend_from_slice(&payload);
@@ -196,7 +203,7 @@ impl Assembler {
         if !compressed {
             return Ok(message(text, payload));
         }
-        let payload = crate::deflate::inflate(&payload, self.max_message).map_err(|e| match e {
+        let payload = crate::deflate::inflate(&payload, self.max()).map_err(|e| match e {
             crate::deflate::InflateError::TooBig => Violation::TooBig,
             crate::deflate::InflateError::Corrupt => Violation::BadCompression,
         })?;
