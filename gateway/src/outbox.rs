@@ -2,10 +2,11 @@
 //! socket. The writer is a task only while it has work: a frame sent to an idle socket is written
 //! by its sender at once, and a writer task is spawned only for what the kernel did not take and
 //! for the close; once drained it hands the socket back and ends, so an idle socket has no task
-//! of its own for writing. Every frame a socket gets (replies, room broadcasts, presence, pongs, the close frame)
-//! goes through the one queue, so per-socket order is the order of enqueueing. A queue that fills
-//! up — in frames (`server.outbound_queue`) or in bytes (`server.outbound_queue_bytes`) — closes
-//! the socket as a slow consumer (4008): a slow client never slows a room or grows memory.
+//! of its own for writing. Every frame a socket gets (replies, room broadcasts, presence, pongs,
+//! the close frame) goes through the one queue, so per-socket order is the order of enqueueing.
+//! A queue that fills up — in frames (`server.outbound_queue`) or in bytes
+//! (`server.outbound_queue_bytes`) — closes the socket as a slow consumer (4008): a slow client
+//! never slows a room or grows memory.
 //! Used by `session` (replies), `fanout` (room frames) and the drain alike.
 //!
 //! A close the gateway starts (a refusal's 4009, a drain's 1012, a 1002/1007/1009 for bad input)
@@ -40,8 +41,6 @@ struct Queue {
     /// sent then is written at once by the sender (see [`Outbox::push`]). `None` before
     /// [`Outbox::attach`], while a writer task holds it, and after it ended.
     sock: Option<OwnedWriteHalf>,
-    /// A writer task holds the socket.
-    writing: bool,
     /// The writer ended (close frame sent, or the peer gone): the socket is closed.
     ended: bool,
     /// The session's reader, woken when a close is asked for and when the writer ends.
@@ -214,7 +213,6 @@ impl Outbox {
     /// before it hands the socket back) or there is no socket (not attached yet, or ended).
     fn spawn_writer(&self, q: &mut Queue) {
         if let Some(w) = q.sock.take() {
-            q.writing = true;
             let limit = Duration::from_millis(u64::from(q.write_timeout_ms));
             tokio::spawn(write_task(self.clone(), w, limit));
         }
@@ -292,7 +290,6 @@ impl Outbox {
     /// The writer task ended for good: the socket is dropped with it, the reader is woken.
     fn finish(&self) {
         let mut q = self.queue();
-        q.writing = false;
         q.ended = true;
         let reader = q.reader.take();
         drop(q);
@@ -355,7 +352,6 @@ impl Outbox {
             return Err(w);
         }
         q.sock = Some(w);
-        q.writing = false;
         Ok(())
     }
 
