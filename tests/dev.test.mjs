@@ -25,10 +25,15 @@ test('gateway dev starts its own Redis, creates lobby, serves the page, and phoe
   const env = { PATH: process.env.PATH, NO_COLOR: '1', GATEWAY_REDIS_URL: `redis://127.0.0.1:${redisPort}`,
     GATEWAY_SERVER_LISTEN: `127.0.0.1:${publicPort}`, GATEWAY_ADMIN_LISTEN: `127.0.0.1:${adminPort}` };
   proc = spawn(GATEWAY_BIN, ['dev'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  // the JSON events on stdout, the banner on stderr: kept apart, so that a line of one is never
+  // cut by a write of the other
+  let stdout = '';
   let out = '';
-  proc.stdout.on('data', (d) => { out += d; });
+  proc.stdout.on('data', (d) => { stdout += d; });
   proc.stderr.on('data', (d) => { out += d; });
-  await waitFor(() => out.includes('"event":"listening"') && out.includes('more tokens:'), 20000, `gateway dev to come up:\n${out}`);
+  await waitFor(() => stdout.includes('"event":"listening"') && out.includes('more tokens:'), 20000, 'gateway dev to come up').catch((e) => {
+    throw new Error(`${e.message}; its output:\n${stdout}\n${out}`);
+  });
   assert.match(out, /starting redis-server/);
   assert.ok(redisAnswers(redisPort), 'gateway dev started redis-server on its URL port');
   assert.equal(execFileSync('redis-cli', ['-p', String(redisPort), 'EXISTS', 'gw:room:{lobby}'], { encoding: 'utf8' }).trim(), '1');
@@ -76,13 +81,19 @@ test('gateway dev listens on 127.0.0.1 unless told otherwise', { timeout: 60000 
   fs.writeFileSync(path.join(dir, 'config', 'gateway.toml'), `[server]\nlisten = "0.0.0.0:${publicPort}"\n[admin]\nlisten = "127.0.0.1:${adminPort}"\n`);
   const env = { PATH: process.env.PATH, NO_COLOR: '1', GATEWAY_REDIS_URL: `redis://127.0.0.1:${redisPort}` };
   const p = spawn(GATEWAY_BIN, ['dev'], { env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  p.stdout.on('data', (d) => { out += d; });
-  p.stderr.on('data', (d) => { out += d; });
+  // the JSON events are on stdout, the banner on stderr: kept apart, so that a line of one is
+  // never cut by a write of the other
+  let stdout = '';
+  let stderr = '';
+  p.stdout.on('data', (d) => { stdout += d; });
+  p.stderr.on('data', (d) => { stderr += d; });
   try {
-    const listening = await waitFor(() => /^\{"admin".*"event":"listening".*\}$/m.exec(out)?.[0], 20000, `gateway dev to come up:\n${out}`);
+    const listening = await waitFor(() => /^\{"admin".*"event":"listening".*\}$/m.exec(stdout)?.[0], 20000, 'gateway dev to come up').catch((e) => {
+      throw new Error(`${e.message}; its output:\n${stdout}\n${stderr}`);
+    });
     assert.equal(JSON.parse(listening).public, `127.0.0.1:${publicPort}`);
-    assert.match(out, new RegExp(`demo page: +http://127\\.0\\.0\\.1:${publicPort}/`));
+    await waitFor(() => stderr.includes('demo page:'), 5000, 'the demo banner');
+    assert.match(stderr, new RegExp(`demo page: +http://127\\.0\\.0\\.1:${publicPort}/`));
   } finally {
     p.kill('SIGTERM');
     await withTimeout(new Promise((resolve) => p.on('exit', resolve)), 15000, 'gateway dev to exit');
